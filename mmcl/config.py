@@ -1,0 +1,322 @@
+"""Typed, validated configuration: model / data / objective / train / eval.
+
+Configs are plain dataclasses. ``from_dict`` checks every field against its type (``Literal`` choices
+included) and raises :class:`ConfigError` with one line naming the dotted field and what is allowed.
+YAML files are loaded with :func:`load_config`; ``--set a.b=value`` overrides are applied with
+:func:`apply_overrides` before validation, so a mistyped override fails exactly like a mistyped file.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+#: Top of the source tree, where the named configs live (``configs/``).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or outside its allowed values (one-line message)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generic dataclass <-> dict conversion with validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert (dict -> dataclass, int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not allowed (allowed: {', '.join(map(repr, args))})")
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} is not a {_type_name(tp)}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, validating every field; unknown keys are errors."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        name = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"{name}: unknown field (allowed: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        path = f"{where}.{name}" if where else name
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], path)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{path}: required field is missing")
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        check(where or cls.__name__)
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data view of a config (dataclasses -> dicts), suitable for YAML/JSON."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _positive(where: str, **values: float) -> None:
+    for k, v in values.items():
+        if v is not None and v <= 0:
+            raise ConfigError(f"{where}.{k}: must be > 0, got {v}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The configuration tree
+
+
+@dataclass
+class ModelConfig:
+    """Towers and heads. ``modalities`` maps a modality name to its own config (see ``mmcl.modalities``):
+    decoding/transform settings plus the tower that encodes it; ``kind`` picks the registered modality
+    (defaults to the name itself)."""
+
+    embed_dim: int = 128
+    modalities: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Use one shared transformer trunk for all modalities instead of separate towers.
+    shared_trunk: dict[str, Any] | None = None
+
+    def validate(self, where: str) -> None:
+        _positive(where, embed_dim=self.embed_dim)
+        if not self.modalities:
+            raise ConfigError(f"{where}.modalities: at least two modalities are required")
+
+
+@dataclass
+class ObjectiveConfig:
+    """Which contrastive objective, with its options (formulas in DESIGN section 3)."""
+
+    name: Literal["clip", "siglip", "symile", "gram"] = "clip"
+    #: Pairwise CLIP over several modalities: mean over all pairs, or each modality against ``anchor``.
+    mode: Literal["all_pairs", "anchor"] = "all_pairs"
+    anchor: str = "text"
+    #: Initial logit scale s (the multiplier; t = log s is learned). CLIP: 1/0.07; SigLIP: 10.
+    init_logit_scale: float | None = None
+    max_logit_scale: float = 100.0
+    learn_logit_scale: bool = True
+    #: SigLIP bias init.
+    init_logit_bias: float = -10.0
+    #: Symile negatives.
+    negatives: Literal["n", "n_squared"] = "n"
+    #: GRAM temperature tau init (divisor).
+    init_temperature: float = 0.07
+    #: Missing modalities: use the present ones of each sample, or a learned per-modality embedding.
+    missing: Literal["present", "learned"] = "present"
+    #: Gather embeddings across ranks (with gradient) for global negatives.
+    gather: bool = True
+
+    def validate(self, where: str) -> None:
+        _positive(where, max_logit_scale=self.max_logit_scale, init_temperature=self.init_temperature)
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they are batched."""
+
+    #: Brace-expanded shard list for training, e.g. ``data/train-{000000..000007}.tar`` (``pipe:`` allowed).
+    train: str = ""
+    #: Held-out shards (eval suites may name their own).
+    test: str = ""
+    batch_size: int = 64
+    workers: int = 0
+    shuffle_buffer: int = 1000
+    shard_shuffle: bool = True
+    #: Sample shards with replacement forever (epochs then have no end; use train.steps).
+    resample: bool = False
+    #: Keep decoded samples in RAM after the first pass (small datasets: skips decoding later epochs).
+    cache: bool = False
+    #: A sample missing a modality: skip it (counted) or keep it with that modality masked out.
+    on_missing: Literal["skip", "mask"] = "skip"
+
+    def validate(self, where: str) -> None:
+        _positive(where, batch_size=self.batch_size)
+        if self.workers < 0:
+            raise ConfigError(f"{where}.workers: must be >= 0, got {self.workers}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    #: Stop after this many optimizer steps (overrides epochs when > 0).
+    steps: int = 0
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "constant"] = "cosine"
+    clip_grad: float = 1.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 10
+    log_keys: bool = False
+    checkpoint_every: int = 0
+    keep_last: int = 2
+    #: Per-tower controls: {modality: {lock: bool, unlocked_blocks: int, lr: float, grad_checkpointing: bool}}
+    towers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    progress: bool = True
+    #: Torch intra-op threads (0: leave torch's default).
+    threads: int = 0
+
+    def validate(self, where: str) -> None:
+        _positive(where, lr=self.lr, grad_accum=self.grad_accum)
+        if self.epochs <= 0 and self.steps <= 0:
+            raise ConfigError(f"{where}: set epochs > 0 or steps > 0")
+
+
+@dataclass
+class EvalConfig:
+    #: Eval suite file (``configs/eval/*.yaml``), relative paths resolved against configs/eval.
+    suite: str = ""
+    #: Run the suite every N steps during training (0: only at the end).
+    every: int = 0
+    batch_size: int = 128
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_config_path(path: str | Path, kind: str = "train") -> Path:
+    """``path`` as given, or a named config under ``configs/<kind>/`` (``demo`` -> configs/train/demo.yaml)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    named = CONFIG_DIR / kind / (p.name if p.suffix else f"{p.name}.yaml")
+    if named.exists():
+        return named
+    raise ConfigError(f"config file not found: {path}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], parsed YAML value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value (e.g. train.lr=1e-4)")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply dotted ``key=value`` overrides to a raw config dict (returns a copy)."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {text!r}: {k} is not a mapping")
+            node = nxt
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> Config:
+    """Load a YAML config (or start from ``base``), apply overrides, validate."""
+    data: dict = copy.deepcopy(base) if base else {}
+    if path is not None:
+        with open(resolve_config_path(path)) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        data.update(loaded)
+    data = apply_overrides(data, overrides or [])
+    return from_dict(Config, data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
