@@ -8,6 +8,7 @@ it under ``model.modalities`` with ``kind: <name>``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -55,9 +56,15 @@ class Modality:
     #: Tar member extensions this modality can read, in order of preference (e.g. ``("flac", "wav", "mp4")``).
     members: ClassVar[tuple[str, ...]]
 
-    def __init__(self, name: str, cfg: Any):
+    def __init__(self, name: str, cfg: Any, base_dir: str | Path | None = None):
         self.name = name
         self.cfg = cfg
+        #: Relative file paths in ``cfg`` (e.g. a tokenizer) resolve against this directory.
+        self.base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
 
     # -- data side -------------------------------------------------------------------------------------
     def find_member(self, sample: dict[str, Any]) -> tuple[str, bytes]:
@@ -88,7 +95,8 @@ class Modality:
         raise NotImplementedError
 
     def files(self) -> dict[str, str]:
-        """Extra files this modality needs at inference (e.g. a tokenizer): {name in save dir: path}."""
+        """Files this modality's config points to (e.g. a tokenizer): ``{config field: path}``.
+        ``save_pretrained`` copies them beside the weights and rewrites the field to the copy's name."""
         return {}
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,7 +118,7 @@ def available_modalities() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_modality(name: str, spec: dict[str, Any]) -> Modality:
+def build_modality(name: str, spec: dict[str, Any], base_dir: str | Path | None = None) -> Modality:
     """``model.modalities.<name>`` (a dict with optional ``kind``) -> a configured :class:`Modality`."""
     spec = dict(spec)
     kind = spec.pop("kind", name)
@@ -119,4 +127,4 @@ def build_modality(name: str, spec: dict[str, Any]) -> Modality:
                           f"(allowed: {', '.join(available_modalities())})")
     cls = _REGISTRY[kind]
     cfg = from_dict(cls.Config, spec, f"model.modalities.{name}")
-    return cls(name, cfg)
+    return cls(name, cfg, base_dir)

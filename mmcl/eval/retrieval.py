@@ -1,0 +1,25 @@
+"""Cross-modal retrieval in any direction (one or several query / candidate modalities)."""
+
+from __future__ import annotations
+
+import torch
+
+from mmcl.eval.metrics import attribute_match, retrieval_metrics
+
+
+@torch.no_grad()
+def retrieval(model, query: dict[str, torch.Tensor], candidates: dict[str, torch.Tensor],
+              positives: torch.Tensor | None = None, same_attrs: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
+    """Queries ``{modality: [Nq, D]}`` against candidates ``{modality: [Nc, D]}``.
+
+    ``positives [Nq, Nc]`` (default: the identity, query i pairs with candidate i; several per row allowed).
+    ``same_attrs [Nq, Nc]``: candidates indistinguishable from the true one by the judged attributes, for the
+    attribute-match R@1 and the tie ceiling. Returns (metrics, scores ``[Nq, Nc]``).
+    """
+    scores = model.objective.score(query, candidates)
+    if positives is None:
+        positives = torch.eye(*scores.shape, dtype=torch.bool)
+    metrics = retrieval_metrics(scores, positives)
+    if same_attrs is not None:
+        metrics.update(attribute_match(scores, same_attrs))
+    return metrics, scores

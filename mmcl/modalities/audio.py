@@ -1,0 +1,134 @@
+"""Audio: decode (torchcodec, soundfile fallback), resample to 16 kHz mono, fixed-length crop/pad,
+log-mel (torchaudio); :class:`AudioTower` = AST-style: spectrogram patches + fixed sin-cos positions +
+timm ViT blocks."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import torchaudio
+from torch import nn
+
+from mmcl.modalities.base import Modality, SampleError, Tower, register_modality
+from mmcl.modalities.layers import Trunk, init_linear_like_vit, patch_grid, sincos_nd
+
+
+@dataclass
+class AudioTowerConfig:
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    #: Patch size over (mel bins, frames).
+    patch: int = 16
+    drop_path: float = 0.0
+
+
+@dataclass
+class AudioConfig:
+    sample_rate: int = 16000
+    seconds: float = 2.0
+    n_mels: int = 64
+    n_fft: int = 400
+    hop: int = 160
+    tower: AudioTowerConfig = field(default_factory=AudioTowerConfig)
+
+    @property
+    def n_samples(self) -> int:
+        return int(round(self.seconds * self.sample_rate))
+
+    @property
+    def n_frames(self) -> int:
+        """Spectrogram frames, cut down to a multiple of the patch size."""
+        frames = self.n_samples // self.hop + 1
+        return frames - frames % self.tower.patch
+
+
+def _decode_torchcodec(data: bytes, sample_rate: int) -> torch.Tensor:
+    from torchcodec.decoders import AudioDecoder
+
+    return AudioDecoder(data, sample_rate=sample_rate, num_channels=1).get_all_samples().data[0]
+
+
+def _decode_soundfile(data: bytes, sample_rate: int) -> torch.Tensor:
+    import soundfile
+
+    wav, sr = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    mono = torch.from_numpy(wav).mean(dim=1)
+    return torchaudio.functional.resample(mono, sr, sample_rate) if sr != sample_rate else mono
+
+
+@register_modality
+class Audio(Modality):
+    kind = "audio"
+    Config = AudioConfig
+    #: A separate audio member first, else the audio track of the video container.
+    members = ("flac", "wav", "mp3", "ogg", "m4a", "mp4", "webm", "mkv")
+
+    def __init__(self, name: str, cfg: AudioConfig, base_dir=None):
+        super().__init__(name, cfg, base_dir)
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop, n_mels=cfg.n_mels)
+
+    def decode(self, sample: dict) -> torch.Tensor:
+        """-> mono waveform ``[S]`` float32 at ``sample_rate``."""
+        ext, data = self.find_member(sample)
+        try:
+            try:
+                wav = _decode_torchcodec(data, self.cfg.sample_rate)
+            except Exception:
+                if ext in ("mp4", "webm", "mkv"):
+                    raise
+                wav = _decode_soundfile(data, self.cfg.sample_rate)
+        except Exception as e:
+            raise SampleError("bad_audio", f"{type(e).__name__}: {e}") from None
+        if wav.numel() == 0:
+            raise SampleError("bad_audio", "empty audio")
+        if not torch.isfinite(wav).all():
+            raise SampleError("bad_audio", "non-finite samples")
+        return wav.float()
+
+    def transform(self, data: torch.Tensor, train: bool) -> torch.Tensor:
+        """``[S]`` waveform -> ``[1, n_mels, n_frames]`` standardised log-mel (random crop when training)."""
+        n = self.cfg.n_samples
+        if data.numel() > n:
+            start = int(torch.randint(0, data.numel() - n + 1, ())) if train else (data.numel() - n) // 2
+            data = data[start:start + n]
+        elif data.numel() < n:
+            data = F.pad(data, (0, n - data.numel()))
+        spec = (self.mel(data) + 1e-6).log()[:, : self.cfg.n_frames]
+        spec = (spec - spec.mean()) / (spec.std() + 1e-5)
+        return spec[None]
+
+    def empty(self) -> torch.Tensor:
+        return torch.zeros(1, self.cfg.n_mels, self.cfg.n_frames)
+
+    def build_tower(self) -> Tower:
+        return AudioTower(self.cfg)
+
+
+class AudioTower(Tower):
+    """``[N, 1, n_mels, n_frames]`` -> ``[N, width]``."""
+
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        tc = cfg.tower
+        grid = (patch_grid(cfg.n_mels, tc.patch, "audio.n_mels"), cfg.n_frames // tc.patch)
+        self.embed = nn.Conv2d(1, tc.width, kernel_size=tc.patch, stride=tc.patch)
+        self.register_buffer("pos", sincos_nd(grid, tc.width)[None], persistent=False)
+        self.trunk = Trunk(tc.width, tc.depth, tc.heads, tc.mlp_ratio, tc.drop_path)
+        self.out_dim = tc.width
+        init_linear_like_vit(self)
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.trunk.blocks)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.trunk.grad_checkpointing = enable
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+        return self.trunk(tokens)

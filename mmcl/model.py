@@ -1,0 +1,110 @@
+"""MultimodalModel: ``{modality: tower}`` + projection heads + the objective (which owns the learnable
+temperature), with the ``save_pretrained`` / ``from_pretrained`` contract of Hugging Face models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mmcl.config import ConfigError, ModelConfig, ObjectiveConfig, from_dict, to_dict
+from mmcl.modalities import Modality, build_modality
+from mmcl.objectives import build_objective
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+class MultimodalModel(nn.Module):
+    """Separate towers per modality, each followed by a linear projection to ``embed_dim``.
+
+    ``encode`` returns L2-normalised ``[N, embed_dim]`` embeddings per modality; ``forward`` returns the
+    objective's scalar loss for a batch.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, objective_cfg: ObjectiveConfig | None = None,
+                 base_dir: str | Path | None = None):
+        super().__init__()
+        self.model_cfg = model_cfg
+        self.objective_cfg = objective_cfg or ObjectiveConfig()
+        self.modalities: dict[str, Modality] = {
+            name: build_modality(name, spec, base_dir) for name, spec in model_cfg.modalities.items()
+        }
+        if len(self.modalities) < 2:
+            raise ConfigError("model.modalities: at least two modalities are required")
+        self.towers = nn.ModuleDict({name: m.build_tower() for name, m in self.modalities.items()})
+        self.heads = nn.ModuleDict({
+            name: nn.Linear(tower.out_dim, model_cfg.embed_dim, bias=False) for name, tower in self.towers.items()
+        })
+        self.objective = build_objective(self.objective_cfg, list(self.modalities))
+
+    @property
+    def modality_names(self) -> list[str]:
+        return list(self.modalities)
+
+    def encode(self, inputs: dict[str, torch.Tensor], normalize: bool = True) -> dict[str, torch.Tensor]:
+        """``{modality: batch input}`` (any subset) -> ``{modality: [N, embed_dim]}``."""
+        out = {}
+        for name, x in inputs.items():
+            if name not in self.towers:
+                raise KeyError(f"model has no modality {name!r} (has: {', '.join(self.towers)})")
+            z = self.heads[name](self.towers[name](x))
+            out[name] = F.normalize(z, dim=-1) if normalize else z
+        return out
+
+    def forward(self, inputs: dict[str, torch.Tensor], present: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """One batch -> scalar loss."""
+        return self.objective(self.encode(inputs), present)
+
+    # -- persistence -------------------------------------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        return {"mmcl_format": FORMAT_VERSION, "model": to_dict(self.model_cfg),
+                "objective": to_dict(self.objective_cfg)}
+
+    def save_pretrained(self, save_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and the modalities' files (tokenizers) to ``save_dir``.
+
+        Files a modality needs are copied in and referenced by relative name, so the directory is
+        self-contained. ``state_dict`` overrides the live weights (e.g. one gathered from ZeRO-3).
+        """
+        out = Path(save_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = self.config_dict()
+        for name, mod in self.modalities.items():
+            for field_name, src in mod.files().items():
+                dst = f"{name}_{Path(src).name}"
+                if Path(src).resolve() != (out / dst).resolve():
+                    shutil.copyfile(src, out / dst)
+                cfg["model"]["modalities"][name][field_name] = dst
+        sd = state_dict if state_dict is not None else self.state_dict()
+        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(out / WEIGHTS_NAME),
+                  metadata={"format": "pt", "mmcl_format": str(FORMAT_VERSION)})
+        (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+        return out
+
+    @classmethod
+    def from_config_dict(cls, cfg: dict[str, Any], base_dir: str | Path | None = None) -> MultimodalModel:
+        model_cfg = from_dict(ModelConfig, cfg["model"], "model")
+        objective_cfg = from_dict(ObjectiveConfig, cfg.get("objective", {}), "objective")
+        return cls(model_cfg, objective_cfg, base_dir)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str = "cpu") -> MultimodalModel:
+        """Load a directory written by :meth:`save_pretrained` (weights from safetensors only)."""
+        path = Path(path)
+        config_file = path / CONFIG_NAME
+        if not config_file.is_file():
+            raise FileNotFoundError(f"not an mmcl model directory (no {CONFIG_NAME}): {path}")
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path} (mmcl loads safetensors weights only)")
+        model = cls.from_config_dict(json.loads(config_file.read_text()), base_dir=path)
+        model.load_state_dict(load_file(str(weights), device=map_location))
+        return model
