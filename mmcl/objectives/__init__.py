@@ -1,0 +1,48 @@
+"""Contrastive objectives over ``{modality: [N, D]}`` embeddings (DESIGN section 3).
+
+Functional API (inputs L2-normalised ``[N, D]``; ``logit_scale`` is the multiplier ``s = exp(t)``):
+:func:`clip_loss`, :func:`siglip_loss`. Module API: :class:`Objective` subclasses built from an
+:class:`~mmcl.config.ObjectiveConfig` by :func:`build_objective`; switching objective is config only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from mmcl.config import ObjectiveConfig
+from mmcl.objectives.base import Objective
+from mmcl.objectives.pairwise import ClipObjective, SiglipObjective, clip_loss, siglip_loss
+
+
+def _pairwise(cls: type[Objective]) -> Callable[[ObjectiveConfig, Sequence[str], dict], Objective]:
+    def build(cfg: ObjectiveConfig, modalities: Sequence[str], common: dict) -> Objective:
+        extra = {"init_logit_bias": cfg.init_logit_bias} if cls is SiglipObjective else {}
+        return cls(modalities, mode=cfg.mode, anchor=cfg.anchor, init_logit_scale=cfg.init_logit_scale,
+                   learn_logit_scale=cfg.learn_logit_scale, **extra, **common)
+    return build
+
+
+#: Objective name -> builder(cfg, modalities, common keyword arguments).
+OBJECTIVES: dict[str, Callable[[ObjectiveConfig, Sequence[str], dict], Objective]] = {
+    "clip": _pairwise(ClipObjective),
+    "siglip": _pairwise(SiglipObjective),
+}
+
+
+def build_objective(cfg: ObjectiveConfig, modalities: Sequence[str], embed_dim: int | None = None) -> Objective:
+    """The objective ``cfg.name`` over ``modalities`` (in that order).
+
+    Args:
+        cfg: the objective section of the config.
+        modalities: the modality names the model embeds (at least 2).
+        embed_dim: the embedding size ``D``; required only for ``cfg.missing == "learned"``.
+    """
+    if cfg.name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {cfg.name!r} (available: {', '.join(sorted(OBJECTIVES))})")
+    common = {"max_logit_scale": cfg.max_logit_scale, "missing": cfg.missing, "embed_dim": embed_dim,
+              "gather": cfg.gather}
+    return OBJECTIVES[cfg.name](cfg, list(modalities), common)
+
+
+__all__ = ["Objective", "build_objective", "OBJECTIVES", "clip_loss", "siglip_loss", "ClipObjective",
+           "SiglipObjective"]

@@ -1,0 +1,311 @@
+"""The :class:`Objective` base class, input checks and the gathered batch every objective computes on.
+
+Conventions shared by all objectives:
+
+* Embeddings come as ``{modality: [N, D]}``, L2-normalised (checked, see :func:`check_embeddings`).
+* ``present`` masks come as ``{modality: bool [N]}``; a modality without a mask is present everywhere.
+  Every sample needs at least two present modalities. Under ``missing: present`` the rows of absent
+  modalities are ignored (they may hold anything, NaN included); under ``missing: learned`` they are
+  replaced by a learned, L2-normalised per-modality embedding and the batch is then treated as complete.
+  A fully present mask takes exactly the code path of no mask, so it gives exactly the same loss.
+* Distributed: with an initialised process group of more than one rank (and ``gather`` on), embeddings
+  and masks are gathered from all ranks (embeddings with gradient) and each rank computes its own rows
+  against all columns. The returned loss is normalised so that **its mean over ranks is the loss of the
+  global batch**; DDP's gradient averaging then yields the global-batch gradients.
+* Losses are computed in float32 or float64 with autocast disabled (a product of several embeddings or a
+  determinant loses too much in 16-bit).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmcl.objectives import gather
+
+#: Allowed deviation of an embedding's L2 norm from 1, by dtype.
+NORM_TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def check_shapes(xs: Sequence[Tensor], names: Sequence[str], *, min_count: int = 2) -> None:
+    """Raise ``ValueError`` unless there are ``min_count`` or more 2-D tensors sharing ``N`` and ``D``."""
+    if len(xs) < min_count:
+        raise ValueError(f"need at least {min_count} modalities, got {len(xs)}: {list(names)}")
+    shapes = ", ".join(f"{n}: {tuple(x.shape)}" for n, x in zip(names, xs))
+    if any(x.dim() != 2 for x in xs):
+        raise ValueError(f"embeddings must be 2-D [N, D]; got {shapes}")
+    if len({x.shape[0] for x in xs}) > 1 or len({x.shape[1] for x in xs}) > 1:
+        raise ValueError(f"embeddings must share N and D; got {shapes}")
+
+
+def check_embeddings(xs: Sequence[Tensor], names: Sequence[str], present: Tensor | None = None,
+                     *, min_count: int = 2) -> None:
+    """Raise ``ValueError`` unless the embeddings form one valid batch.
+
+    Args:
+        xs: ``min_count`` or more tensors, each ``[N, D]`` with the same ``N`` and ``D``.
+        names: one name per tensor, used in messages.
+        present: optional bool ``[N, len(xs)]``; the norms of absent rows are not checked.
+        min_count: the least number of tensors allowed.
+
+    Checks: the count, 2-D shapes, equal ``N`` and ``D``, a floating dtype, finite values and L2 norms
+    within :data:`NORM_TOLERANCE` of 1.
+    """
+    check_shapes(xs, names, min_count=min_count)
+    for k, (name, x) in enumerate(zip(names, xs)):
+        if not x.is_floating_point():
+            raise ValueError(f"embedding {name!r} must be floating point, got {x.dtype}")
+        norms = x.detach().float().norm(dim=1)
+        tol = NORM_TOLERANCE.get(x.dtype, 1e-3)
+        bad = ~((norms - 1).abs() <= tol)  # NaN norms count as bad
+        if present is not None:
+            bad &= present[:, k]
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"embedding {name!r} {tuple(x.shape)} is not L2-normalised: row {i} has norm "
+                             f"{norms[i].item():.6g} (tolerance {tol}); normalise it or mark it absent")
+
+
+def check_present(present: Tensor, names: Sequence[str], n: int) -> None:
+    """Raise ``ValueError`` unless ``present`` is bool ``[n, M]`` with >= 2 present modalities per row."""
+    if present.dtype != torch.bool or present.shape != (n, len(names)):
+        raise ValueError(f"present mask must be bool [{n}, {len(names)}] (modalities {list(names)}), got "
+                         f"{present.dtype} {tuple(present.shape)}")
+    few = (present.sum(1) < 2).nonzero().flatten()
+    if few.numel():
+        raise ValueError(f"{few.numel()} sample(s) have fewer than 2 present modalities (of {list(names)}), "
+                         f"e.g. sample {int(few[0])}; a contrastive loss needs at least 2 per sample")
+
+
+def local_form(n_local: int, x_all: Tensor | None, offset: int, local: Tensor) -> Tensor:
+    """Check and resolve the local-loss arguments: returns the global ``[N_global, D]`` tensor.
+
+    ``x_all`` None means no gathering (the local batch is the global batch, ``offset`` must be 0).
+    """
+    if x_all is None:
+        if offset != 0:
+            raise ValueError(f"offset={offset} given without the gathered tensor")
+        return local
+    if x_all.dim() != 2 or x_all.shape[1] != local.shape[1]:
+        raise ValueError(f"gathered embeddings {tuple(x_all.shape)} do not match local {tuple(local.shape)}")
+    if not 0 <= offset <= x_all.shape[0] - n_local:
+        raise ValueError(f"offset={offset} with {n_local} local rows does not fit in {x_all.shape[0]} "
+                         f"gathered rows")
+    return x_all
+
+
+def mean_valid(rows: Tensor, valid: Tensor | None) -> Tensor:
+    """Mean of ``rows`` ``[N]`` over ``valid`` (bool ``[N]``, None = all); rows outside may be inf."""
+    if valid is None:
+        return rows.mean()
+    if not bool(valid.any()):
+        raise ValueError("no sample has the modalities this loss needs (all rows masked out)")
+    return torch.where(valid, rows, torch.zeros_like(rows)).sum() / valid.sum()
+
+
+def mask_columns(logits: Tensor, keep: Tensor | None) -> Tensor:
+    """Give the columns outside ``keep`` (bool ``[N_cols]``) a logit so low that softmax ignores them.
+
+    A finite fill (not -inf) keeps rows with no valid column, which are excluded anyway, free of NaN.
+    """
+    if keep is None:
+        return logits
+    return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
+
+
+def ce_rows(logits: Tensor, offset: int) -> Tensor:
+    """Cross-entropy per row, ``[N_local, N_global] -> [N_local]``, target of row i is ``offset + i``."""
+    target = offset + torch.arange(logits.shape[0], device=logits.device)
+    return F.cross_entropy(logits, target, reduction="none")
+
+
+@dataclass
+class Batch:
+    """The embeddings an objective computes on, after checks, missing-handling and gathering.
+
+    Attributes:
+        names: the modalities, in the objective's order.
+        local: ``[N_local, D]`` per modality (this rank's rows; absent rows zeroed).
+        full: ``[N_global, D]`` per modality (all ranks' rows; ``local`` itself without gathering).
+        present: bool ``[N_global, M]`` or None when every modality of every sample is present.
+        offset: index of this rank's first row in ``full``.
+        world_size: number of ranks the batch was gathered from.
+    """
+
+    names: list[str]
+    local: list[Tensor]
+    full: list[Tensor]
+    present: Tensor | None
+    offset: int
+    world_size: int
+
+    @property
+    def n_local(self) -> int:
+        return self.local[0].shape[0]
+
+    def present_local(self) -> Tensor | None:
+        """bool ``[N_local, M]`` or None."""
+        if self.present is None:
+            return None
+        return self.present[self.offset:self.offset + self.n_local]
+
+    def reduce(self, rows: Tensor, valid: Tensor | None) -> Tensor | None:
+        """Normalise per-row losses of the local rows so that the mean over ranks is the global mean.
+
+        Args:
+            rows: ``[N_local]`` per-row losses (may be inf outside ``valid``).
+            valid: bool ``[N_global]`` rows that count (None = all).
+
+        Returns:
+            ``sum(rows[valid_local]) * world_size / count(valid)``, or None when no row counts globally.
+        """
+        if valid is None:
+            return rows.sum() * (self.world_size / self.full[0].shape[0])
+        count = int(valid.sum())
+        if count == 0:
+            return None
+        mine = valid[self.offset:self.offset + self.n_local]
+        return torch.where(mine, rows, torch.zeros_like(rows)).sum() * (self.world_size / count)
+
+
+def mean_terms(terms: Sequence[Tensor | None], what: str) -> Tensor:
+    """Mean of the loss terms that exist (a term is None when no sample had its modalities)."""
+    kept = [t for t in terms if t is not None]
+    if not kept:
+        raise ValueError(f"no sample has the modalities {what} needs")
+    return torch.stack(kept).mean()
+
+
+class Objective(nn.Module):
+    """A contrastive objective over ``{modality: [N, D]}`` embeddings.
+
+    Subclasses implement :meth:`forward` (the scalar loss) and :meth:`score` (retrieval scores, higher =
+    better) and set :attr:`score_kind`. The learnable scale lives in log space as ``logit_scale`` (or
+    ``log_temperature``), so optimizers can exclude it from weight decay by name.
+
+    Args:
+        modalities: the modality names this objective accepts, in a fixed order.
+        max_logit_scale: upper bound for the scale ``s`` (lower bound ``1 / max`` for a temperature).
+        missing: ``"present"`` or ``"learned"`` (see the module docstring).
+        embed_dim: ``D``, needed only for ``missing="learned"``.
+        gather: gather embeddings across ranks when distributed.
+    """
+
+    score_kind: str
+
+    def __init__(self, modalities: Sequence[str], *, max_logit_scale: float = 100.0,
+                 missing: str = "present", embed_dim: int | None = None, gather: bool = True):
+        super().__init__()
+        if len(modalities) < 2 or len(set(modalities)) != len(modalities):
+            raise ValueError(f"an objective needs at least 2 distinct modalities, got {list(modalities)}")
+        if missing not in ("present", "learned"):
+            raise ValueError(f"missing must be 'present' or 'learned', got {missing!r}")
+        self.modalities = list(modalities)
+        self.max_logit_scale = float(max_logit_scale)
+        self.missing = missing
+        self.gather = gather
+        if missing == "learned":
+            if embed_dim is None:
+                raise ValueError("missing='learned' needs embed_dim (build_objective(..., embed_dim=D))")
+            self.missing_embedding = nn.ParameterDict(
+                {m: nn.Parameter(F.normalize(torch.randn(embed_dim), dim=0)) for m in self.modalities})
+
+    # -- parameters ------------------------------------------------------------------------------------
+    @staticmethod
+    def _log_parameter(value: float, learn: bool) -> nn.Parameter:
+        return nn.Parameter(torch.tensor(math.log(value)), requires_grad=learn)
+
+    def clamp_(self) -> None:
+        """Clamp the scale in place (``s <= max_logit_scale``); call after each optimizer step."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(max=math.log(self.max_logit_scale))
+
+    def logs(self) -> dict[str, float]:
+        """Scalars worth logging, e.g. ``{"logit_scale": s}``."""
+        return {"logit_scale": float(self.logit_scale.detach().exp())}
+
+    # -- inputs ----------------------------------------------------------------------------------------
+    def order(self, names: Sequence[str]) -> list[str]:
+        """``names`` in this objective's modality order; ``ValueError`` for unknown ones."""
+        unknown = [n for n in names if n not in self.modalities]
+        if unknown:
+            raise ValueError(f"unknown modalities {unknown}; this objective was built for {self.modalities}")
+        return [m for m in self.modalities if m in names]
+
+    def prepare(self, emb: dict[str, Tensor], present: dict[str, Tensor] | None) -> Batch:
+        """Check ``emb``/``present``, handle missing rows, upcast and gather: the :class:`Batch` to use."""
+        names = self.order(list(emb))
+        xs = [emb[m] for m in names]
+        check_shapes(xs, names)
+        n = xs[0].shape[0]
+        mask = None
+        if present:
+            extra = [m for m in present if m not in emb]
+            if extra:
+                raise ValueError(f"present masks for modalities without embeddings: {extra}")
+            mask = torch.stack([present[m].to(xs[0].device) if m in present
+                                else torch.ones(n, dtype=torch.bool, device=xs[0].device) for m in names], 1)
+            check_present(mask, names, n)
+        check_embeddings(xs, names, mask)
+        if any(x.dtype in (torch.float16, torch.bfloat16) for x in xs):
+            xs = [x.float() for x in xs]
+        if mask is not None:
+            if self.missing == "learned":
+                xs = [torch.where(mask[:, k, None], x, F.normalize(self.missing_embedding[m], dim=0).to(x))
+                      for k, (m, x) in enumerate(zip(names, xs))]
+                mask = None
+            else:
+                xs = [torch.where(mask[:, k, None], x, torch.zeros_like(x)) for k, x in enumerate(xs)]
+        ws = gather.world_size() if self.gather else 1
+        if ws == 1:
+            full, offset = xs, 0
+            mask_full = mask
+        else:
+            stacked, offset = gather.all_gather_rows(torch.stack(xs, 1))
+            full = list(stacked.unbind(1))
+            if mask is None:
+                mask = torch.ones(n, len(names), dtype=torch.bool, device=xs[0].device)
+            mask_full, _ = gather.all_gather_rows(mask.to(torch.uint8), grad=False)
+            mask_full = mask_full.bool()
+        if mask_full is not None and bool(mask_full.all()):
+            mask_full = None
+        return Batch(names, xs, full, mask_full, offset, ws)
+
+    # -- API -------------------------------------------------------------------------------------------
+    def forward(self, emb: dict[str, Tensor], present: dict[str, Tensor] | None = None) -> Tensor:
+        """Scalar loss for ``emb`` ``{modality: [N, D]}`` with optional ``present`` ``{modality: bool [N]}``.
+
+        Autocast is disabled inside; 16-bit embeddings are upcast to float32.
+        """
+        device_type = next(iter(emb.values())).device.type if emb else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self.loss(self.prepare(emb, present))
+
+    def loss(self, batch: Batch) -> Tensor:
+        """The scalar loss of a prepared batch (local rows against the gathered columns)."""
+        raise NotImplementedError
+
+    def score(self, query: dict[str, Tensor], candidates: dict[str, Tensor]) -> Tensor:
+        """Retrieval scores ``[Nq, Nc]`` of ``query`` ``{mod: [Nq, D]}`` against ``candidates``
+        ``{mod: [Nc, D]}``; higher = better match."""
+        raise NotImplementedError
+
+
+def check_score_inputs(query: dict[str, Tensor], candidates: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Validate the two sides of :meth:`Objective.score`; returns their tensors (float32 at least)."""
+    sides = []
+    for side, d in (("query", query), ("candidates", candidates)):
+        if not d:
+            raise ValueError(f"score(): {side} needs at least one modality")
+        xs = list(d.values())
+        check_embeddings(xs, [f"{side}.{m}" for m in d], min_count=1)
+        sides.append([x.float() if x.dtype in (torch.float16, torch.bfloat16) else x for x in xs])
+    q, c = sides
+    if q[0].shape[1] != c[0].shape[1]:
+        raise ValueError(f"score(): query dim {q[0].shape[1]} != candidate dim {c[0].shape[1]}")
+    return q, c
