@@ -303,17 +303,43 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _read_yaml(path: Path) -> dict:
+    with open(path) as f:
+        loaded = yaml.safe_load(f) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return loaded
+
+
+def named_model(name: str) -> dict:
+    """``model: tiny`` -> the model block in ``configs/models/tiny.yaml`` (or a YAML path)."""
+    p = Path(name)
+    if not p.is_file():
+        p = CONFIG_DIR / "models" / f"{name}.yaml"
+        if not p.is_file():
+            names = sorted(f.stem for f in (CONFIG_DIR / "models").glob("*.yaml"))
+            raise ConfigError(f"model: unknown named model {name!r} (allowed: {', '.join(names)})")
+    return _read_yaml(p)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> Config:
-    """Load a YAML config (or start from ``base``), apply overrides, validate."""
+    """Load a YAML config (or start from ``base``), apply ``key=value`` overrides, validate.
+
+    ``model`` may name a model config (``model: tiny`` or ``--set model=small``); overrides of its fields
+    (``--set model.embed_dim=256``) apply on top of it.
+    """
     data: dict = copy.deepcopy(base) if base else {}
     if path is not None:
-        with open(resolve_config_path(path)) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        data.update(loaded)
-    data = apply_overrides(data, overrides or [])
+        data.update(_read_yaml(resolve_config_path(path)))
+    if isinstance(data.get("model"), str):
+        data["model"] = named_model(data["model"])
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        if keys == ["model"] and isinstance(value, str):
+            data["model"] = named_model(value)
+        else:
+            data = apply_overrides(data, [text])
     return from_dict(Config, data)
 
 

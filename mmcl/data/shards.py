@@ -26,12 +26,13 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
+from mmcl.config import ConfigError
 from mmcl.modalities.base import MissingModality, Modality, SampleError
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """The data specification cannot be used (one-line message naming the path)."""
 
 

@@ -1,0 +1,96 @@
+"""Atomic training checkpoints: ``DIR/checkpoints/step_N/`` holding the weights (safetensors) and the
+rest of the training state (optimizer, scheduler, RNG, data position).
+
+A checkpoint is written into a temporary sibling directory, every file fsynced, then renamed into place,
+so a crash mid-write leaves the previous checkpoints intact and ``latest`` never points at a torn one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+WEIGHTS = "model.safetensors"
+STATE = "state.pt"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``ckpt_root``, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = []
+    for p in ckpt_root.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and (p / WEIGHTS).is_file() and (p / STATE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any],
+                    keep_last: int = 0) -> Path:
+    """Write ``ckpt_root/step_<step>`` atomically; then keep only the ``keep_last`` newest (0 = all)."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step}"
+    tmp = ckpt_root / f".tmp_step_{step}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
+    torch.save(state, tmp / STATE)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_root)
+    if keep_last > 0:
+        for _, old in list_checkpoints(ckpt_root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_resume(spec: str, ckpt_root: Path) -> Path | None:
+    """``latest`` -> the newest complete checkpoint (None when there is none yet); else the given path."""
+    if spec == "latest":
+        found = list_checkpoints(ckpt_root)
+        return found[-1][1] if found else None
+    path = Path(spec)
+    if not (path / WEIGHTS).is_file() or not (path / STATE).is_file():
+        raise FileNotFoundError(f"--resume {spec}: not a checkpoint directory (needs {WEIGHTS} and {STATE})")
+    return path
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    return load_file(str(path / WEIGHTS)), torch.load(path / STATE, weights_only=False)
