@@ -1,7 +1,7 @@
 """Contrastive objectives over ``{modality: [N, D]}`` embeddings (DESIGN section 3).
 
 Functional API (inputs L2-normalised ``[N, D]``; ``logit_scale`` is the multiplier ``s = exp(t)``):
-:func:`clip_loss`, :func:`siglip_loss`. Module API: :class:`Objective` subclasses built from an
+:func:`clip_loss`, :func:`siglip_loss`, :func:`symile_loss`, :func:`mip`. Module API: :class:`Objective` subclasses built from an
 :class:`~mmcl.config.ObjectiveConfig` by :func:`build_objective`; switching objective is config only.
 """
 
@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from mmcl.config import ObjectiveConfig
 from mmcl.objectives.base import Objective
 from mmcl.objectives.pairwise import ClipObjective, SiglipObjective, clip_loss, siglip_loss
+from mmcl.objectives.symile import SymileObjective, mip, symile_loss
 
 
 def _pairwise(cls: type[Objective]) -> Callable[[ObjectiveConfig, Sequence[str], dict], Objective]:
@@ -26,6 +27,9 @@ def _pairwise(cls: type[Objective]) -> Callable[[ObjectiveConfig, Sequence[str],
 OBJECTIVES: dict[str, Callable[[ObjectiveConfig, Sequence[str], dict], Objective]] = {
     "clip": _pairwise(ClipObjective),
     "siglip": _pairwise(SiglipObjective),
+    "symile": lambda cfg, modalities, common: SymileObjective(
+        modalities, negatives=cfg.negatives, init_logit_scale=cfg.init_logit_scale,
+        learn_logit_scale=cfg.learn_logit_scale, **common),
 }
 
 
@@ -44,5 +48,5 @@ def build_objective(cfg: ObjectiveConfig, modalities: Sequence[str], embed_dim: 
     return OBJECTIVES[cfg.name](cfg, list(modalities), common)
 
 
-__all__ = ["Objective", "build_objective", "OBJECTIVES", "clip_loss", "siglip_loss", "ClipObjective",
-           "SiglipObjective"]
+__all__ = ["Objective", "build_objective", "OBJECTIVES", "clip_loss", "siglip_loss", "symile_loss", "mip",
+           "ClipObjective", "SiglipObjective", "SymileObjective"]
