@@ -1,7 +1,8 @@
 """Contrastive objectives over ``{modality: [N, D]}`` embeddings (DESIGN section 3).
 
 Functional API (inputs L2-normalised ``[N, D]``; ``logit_scale`` is the multiplier ``s = exp(t)``):
-:func:`clip_loss`, :func:`siglip_loss`, :func:`symile_loss`, :func:`mip`. Module API: :class:`Objective` subclasses built from an
+:func:`clip_loss`, :func:`siglip_loss`, :func:`symile_loss`, :func:`mip`,
+:func:`gram_volume`, :func:`gram_loss`. Module API: :class:`Objective` subclasses built from an
 :class:`~mmcl.config.ObjectiveConfig` by :func:`build_objective`; switching objective is config only.
 """
 
@@ -13,6 +14,7 @@ from mmcl.config import ObjectiveConfig
 from mmcl.objectives.base import Objective
 from mmcl.objectives.pairwise import ClipObjective, SiglipObjective, clip_loss, siglip_loss
 from mmcl.objectives.symile import SymileObjective, mip, symile_loss
+from mmcl.objectives.gram import GramObjective, gram_loss, gram_volume
 
 
 def _pairwise(cls: type[Objective]) -> Callable[[ObjectiveConfig, Sequence[str], dict], Objective]:
@@ -30,6 +32,9 @@ OBJECTIVES: dict[str, Callable[[ObjectiveConfig, Sequence[str], dict], Objective
     "symile": lambda cfg, modalities, common: SymileObjective(
         modalities, negatives=cfg.negatives, init_logit_scale=cfg.init_logit_scale,
         learn_logit_scale=cfg.learn_logit_scale, **common),
+    "gram": lambda cfg, modalities, common: GramObjective(
+        modalities, anchor=cfg.anchor, init_temperature=cfg.init_temperature,
+        learn_temperature=cfg.learn_logit_scale, **common),
 }
 
 
@@ -49,4 +54,4 @@ def build_objective(cfg: ObjectiveConfig, modalities: Sequence[str], embed_dim: 
 
 
 __all__ = ["Objective", "build_objective", "OBJECTIVES", "clip_loss", "siglip_loss", "symile_loss", "mip",
-           "ClipObjective", "SiglipObjective", "SymileObjective"]
+           "gram_volume", "gram_loss", "ClipObjective", "SiglipObjective", "SymileObjective", "GramObjective"]

@@ -54,8 +54,9 @@ def clip_rows(x: Tensor, y: Tensor, x_all: Tensor, y_all: Tensor, offset: int, l
         x_present, y_present: optional bool ``[N_global]``; absent columns are no candidates. Rows
             lacking x or y come out as garbage (possibly huge) and must be excluded by the caller.
     """
-    xy = mask_columns(logit_scale * x @ y_all.T, y_present)
-    yx = mask_columns(logit_scale * y @ x_all.T, x_present)
+    raw = logit_scale * x @ y_all.T
+    xy = mask_columns(raw, y_present)
+    yx = mask_columns(raw.T if x_all is x and y_all is y else logit_scale * y @ x_all.T, x_present)
     return (ce_rows(xy, offset) + ce_rows(yx, offset)) / 2
 
 
