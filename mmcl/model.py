@@ -43,7 +43,7 @@ class MultimodalModel(nn.Module):
         self.heads = nn.ModuleDict({
             name: nn.Linear(tower.out_dim, model_cfg.embed_dim, bias=False) for name, tower in self.towers.items()
         })
-        self.objective = build_objective(self.objective_cfg, list(self.modalities))
+        self.objective = build_objective(self.objective_cfg, list(self.modalities), model_cfg.embed_dim)
 
     @property
     def modality_names(self) -> list[str]:

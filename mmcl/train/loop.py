@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections import Counter
@@ -21,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mmcl.config import Config, ConfigError, save_config, to_dict
-from mmcl.data.shards import build_loader
+from mmcl.data.shards import build_loader, expand_shards
 from mmcl.model import MultimodalModel
 from mmcl.train.checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 
@@ -102,7 +103,9 @@ def parameter_report(model: MultimodalModel) -> str:
 def make_accelerator(cfg: Config) -> Accelerator:
     cuda = torch.cuda.is_available()
     precision = cfg.train.precision if cuda else "fp32"
-    handlers = [] if cuda else [InitProcessGroupKwargs(backend="gloo")]
+    # On CPU accelerate must be told gloo, else it believes the world size is 1 (see shared/ENV.md).
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not cuda else []
     return Accelerator(cpu=not cuda, mixed_precision={"fp32": "no"}.get(precision, precision),
                        kwargs_handlers=handlers)
 
@@ -124,6 +127,7 @@ class JsonlLog:
 def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[str, Any]:
     """Train per ``cfg``; returns ``{"train": {...}, "data": {"skipped": ...}, **eval results}``."""
     out = Path(out_dir)
+    expand_shards(cfg.data.train)  # fail on a bad shard spec before building anything
     accelerator = make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
