@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from mmcl.config import ObjectiveConfig
-from mmcl.objectives import build_objective, clip_loss, siglip_loss
+from mmcl.objectives import (build_objective, clip_loss, gram_loss, gram_volume, mip, siglip_loss,
+                             symile_loss)
+from mmcl.objectives import symile as symile_mod
 
 MODS = ["video", "audio", "text"]
 
@@ -24,8 +26,15 @@ def leaves(*xs: torch.Tensor) -> list[torch.Tensor]:
     return [x.detach().clone().requires_grad_(True) for x in xs]
 
 
+def on_sphere(*zs: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Leaves ``z`` and their normalisations: gradients w.r.t. ``z`` compare the tangent components only
+    (formulas that assume unit norms differ from explicit ones off the sphere)."""
+    raw = leaves(*zs)
+    return raw, [F.normalize(z, dim=1) for z in raw]
+
+
 def grads_of(loss: torch.Tensor, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-    return list(torch.autograd.grad(loss, xs))
+    return list(torch.autograd.grad(loss, xs, retain_graph=True))
 
 
 def assert_close(a, b, tol: float = 1e-9) -> None:
@@ -113,3 +122,200 @@ def test_clip_objective_defaults_and_clamp():
     sig = build_objective(ObjectiveConfig(name="siglip"), MODS)
     assert sig.logs() == pytest.approx({"logit_scale": 10.0, "logit_bias": -10.0})
     assert {n for n, _ in sig.named_parameters()} == {"logit_scale", "logit_bias"}
+
+
+def test_siglip_objective_all_pairs_uses_each_pair_once():
+    xs = leaves(*(unit(5, 4, 20 + k) for k in range(3)))
+    obj = build_objective(ObjectiveConfig(name="siglip"), MODS).double()
+    got = obj(dict(zip(MODS, xs)))
+    s, b = obj.logit_scale.exp(), obj.logit_bias
+    ref = sum(ref_siglip(xs[a], xs[c], s, b) for a, c in itertools.combinations(range(3), 2)) / 3
+    assert_close(got, ref)
+    params = [obj.logit_scale, obj.logit_bias]
+    assert_close(grads_of(got, xs + params), grads_of(ref, xs + params))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Symile
+
+
+def ref_symile_n_squared(xs, s, present=None) -> torch.Tensor:
+    """Enumerate every candidate combination explicitly; absent vectors are left out of the product."""
+    m_count, n = len(xs), xs[0].shape[0]
+    has = (lambda i, k: True) if present is None else (lambda i, k: bool(present[i, k]))
+    terms = []
+    for m in range(m_count):
+        others = [k for k in range(m_count) if k != m]
+        rows = [i for i in range(n) if has(i, m)]
+        if not rows:
+            continue
+        total = 0
+        for i in rows:
+            scores, pos = [], None
+            for combo in itertools.product(range(n), repeat=len(others)):
+                v = xs[m][i]
+                for k, j in zip(others, combo):
+                    if has(j, k):
+                        v = v * xs[k][j]
+                scores.append(s * v.sum())
+                if all(j == i for j in combo):
+                    pos = len(scores) - 1
+            total = total + ref_ce(scores, pos)
+        terms.append(total / len(rows))
+    return sum(terms) / len(terms)
+
+
+def ref_symile_n(xs, s, seed: int) -> torch.Tensor:
+    """Hand-built O(N) negatives: permutations drawn anchor by anchor, non-anchor by non-anchor."""
+    g = torch.Generator().manual_seed(seed)
+    m_count, n = len(xs), xs[0].shape[0]
+    total = 0
+    for m in range(m_count):
+        perms = {k: torch.randperm(n, generator=g) for k in range(m_count) if k != m}
+        for i in range(n):
+            scores = []
+            for j in range(n):
+                if j == i:
+                    v = math.prod(x[i] for x in xs)
+                else:
+                    v = xs[m][i] * math.prod(xs[k][perms[k][j]] for k in perms)
+                scores.append(s * v.sum())
+            total = total + ref_ce(scores, i)
+    return total / (m_count * n)
+
+
+@pytest.mark.parametrize("m_count", [3, 4])
+def test_symile_n_squared_equals_brute_force(m_count):
+    xs = leaves(*(unit(4, 3, 30 + k) for k in range(m_count)))
+    s = torch.tensor(6.0, dtype=torch.float64, requires_grad=True)
+    got = symile_loss(xs, s, negatives="n_squared")
+    ref = ref_symile_n_squared(xs, s)
+    assert_close(got, ref)
+    assert_close(grads_of(got, xs + [s]), grads_of(ref, xs + [s]))
+
+
+def test_symile_n_squared_m5_and_tiny_blocks():
+    xs = [unit(3, 4, 40 + k) for k in range(5)]
+    assert_close(symile_loss(xs, 4.0, negatives="n_squared"), ref_symile_n_squared(xs, 4.0))
+    lse_default = symile_mod.streamed_lse(xs[0], xs[1:], 4.0)
+    lse_tiny = symile_mod.streamed_lse(xs[0], xs[1:], 4.0, block_elements=5)
+    assert_close(lse_default, lse_tiny)
+
+
+@pytest.mark.parametrize("m_count", [3, 4])
+def test_symile_n_with_generator_equals_hand_built(m_count):
+    xs = leaves(*(unit(6, 5, 50 + k) for k in range(m_count)))
+    s = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    got = symile_loss(xs, s, negatives="n", generator=torch.Generator().manual_seed(11))
+    ref = ref_symile_n(xs, s, seed=11)
+    assert_close(got, ref)
+    assert_close(grads_of(got, xs + [s]), grads_of(ref, xs + [s]))
+
+
+def test_symile_two_modalities_is_clip():
+    x, y = unit(6, 4, 60), unit(6, 4, 61)
+    for neg in ("n", "n_squared"):
+        assert_close(symile_loss([x, y], 9.0, negatives=neg), clip_loss(x, y, 9.0))
+
+
+def test_mip_is_sum_of_products():
+    xs = [unit(4, 3, 70 + k) for k in range(3)]
+    ref = torch.stack([sum(xs[0][i, d] * xs[1][i, d] * xs[2][i, d] for d in range(3)) for i in range(4)])
+    assert_close(mip(xs), ref)
+
+
+def test_symile_objective_matches_functional():
+    xs = leaves(*(unit(5, 4, 80 + k) for k in range(3)))
+    obj = build_objective(ObjectiveConfig(name="symile", negatives="n_squared"), MODS).double()
+    got = obj(dict(zip(MODS, xs)))
+    ref = ref_symile_n_squared(xs, obj.logit_scale.exp())
+    assert_close(got, ref)
+    assert_close(grads_of(got, xs + [obj.logit_scale]), grads_of(ref, xs + [obj.logit_scale]))
+    # "n": the module seeds its generator from torch's global RNG
+    obj_n = build_objective(ObjectiveConfig(name="symile", negatives="n"), MODS).double()
+    torch.manual_seed(3)
+    first = obj_n(dict(zip(MODS, xs)))
+    torch.manual_seed(3)
+    assert_close(obj_n(dict(zip(MODS, xs))), first)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GRAM
+
+
+def ref_volume(vectors: list[torch.Tensor], eps: float = 1e-6) -> torch.Tensor:
+    v = torch.stack(vectors)
+    return torch.det(v @ v.T).clamp_min(eps).sqrt()
+
+
+def ref_gram_loss(anchor, others, tau, present=None) -> torch.Tensor:
+    """Explicit determinants of the present vectors only; rows need the anchor."""
+    n = anchor.shape[0]
+    has = (lambda i, k: True) if present is None else (lambda i, k: bool(present[i, k]))
+
+    def vol(i: int, j: int) -> torch.Tensor:  # anchor of i with the others of j
+        return ref_volume([anchor[i]] + [o[j] for k, o in enumerate(others, 1) if has(j, k)])
+
+    rows = [i for i in range(n) if has(i, 0)]
+    total = 0
+    for i in rows:
+        fwd = [-vol(i, j) / tau for j in range(n)]
+        bwd_cols = [j for j in range(n) if has(j, 0)]
+        bwd = [-vol(j, i) / tau for j in bwd_cols]
+        total = total + (ref_ce(fwd, i) + ref_ce(bwd, bwd_cols.index(i))) / 2
+    return total / len(rows)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+def test_gram_volume_matches_explicit_determinant(k):
+    zs, xs = on_sphere(*(unit(4, 6, 90 + m) for m in range(k)))
+    got = gram_volume(xs[0], xs[1:])
+    ref = torch.stack([torch.stack([ref_volume([xs[0][i]] + [o[j] for o in xs[1:]]) for j in range(4)])
+                       for i in range(4)])
+    assert_close(got, ref)
+    assert_close(grads_of(got.sum(), zs), grads_of(ref.sum(), zs))
+
+
+def test_gram_k2_is_abs_sine():
+    a, b = unit(5, 3, 100), unit(5, 3, 101)
+    cos = a @ b.T
+    assert_close(gram_volume(a, [b]), torch.sqrt(1 - cos.square()))
+    angle = torch.acos(cos.clamp(-1, 1))
+    assert_close(gram_volume(a, [b]), torch.sin(angle).abs(), tol=1e-7)
+
+
+@pytest.mark.parametrize("k", [3, 4])
+def test_gram_volume_invariant_to_sign_flips_and_permutations(k):
+    xs = [unit(5, 6, 110 + m) for m in range(k)]
+    base = gram_volume(xs[0], xs[1:])
+    flipped = [-x if m % 2 else x for m, x in enumerate(xs)]
+    assert_close(gram_volume(flipped[0], flipped[1:]), base)
+    assert_close(gram_volume(xs[0], xs[1:][::-1]), base)
+    for perm in itertools.permutations(range(k)):  # aligned volumes do not depend on the anchor choice
+        ys = [xs[p] for p in perm]
+        assert_close(gram_volume(ys[0], ys[1:]).diagonal(), base.diagonal())
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_gram_loss_matches_reference(k):
+    zs, xs = on_sphere(*(unit(5, 6, 120 + m) for m in range(k)))
+    tau = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    got = gram_loss(xs[0], xs[1:], tau)
+    ref = ref_gram_loss(xs[0], xs[1:], tau)
+    assert_close(got, ref)
+    assert_close(grads_of(got, zs + [tau]), grads_of(ref, zs + [tau]))
+
+
+def test_gram_objective_anchor_and_temperature():
+    zs, xs = on_sphere(*(unit(5, 6, 130 + m) for m in range(3)))
+    obj = build_objective(ObjectiveConfig(name="gram", anchor="audio", init_temperature=0.1), MODS).double()
+    assert obj.score_kind == "volume" and obj.logs() == pytest.approx({"temperature": 0.1})
+    got = obj(dict(zip(MODS, xs)))
+    ref = ref_gram_loss(xs[1], [xs[0], xs[2]], obj.log_temperature.exp())
+    assert_close(got, ref)
+    assert_close(grads_of(got, zs + [obj.log_temperature]), grads_of(ref, zs + [obj.log_temperature]))
+    with torch.no_grad():
+        obj.log_temperature.fill_(math.log(1e-4))
+    obj.clamp_()
+    assert obj.logs()["temperature"] == pytest.approx(0.01)
+    assert [n for n, _ in obj.named_parameters()] == ["log_temperature"]
