@@ -319,3 +319,199 @@ def test_gram_objective_anchor_and_temperature():
     obj.clamp_()
     assert obj.logs()["temperature"] == pytest.approx(0.01)
     assert [n for n, _ in obj.named_parameters()] == ["log_temperature"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# local-loss form (one process, two simulated ranks)
+
+
+def _split_means(fn, n_local: int, n_ranks: int) -> torch.Tensor:
+    return sum(fn(r * n_local, slice(r * n_local, (r + 1) * n_local)) for r in range(n_ranks)) / n_ranks
+
+
+def test_local_loss_forms_average_to_the_global_loss():
+    xs = [unit(8, 5, 140 + m) for m in range(3)]
+    x, y, z = xs
+    assert_close(_split_means(lambda o, sl: clip_loss(x[sl], y[sl], 5.0, x_all=x, y_all=y, offset=o), 4, 2),
+                 clip_loss(x, y, 5.0))
+    assert_close(_split_means(lambda o, sl: siglip_loss(x[sl], y[sl], 5.0, -3.0, y_all=y, offset=o), 4, 2),
+                 siglip_loss(x, y, 5.0, -3.0))
+    assert_close(_split_means(lambda o, sl: symile_loss([t[sl] for t in xs], 5.0, "n_squared", xs_all=xs,
+                                                        offset=o), 4, 2),
+                 symile_loss(xs, 5.0, "n_squared"))
+    assert_close(_split_means(lambda o, sl: symile_loss([t[sl] for t in xs], 5.0, "n",
+                                                        torch.Generator().manual_seed(1), xs_all=xs, offset=o),
+                              4, 2),
+                 symile_loss(xs, 5.0, "n", torch.Generator().manual_seed(1)))
+    assert_close(_split_means(lambda o, sl: gram_loss(x[sl], [y[sl], z[sl]], 0.3, anchor_all=x,
+                                                      others_all=[y, z], offset=o), 4, 2),
+                 gram_loss(x, [y, z], 0.3))
+
+
+# ---------------------------------------------------------------------------------------------------
+# missing modalities
+
+
+PRESENT = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 1, 1], [1, 1, 0], [1, 1, 1], [0, 1, 1]], dtype=torch.bool)
+
+
+def _masked(xs: list[torch.Tensor], present: torch.Tensor) -> list[torch.Tensor]:
+    """Absent rows hold NaN: they must be ignored, not multiplied by zero."""
+    return [torch.where(present[:, k, None], x, torch.full_like(x, float("nan"))) for k, x in enumerate(xs)]
+
+
+def _masks(present: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {m: present[:, k] for k, m in enumerate(MODS)}
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip", "symile", "gram"])
+def test_fully_present_mask_gives_exactly_the_same_loss(name):
+    xs = [unit(6, 5, 150 + m) for m in range(3)]
+    obj = build_objective(ObjectiveConfig(name=name, negatives="n_squared"), MODS).double()
+    emb = dict(zip(MODS, xs))
+    full = {m: torch.ones(6, dtype=torch.bool) for m in MODS}
+    assert torch.equal(obj(emb, full), obj(emb))
+
+
+@pytest.mark.parametrize("mode", ["all_pairs", "anchor"])
+def test_clip_mask_skips_absent_pairs(mode):
+    zs, xs = on_sphere(*(unit(6, 5, 160 + m) for m in range(3)))
+    obj = build_objective(ObjectiveConfig(name="clip", mode=mode), MODS).double()
+    got = obj(dict(zip(MODS, _masked(xs, PRESENT))), _masks(PRESENT))
+    s = obj.logit_scale.exp()
+    pairs = list(itertools.combinations(range(3), 2)) if mode == "all_pairs" else [(2, 0), (2, 1)]
+    terms = []
+    for a, b in pairs:
+        rows = [i for i in range(6) if PRESENT[i, a] and PRESENT[i, b]]
+        cols_a = [j for j in range(6) if PRESENT[j, a]]
+        cols_b = [j for j in range(6) if PRESENT[j, b]]
+        terms.append(ref_clip(xs[a], xs[b], s, cols_x=cols_a, cols_y=cols_b, rows=rows))
+    ref = sum(terms) / len(terms)
+    assert_close(got, ref)
+    assert all(g.isfinite().all() for g in grads_of(got, zs))
+    assert_close(grads_of(got, zs), grads_of(ref, zs))
+
+
+def test_siglip_mask_uses_present_pairs():
+    x, y = unit(6, 4, 170), unit(6, 4, 171)
+    xp = torch.tensor([1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    yp = torch.tensor([1, 0, 1, 1, 1, 1], dtype=torch.bool)
+    got = siglip_loss(x, y, 10.0, -5.0, x_present=xp, y_present=yp)
+    total = 0
+    for i in range(6):
+        for j in range(6):
+            if xp[i] and yp[j]:
+                total = total - F.logsigmoid((1.0 if i == j else -1.0) * (10.0 * torch.dot(x[i], y[j]) - 5.0))
+    assert_close(got, total / int(xp.sum()))
+
+
+def test_symile_mask_uses_present_modalities():
+    zs, xs = on_sphere(*(unit(6, 4, 180 + m) for m in range(3)))
+    obj = build_objective(ObjectiveConfig(name="symile", negatives="n_squared"), MODS).double()
+    got = obj(dict(zip(MODS, _masked(xs, PRESENT))), _masks(PRESENT))
+    ref = ref_symile_n_squared(xs, obj.logit_scale.exp(), PRESENT)
+    assert_close(got, ref)
+    assert_close(grads_of(got, zs), grads_of(ref, zs))
+    assert_close(symile_loss(_masked(xs, PRESENT), obj.logit_scale.exp(), "n_squared", present=PRESENT), ref)
+
+
+def test_gram_mask_uses_present_modalities():
+    zs, xs = on_sphere(*(unit(6, 5, 190 + m) for m in range(3)))
+    obj = build_objective(ObjectiveConfig(name="gram"), MODS).double()  # anchor: text (column 2)
+    got = obj(dict(zip(MODS, _masked(xs, PRESENT))), _masks(PRESENT))
+    order = [2, 0, 1]
+    present = PRESENT[:, order]
+    ref = ref_gram_loss(xs[2], [xs[0], xs[1]], obj.log_temperature.exp(), present)
+    assert_close(got, ref)
+    assert_close(grads_of(got, zs), grads_of(ref, zs))
+    assert_close(gram_loss(*[_masked(xs, PRESENT)[k] for k in order][:1], [_masked(xs, PRESENT)[k] for k in order][1:],
+                           obj.log_temperature.exp(), present=present), ref)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip", "symile", "gram"])
+def test_learned_missing_embedding_substitutes_absent_rows(name):
+    xs = [unit(6, 5, 200 + m) for m in range(3)]
+    obj = build_objective(ObjectiveConfig(name=name, missing="learned"), MODS, embed_dim=5).double()
+    torch.manual_seed(0)
+    got = obj(dict(zip(MODS, _masked(xs, PRESENT))), _masks(PRESENT))
+    filled = {m: torch.where(PRESENT[:, k, None], xs[k], F.normalize(obj.missing_embedding[m], dim=0))
+              for k, m in enumerate(MODS)}
+    torch.manual_seed(0)
+    assert_close(got, obj(filled))
+    got.backward()
+    assert obj.missing_embedding["video"].grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip", "symile", "gram"])
+def test_bad_inputs_raise_value_errors(name):
+    obj = build_objective(ObjectiveConfig(name=name), MODS)
+    good = {m: unit(4, 3, 210 + k, torch.float32) for k, m in enumerate(MODS)}
+    with pytest.raises(ValueError, match=r"share N and D.*\(5, 3\)"):
+        obj({**good, "audio": unit(5, 3, 0, torch.float32)})
+    with pytest.raises(ValueError, match=r"share N and D.*\(4, 6\)"):
+        obj({**good, "audio": unit(4, 6, 0, torch.float32)})
+    with pytest.raises(ValueError, match="not L2-normalised"):
+        obj({**good, "text": 2 * good["text"]})
+    with pytest.raises(ValueError, match="not L2-normalised"):
+        obj({**good, "text": torch.full((4, 3), float("nan"))})
+    with pytest.raises(ValueError, match="at least 2 modalities"):
+        obj({"video": good["video"]})
+    with pytest.raises(ValueError, match="2-D"):
+        obj({**good, "video": good["video"][None]})
+    with pytest.raises(ValueError, match="unknown modalities"):
+        obj({**good, "depth": good["video"]})
+    with pytest.raises(ValueError, match="fewer than 2 present"):
+        obj(good, {"video": torch.tensor([1, 1, 1, 0]).bool(), "audio": torch.tensor([1, 1, 1, 0]).bool()})
+    with pytest.raises(ValueError, match="present mask must be bool"):
+        obj(good, {"video": torch.ones(4)})
+
+
+def test_bad_functional_inputs_and_config():
+    x, y = unit(4, 3, 220), unit(4, 3, 221)
+    with pytest.raises(ValueError, match=r"\(4, 3\).*\(5, 3\)"):
+        clip_loss(x, unit(5, 3, 0), 10.0)
+    with pytest.raises(ValueError, match="not L2-normalised"):
+        siglip_loss(x, 3 * y, 10.0, -10.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        symile_loss([x], 10.0)
+    with pytest.raises(ValueError, match="negatives"):
+        symile_loss([x, y, y], 10.0, negatives="n_cubed")
+    with pytest.raises(ValueError, match="same D"):
+        gram_volume(unit(4, 5, 0), [y])
+    with pytest.raises(ValueError, match="offset"):
+        clip_loss(x, y, 10.0, x_all=x, y_all=y, offset=2)
+    with pytest.raises(ValueError, match="unknown objective 'vicreg'"):
+        build_objective(ObjectiveConfig(name="vicreg"), MODS)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least 2 distinct modalities"):
+        build_objective(ObjectiveConfig(name="clip"), ["video"])
+    with pytest.raises(ValueError, match="anchor 'text'"):
+        build_objective(ObjectiveConfig(name="gram"), ["video", "audio"])
+    with pytest.raises(ValueError, match="embed_dim"):
+        build_objective(ObjectiveConfig(name="clip", missing="learned"), MODS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# score orientation
+
+
+def aligned(n: int, d: int, seed: int) -> torch.Tensor:
+    """Nearly one-hot unit vectors: sample i of every modality lies close to the basis vector e_i."""
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.eye(n, d) + 0.1 * torch.rand(n, d, generator=g), dim=1)
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip", "symile", "gram"])
+@pytest.mark.parametrize("query,cands", [(["video"], ["text"]), (["text"], ["audio"]),
+                                          (["video", "audio"], ["text"]), (["text"], ["video", "audio"]),
+                                          (["video", "audio"], ["text", "depth"])])
+def test_score_ranks_the_true_match_first(name, query, cands):
+    emb = {m: aligned(8, 16, 230 + k) for k, m in enumerate(MODS + ["depth"])}
+    obj = build_objective(ObjectiveConfig(name=name), MODS + ["depth"])
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(1))
+    scores = obj.score({m: emb[m] for m in query}, {m: emb[m][perm] for m in cands})
+    assert scores.shape == (8, 8)
+    assert torch.equal(scores.argmax(1), perm.argsort())
