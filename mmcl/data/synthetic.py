@@ -6,10 +6,10 @@ fully determined by ``(seed, split, n, world)``: the per-sample seeds of a split
 other split name) use independent seed streams.
 
 A clip is 16 RGB frames of 64 x 64 at 8 fps (2 s) over a noisy mid-grey background (per-pixel
-luminance noise on a smooth low-frequency shading), and 2 s of 16 kHz mono audio: a harmonic tone whose
-amplitude pulses at a regular rate, plus a little noise. Shapes are anti-aliased silhouettes
-(``circle``, ``square``, ``triangle`` pointing up, ``cross`` shaped like a plus sign) in one of six
-saturated hues.
+uniform luminance noise, std 9 grey levels, on a smooth low-frequency shading), and 2 s of 16 kHz mono
+audio: a harmonic tone whose amplitude pulses at a regular rate, plus a little noise. Shapes are
+anti-aliased silhouettes (``circle``, ``square``, ``triangle`` pointing up, ``cross`` shaped like a plus
+sign) in one of six saturated hues.
 
 **simple** world (all attributes independent and uniform over :data:`ATTRIBUTES`):
   one shape (18-24 px) of one colour moves steadily ``up`` / ``down`` / ``left`` / ``right``, 28-36 px
@@ -104,7 +104,8 @@ _HIGHEST_PARTIAL_HZ = 7000.0
 _X264_OPTIONS = {"crf": "20", "preset": "veryfast"}
 
 _GRID_Y, _GRID_X = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
-_TIME = np.arange(N_SAMPLES, dtype=np.float64) / SAMPLE_RATE
+_TIME = np.arange(N_SAMPLES, dtype=np.float32) / np.float32(SAMPLE_RATE)
+_FADE = np.minimum(1.0, np.minimum(_TIME, _TIME[::-1]) / 0.01).astype(np.float32)  # 10 ms fade in / out
 
 # ----------------------------------------------------------------------------------------------------
 # Video
@@ -172,16 +173,26 @@ def _background(rng: np.random.Generator) -> np.ndarray:
 def _render(rng: np.random.Generator, objects: list[dict[str, Any]]) -> np.ndarray:
     """Draw moving ``objects`` over a noisy background -> uint8 ``[T, H, W, 3]``.
 
-    Each object: ``{"shape", "colour", "r", "x": [T], "y": [T]}`` (centre positions in px).
+    Each object: ``{"shape", "colour", "r", "x": [T], "y": [T]}`` (centre positions in px). Only a
+    square crop around each object is rasterised, at the same place in every frame's coordinates.
     """
     frames = np.broadcast_to(_background(rng), (N_FRAMES, SIZE, SIZE, 3)).copy()
+    frame_index = np.arange(N_FRAMES)[:, None, None]
     for obj in objects:
-        dx = _GRID_X[None] - obj["x"].astype(np.float32)[:, None, None]
-        dy = _GRID_Y[None] - obj["y"].astype(np.float32)[:, None, None]
+        crop = min(SIZE, int(np.ceil(2.5 * obj["r"])) + 3)  # covers the reach of every shape (see _half_extent)
+        offsets = np.arange(crop)
+        x0 = np.clip(np.floor(obj["x"] - crop / 2).astype(int) + 1, 0, SIZE - crop)  # [T]
+        y0 = np.clip(np.floor(obj["y"] - crop / 2).astype(int) + 1, 0, SIZE - crop)
+        cols = x0[:, None, None] + offsets[None, None, :]  # [T, 1, crop]
+        rows = y0[:, None, None] + offsets[None, :, None]  # [T, crop, 1]
+        dx = (cols - obj["x"][:, None, None]).astype(np.float32)
+        dy = (rows - obj["y"][:, None, None]).astype(np.float32)
         alpha = np.clip(0.5 - _signed_distance(obj["shape"], dx, dy, obj["r"]), 0.0, 1.0)[..., None]
         rgb = np.asarray(COLOUR_RGB[obj["colour"]], np.float32) + rng.uniform(-12.0, 12.0, 3).astype(np.float32)
-        frames += alpha * (rgb - frames)
-    frames += rng.standard_normal((N_FRAMES, SIZE, SIZE, 1), dtype=np.float32) * 9.0
+        patch = frames[frame_index, rows, cols]  # [T, crop, crop, 3]
+        frames[frame_index, rows, cols] = patch + alpha * (rgb - patch)
+    noise = rng.random((N_FRAMES, SIZE, SIZE, 1), dtype=np.float32) - np.float32(0.5)
+    frames += noise * np.float32(31.0)  # uniform luminance noise, std 9 grey levels
     return np.clip(frames + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -192,17 +203,15 @@ def _render(rng: np.random.Generator, objects: list[dict[str, Any]]) -> np.ndarr
 def _tone(rng: np.random.Generator, pitch: str, timbre: str, pulse_rate: float) -> np.ndarray:
     """A pulsing harmonic tone -> float32 ``[N_SAMPLES]``, peak in [0.6, 0.9]."""
     f0 = PITCH_HZ[pitch] * rng.uniform(0.97, 1.03)
-    cycles = (f0 * _TIME) % 1.0  # phase of the fundamental in cycles, kept small for float32 accuracy
-    theta = (2 * np.pi * cycles).astype(np.float32)
+    theta = np.float32(2 * np.pi) * ((np.float32(f0) * _TIME) % np.float32(1.0))  # phase of the fundamental
     tone = np.zeros(N_SAMPLES, np.float32)
     for n, amplitude in enumerate(TIMBRE_HARMONICS[timbre], start=1):
         if amplitude > 0 and n * f0 < _HIGHEST_PARTIAL_HZ:
-            tone += amplitude * np.sin(n * theta + np.float32(rng.uniform(0, 2 * np.pi)))
-    pulse = 0.5 - 0.5 * np.cos(2 * np.pi * pulse_rate * _TIME + rng.uniform(0, 2 * np.pi))
-    envelope = (0.15 + 0.85 * pulse * pulse).astype(np.float32)
-    fade = np.minimum(1.0, np.minimum(_TIME, _TIME[::-1]) / 0.01).astype(np.float32)  # 10 ms in/out
-    audio = tone * envelope * fade + rng.standard_normal(N_SAMPLES, dtype=np.float32) * 0.02
-    return (audio * (rng.uniform(0.6, 0.9) / np.abs(audio).max())).astype(np.float32)
+            tone += np.float32(amplitude) * np.sin(n * theta + np.float32(rng.uniform(0, 2 * np.pi)))
+    pulse = 0.5 - 0.5 * np.cos(np.float32(2 * np.pi * pulse_rate) * _TIME + np.float32(rng.uniform(0, 2 * np.pi)))
+    audio = tone * ((0.15 + 0.85 * pulse * pulse) * _FADE)
+    audio += rng.standard_normal(N_SAMPLES, dtype=np.float32) * np.float32(0.02)
+    return audio * np.float32(rng.uniform(0.6, 0.9) / np.abs(audio).max())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -240,6 +249,19 @@ _JOINT_TEMPLATES = (
     "the {colour} {shape} {verb} {dir} across the frame",
 )
 _ARTICLE_BEFORE_VOWEL = re.compile(r"\ba (?=[aeiou])")
+
+
+def _caption_alphabet() -> str:
+    """Every character a caption of either world can contain."""
+    texts = [re.sub(r"\{\w+\}", "", t) for t in _SIMPLE_TEMPLATES + _JOINT_TEMPLATES]
+    texts += [*_VERBS, *_GERUNDS, *_SOUNDS, "an"]
+    texts += [phrase for phrases in _DIRECTION_PHRASES.values() for phrase in phrases]
+    texts += [name for names in ATTRIBUTES.values() for name in names]
+    return "".join(sorted(set("".join(texts)) - {" "}))
+
+
+#: The tokenizer always covers these characters, so no caption of this world maps to ``<unk>``.
+CAPTION_ALPHABET = _caption_alphabet()
 
 
 def _caption(rng: np.random.Generator, templates: tuple[str, ...], labels: dict[str, Any]) -> str:
@@ -443,11 +465,15 @@ def write_split(
     return _write_split(Path(out_dir), split, n, seed, world, per_shard, workers)[0]
 
 
-def train_tokenizer(captions: list[str], path: str | os.PathLike, vocab_size: int = 256) -> Path:
+def train_tokenizer(
+    captions: list[str], path: str | os.PathLike, vocab_size: int = 256, required_chars: str = CAPTION_ALPHABET
+) -> Path:
     """Train a sentencepiece unigram model on ``captions`` in-process and write it to ``path``.
 
     Ids: ``<pad>`` = :data:`PAD_ID` (0), ``<unk>`` = :data:`UNK_ID` (1), no bos / eos pieces.
-    ``vocab_size`` is an upper bound: a small corpus yields fewer pieces.
+    ``vocab_size`` is an upper bound: a small corpus yields fewer pieces. Every character of
+    ``required_chars`` gets a piece even when ``captions`` lack it (default: all characters this world's
+    captions use), so held-out captions never map to ``<unk>``.
     """
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -456,6 +482,7 @@ def train_tokenizer(captions: list[str], path: str | os.PathLike, vocab_size: in
         vocab_size=vocab_size,
         model_type="unigram",
         character_coverage=1.0,
+        required_chars=required_chars,
         pad_id=PAD_ID,
         unk_id=UNK_ID,
         bos_id=-1,
