@@ -30,6 +30,7 @@ from mmcl.data.synthetic import (
     generate_sample,
     sample_seeds,
     synth,
+    train_tokenizer,
 )
 
 TRAIN, TEST, PER_SHARD = 16, 8, 6
@@ -119,6 +120,30 @@ def test_generate_sample_contract() -> None:
         assert sample["caption"] == again["caption"] and sample["labels"] == again["labels"]
     with pytest.raises(ValueError, match="unknown world"):
         generate_sample(0, "nope")
+
+
+def test_shapes_have_distinct_silhouettes() -> None:
+    """Bounding-box fill and top/bottom width tell the four shapes apart on the raw frames."""
+    seen = set()
+    for seed in range(24):
+        sample = generate_sample(seed)
+        frame = sample["frames"][0].astype(np.int16)
+        ys, xs = np.nonzero(frame.max(-1) - frame.min(-1) > 90)
+        height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+        assert 15 <= max(height, width) <= 25
+        fill = len(ys) / (height * width)
+        top, bottom = (np.sum(ys == ys.min() + int(q * height)) for q in (0.15, 0.85))
+        shape = sample["labels"]["shape"]
+        seen.add(shape)
+        if shape == "square":
+            assert fill > 0.95
+        elif shape == "circle":
+            assert 0.7 < fill < 0.86
+        elif shape == "cross":
+            assert 0.45 < fill < 0.65 and abs(int(top) - int(bottom)) <= 2
+        else:
+            assert 0.4 < fill < 0.6 and bottom > 3 * top
+    assert seen == set(ATTRIBUTES["shape"])
 
 
 def test_video_shows_the_labelled_colour_moving_the_labelled_direction(simple_dir: Path) -> None:
@@ -211,6 +236,14 @@ def test_captions_name_the_labels_and_tokenize_without_unk(simple_dir: Path) -> 
         ids = tokenizer.encode(caption)
         assert UNK_ID not in ids and PAD_ID not in ids
         assert tokenizer.decode(ids) == caption
+
+
+def test_tokenizer_from_a_tiny_corpus_still_has_no_unk(tmp_path: Path) -> None:
+    path = train_tokenizer(["a red circle moves up while a low flute note plays"], tmp_path / "t.model")
+    tokenizer = spm.SentencePieceProcessor(model_file=str(path))
+    for world in ("simple", "joint"):
+        for seed in range(30):
+            assert UNK_ID not in tokenizer.encode(generate_sample(seed, world)["caption"])
 
 
 def test_captions_are_varied() -> None:
