@@ -46,7 +46,7 @@ import multiprocessing
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,24 +111,36 @@ _FADE = np.minimum(1.0, np.minimum(_TIME, _TIME[::-1]) / 0.01).astype(np.float32
 # Video
 
 
-def _signed_distance(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
-    """Approximate signed distance (px, negative inside) of ``shape`` with half-size ``r``.
+# Signed distance (px, negative inside) of each shape with half-size ``r``, from the offsets ``dx``, ``dy``
+# of pixels to the shape's centre (y grows downwards; any shapes that broadcast, e.g. [T, 1, W] and [T, H, 1]).
 
-    ``dx``, ``dy``: ``[T, H, W]`` offsets of each pixel from the shape's centre (y grows downwards).
-    """
-    if shape == "circle":
-        return np.sqrt(dx * dx + dy * dy) - r
-    if shape == "square":
-        return np.maximum(np.abs(dx), np.abs(dy)) - 0.85 * r
-    if shape == "triangle":
-        big = 1.2 * r  # circumradius; apex up, flat base down
-        s, c = 0.5, np.sqrt(3.0) / 2
-        edges = np.maximum(dy - big * s, -c * dx - s * dy - big * s)
-        return np.maximum(edges, c * dx - s * dy - big * s)
-    if shape == "cross":
-        ax, ay, w = np.abs(dx), np.abs(dy), 0.33 * r
-        return np.minimum(np.maximum(ax - r, ay - w), np.maximum(ax - w, ay - r))
-    raise ValueError(f"unknown shape {shape!r} (known: {', '.join(ATTRIBUTES['shape'])})")
+
+def _circle(dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    return np.sqrt(dx * dx + dy * dy) - r
+
+
+def _square(dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    return np.maximum(np.abs(dx), np.abs(dy)) - 0.85 * r
+
+
+def _triangle(dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    """Equilateral, apex up, circumradius ``1.2 r``: the largest of the three edges' distances."""
+    inradius, c = 0.6 * r, np.sqrt(3.0) / 2
+    return np.maximum(np.maximum(dy - inradius, -c * dx - 0.5 * dy - inradius), c * dx - 0.5 * dy - inradius)
+
+
+def _cross(dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+    """A plus sign: two bars of half-length ``r`` and half-width ``0.33 r``."""
+    ax, ay, w = np.abs(dx), np.abs(dy), 0.33 * r
+    return np.minimum(np.maximum(ax - r, ay - w), np.maximum(ax - w, ay - r))
+
+
+_SIGNED_DISTANCE: dict[str, Callable[[np.ndarray, np.ndarray, float], np.ndarray]] = {
+    "circle": _circle,
+    "square": _square,
+    "triangle": _triangle,
+    "cross": _cross,
+}
 
 
 def _half_extent(r: float) -> tuple[float, float]:
@@ -174,7 +186,7 @@ def _render(rng: np.random.Generator, objects: list[dict[str, Any]]) -> np.ndarr
     """Draw moving ``objects`` over a noisy background -> uint8 ``[T, H, W, 3]``.
 
     Each object: ``{"shape", "colour", "r", "x": [T], "y": [T]}`` (centre positions in px). Only a
-    square crop around each object is rasterised, at the same place in every frame's coordinates.
+    square crop that follows the object (``[T, crop, crop]``) is rasterised.
     """
     frames = np.broadcast_to(_background(rng), (N_FRAMES, SIZE, SIZE, 3)).copy()
     frame_index = np.arange(N_FRAMES)[:, None, None]
@@ -187,7 +199,7 @@ def _render(rng: np.random.Generator, objects: list[dict[str, Any]]) -> np.ndarr
         rows = y0[:, None, None] + offsets[None, :, None]  # [T, crop, 1]
         dx = (cols - obj["x"][:, None, None]).astype(np.float32)
         dy = (rows - obj["y"][:, None, None]).astype(np.float32)
-        alpha = np.clip(0.5 - _signed_distance(obj["shape"], dx, dy, obj["r"]), 0.0, 1.0)[..., None]
+        alpha = np.clip(0.5 - _SIGNED_DISTANCE[obj["shape"]](dx, dy, obj["r"]), 0.0, 1.0)[..., None]
         rgb = np.asarray(COLOUR_RGB[obj["colour"]], np.float32) + rng.uniform(-12.0, 12.0, 3).astype(np.float32)
         patch = frames[frame_index, rows, cols]  # [T, crop, crop, 3]
         frames[frame_index, rows, cols] = patch + alpha * (rgb - patch)
