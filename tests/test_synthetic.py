@@ -281,3 +281,15 @@ def test_joint_world_caption_names_exactly_the_object_the_pitch_selects(joint_di
         assert _dominant_hz(_audio(sample)) == pytest.approx(PITCH_HZ[labels["pitch"]], rel=0.04)
         named_seen.add(named)
     assert named_seen == {0, 1}
+
+
+def test_synth_summary_and_argument_errors(tmp_path: Path) -> None:
+    summary = json.loads(json.dumps(synth(tmp_path / "s", train=2, test=1, workers=1)))
+    world = json.loads((tmp_path / "s" / "world.json").read_text())
+    assert {k: summary[k] for k in world} == world
+    assert [Path(p).name for p in summary["shards"]["train"]] == ["train-000000.tar"]
+    assert summary["seconds"] > 0
+    with pytest.raises(ValueError, match="unknown world"):
+        synth(tmp_path / "bad", train=2, test=1, world="nope")
+    with pytest.raises(ValueError, match="n >= 1"):
+        synth(tmp_path / "empty", train=2, test=0)

@@ -336,16 +336,25 @@ def _joint_sample(rng: np.random.Generator) -> dict[str, Any]:
     return {"frames": frames, "audio": audio, "caption": caption, "labels": labels}
 
 
+_WORLD_MAKERS: dict[str, Callable[[np.random.Generator], dict[str, Any]]] = {
+    "simple": _simple_sample,
+    "joint": _joint_sample,
+}
+
+
+def _check_world(world: str) -> None:
+    if world not in _WORLD_MAKERS:
+        raise ValueError(f"unknown world {world!r} (known: {', '.join(WORLDS)})")
+
+
 def generate_sample(seed: int, world: str = "simple") -> dict[str, Any]:
-    """Generate one clip of ``world`` from ``seed`` (deterministic).
+    """Generate one clip of ``world`` from ``seed`` (>= 0; deterministic).
 
     Returns ``{"frames": uint8 [N_FRAMES, SIZE, SIZE, 3] (16, 64, 64, 3), "audio": float32 [N_SAMPLES]
     (32000), "caption": str, "labels": dict}`` (labels as described in the module docstring).
     """
-    makers = {"simple": _simple_sample, "joint": _joint_sample}
-    if world not in makers:
-        raise ValueError(f"unknown world {world!r} (known: {', '.join(WORLDS)})")
-    return makers[world](np.random.default_rng(seed))
+    _check_world(world)
+    return _WORLD_MAKERS[world](np.random.default_rng(seed))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -409,7 +418,7 @@ def _encoded_sample(job: tuple[str, int, str]) -> tuple[dict[str, Any], str]:
 
 
 def sample_seeds(seed: int, split: str, n: int) -> list[int]:
-    """The ``n`` per-sample seeds of ``split``: independent streams for different splits."""
+    """The ``n`` per-sample seeds of ``split`` (``seed`` >= 0): independent streams for different splits."""
     sequence = np.random.SeedSequence(seed, spawn_key=tuple(split.encode("utf-8")))
     return [int(s) for s in sequence.generate_state(n, dtype=np.uint64)]
 
@@ -440,8 +449,7 @@ def _write_split(
     """Write the shards of one split; return their paths and the captions in sample order."""
     if n < 1 or per_shard < 1:
         raise ValueError(f"need n >= 1 and per_shard >= 1, got n={n}, per_shard={per_shard}")
-    if world not in WORLDS:
-        raise ValueError(f"unknown world {world!r} (known: {', '.join(WORLDS)})")
+    _check_world(world)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(f"{split}-{i:07d}", s, world) for i, s in enumerate(sample_seeds(seed, split, n))]
     paths: list[Path] = []
@@ -530,24 +538,22 @@ def synth(
     Files: ``train-*.tar``, ``test-*.tar`` (see :func:`write_split`), ``sizes.json`` ({shard file name:
     sample count}), ``tokenizer.model`` (trained on the train captions) and ``world.json`` ({"world",
     "seed", "attributes", "splits": {split: {"pattern", "n"}}, "tokenizer": {...}}; patterns are
-    brace-expandable shard specs relative to ``out_dir``). Returns a summary: ``world.json``'s content
-    plus ``"out_dir"``, ``"shards"`` ({split: [paths]}) and ``"seconds"``.
+    brace-expandable shard specs relative to ``out_dir``). Returns a JSON-serialisable summary:
+    ``world.json``'s content plus ``"out_dir"``, ``"shards"`` ({split: [shard paths]}) and ``"seconds"``.
     """
     start = time.perf_counter()
     out = Path(out_dir)
-    shards: dict[str, list[Path]] = {}
+    shards: dict[str, list[str]] = {}
     sizes: dict[str, int] = {}
     splits: dict[str, dict[str, Any]] = {}
-    train_captions: list[str] = []
     for split, n in (("train", train), ("test", test)):
         paths, captions = _write_split(out, split, n, seed, world, per_shard, workers)
-        shards[split] = paths
+        if split == "train":
+            train_tokenizer(captions, out / "tokenizer.model")
+        shards[split] = [str(path) for path in paths]
         splits[split] = {"pattern": shard_pattern(split, len(paths)), "n": n}
         for i, path in enumerate(paths):
             sizes[path.name] = min(per_shard, n - i * per_shard)
-        if split == "train":
-            train_captions = captions
-    train_tokenizer(train_captions, out / "tokenizer.model")
     info = {
         "world": world,
         "seed": seed,
