@@ -31,6 +31,7 @@ from mmcl.data.synthetic import (
     sample_seeds,
     synth,
     train_tokenizer,
+    write_split,
 )
 
 TRAIN, TEST, PER_SHARD = 16, 8, 6
@@ -291,5 +292,8 @@ def test_synth_summary_and_argument_errors(tmp_path: Path) -> None:
     assert summary["seconds"] > 0
     with pytest.raises(ValueError, match="unknown world"):
         synth(tmp_path / "bad", train=2, test=1, world="nope")
-    with pytest.raises(ValueError, match="n >= 1"):
+    with pytest.raises(ValueError, match="test >= 1"):
         synth(tmp_path / "empty", train=2, test=0)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "empty").exists()
+    with pytest.raises(ValueError, match="per_shard >= 1"):
+        write_split(tmp_path / "w", "train", 3, seed=0, per_shard=0)

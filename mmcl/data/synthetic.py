@@ -347,6 +347,14 @@ def _check_world(world: str) -> None:
         raise ValueError(f"unknown world {world!r} (known: {', '.join(WORLDS)})")
 
 
+def _check_split_args(world: str, counts: dict[str, int], per_shard: int) -> None:
+    """Reject an unknown world or a split with no sample before anything is written."""
+    _check_world(world)
+    for name, value in {**counts, "per_shard": per_shard}.items():
+        if value < 1:
+            raise ValueError(f"need {name} >= 1, got {value}")
+
+
 def generate_sample(seed: int, world: str = "simple") -> dict[str, Any]:
     """Generate one clip of ``world`` from ``seed`` (>= 0; deterministic).
 
@@ -447,9 +455,7 @@ def _write_split(
     out_dir: Path, split: str, n: int, seed: int, world: str, per_shard: int, workers: int
 ) -> tuple[list[Path], list[str]]:
     """Write the shards of one split; return their paths and the captions in sample order."""
-    if n < 1 or per_shard < 1:
-        raise ValueError(f"need n >= 1 and per_shard >= 1, got n={n}, per_shard={per_shard}")
-    _check_world(world)
+    _check_split_args(world, {"n": n}, per_shard)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(f"{split}-{i:07d}", s, world) for i, s in enumerate(sample_seeds(seed, split, n))]
     paths: list[Path] = []
@@ -542,6 +548,7 @@ def synth(
     ``world.json``'s content plus ``"out_dir"``, ``"shards"`` ({split: [shard paths]}) and ``"seconds"``.
     """
     start = time.perf_counter()
+    _check_split_args(world, {"train": train, "test": test}, per_shard)
     out = Path(out_dir)
     shards: dict[str, list[str]] = {}
     sizes: dict[str, int] = {}
