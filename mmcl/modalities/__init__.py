@@ -9,7 +9,7 @@ from mmcl.modalities.base import (
     build_modality,
     register_modality,
 )
-from mmcl.modalities import audio, text, video  # noqa: F401  (registration side effect)
+from mmcl.modalities import audio, text, vector, video  # noqa: F401  (registration side effect)
 
 __all__ = ["Modality", "Tower", "SampleError", "MissingModality", "register_modality", "build_modality",
            "available_modalities"]
