@@ -236,6 +236,9 @@ class TrainConfig:
     progress: bool = True
     #: Torch intra-op threads (0: leave torch's default).
     threads: int = 0
+    #: DeepSpeed config JSON (ZeRO stage etc.; "auto" values are filled from this config). Empty: no
+    #: DeepSpeed, unless ``accelerate launch`` was given a DeepSpeed config.
+    deepspeed: str = ""
 
     def validate(self, where: str) -> None:
         _positive(where, lr=self.lr, grad_accum=self.grad_accum)

@@ -59,9 +59,12 @@ class MultimodalModel(nn.Module):
             out[name] = F.normalize(z, dim=-1) if normalize else z
         return out
 
-    def forward(self, inputs: dict[str, torch.Tensor], present: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """One batch -> scalar loss."""
-        return self.objective(self.encode(inputs), present)
+    def forward(self, inputs: dict[str, torch.Tensor], present: dict[str, torch.Tensor] | None = None,
+                embeddings_only: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+        """One batch -> scalar loss (or, with ``embeddings_only``, the normalised embeddings: the training
+        loop's gradient accumulation encodes micro-batches through the distributed wrapper this way)."""
+        emb = self.encode(inputs)
+        return emb if embeddings_only else self.objective(emb, present)
 
     # -- persistence -------------------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:

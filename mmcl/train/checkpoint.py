@@ -56,21 +56,32 @@ def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any],
-                    keep_last: int = 0) -> Path:
-    """Write ``ckpt_root/step_<step>`` atomically; then keep only the ``keep_last`` newest (0 = all)."""
+def checkpoint_tmp_dir(ckpt_root: Path, step: int) -> Path:
+    """A fresh temporary directory beside the final ``step_<step>`` (same filesystem: the rename is atomic)."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step_{step}"
     tmp = ckpt_root / f".tmp_step_{step}_{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp
+
+
+def write_checkpoint_files(tmp: Path, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    """Weights as safetensors and the rest of the training state, into ``tmp``."""
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
     torch.save(state, tmp / STATE)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+
+
+def commit_checkpoint(tmp: Path, ckpt_root: Path, step: int, keep_last: int = 0) -> Path:
+    """fsync everything under ``tmp``, rename it to ``step_<step>``, then keep the ``keep_last`` newest."""
+    for f in sorted(tmp.rglob("*"), reverse=True):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        else:
+            _fsync_dir(f)
     _fsync_dir(tmp)
+    final = ckpt_root / f"step_{step}"
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)

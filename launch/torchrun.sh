@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# DDP with torchrun on one machine:  NPROC=4 launch/torchrun.sh CONFIG [mmcl train args: --out DIR --set k=v ...]
+# NPROC defaults to the number of GPUs, or 2 processes on a CPU-only machine (gloo).
+set -euo pipefail
+CONFIG=${1:?usage: launch/torchrun.sh CONFIG [mmcl train args]}
+shift
+PY=${PYTHON:-python}
+NPROC=${NPROC:-$("$PY" -c 'import torch; print(torch.cuda.device_count() or 2)')}
+exec "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m mmcl.cli train --config "$CONFIG" "$@"
