@@ -32,7 +32,7 @@ def _add_eval(sub) -> None:
 
 def _add_shards(sub) -> None:
     p = sub.add_parser("shards", help="make and check WebDataset shards")
-    ss = p.add_subparsers(dest="shards_cmd", required=True, metavar="{synth}")
+    ss = p.add_subparsers(dest="shards_cmd", required=True, metavar="{synth,build,inspect,validate}")
     s = ss.add_parser("synth", help="write the procedural synthetic world as shards")
     s.add_argument("--out", required=True)
     s.add_argument("--train", type=int, required=True, help="training clips")
@@ -41,6 +41,54 @@ def _add_shards(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--per-shard", type=int, default=500)
+    _add_shards_build(ss)
+    i = ss.add_parser("inspect", help="counts, durations, modality presence and a few samples of shards")
+    i.add_argument("shards", help="brace-expanded shard spec, e.g. data/shard-{000000..000009}.tar")
+    i.add_argument("--samples", type=int, default=3, help="samples to show (default: 3)")
+    i.add_argument("--json", action="store_true", help="print the full result as JSON")
+    v = ss.add_parser("validate", help="decode every sample with the training decoders; exit 1 if any is bad")
+    v.add_argument("shards", help="brace-expanded shard spec")
+    v.add_argument("--model", default="tiny", help="model config whose modalities decode (name or YAML; default: tiny)")
+    v.add_argument("--tokenizer", help="sentencepiece model for the text modality (default: tokenizer.model "
+                                       "beside the shards, else a throwaway one)")
+    v.add_argument("--workers", type=int, default=0, help="processes, one shard each at a time (default: 0)")
+    v.add_argument("--json", action="store_true", help="print the full result as JSON")
+
+
+def _add_shards_build(ss) -> None:
+    from data_tools.build import parse_size
+
+    b = ss.add_parser("build", help="turn a media folder or a CSV/JSONL manifest into shards",
+                      description="Normalise media (any container/codec ffmpeg reads, images, captions) into "
+                                  "mp4/flac/txt/json WebDataset shards with sizes.json and a JSON report "
+                                  "listing every rejected input with its reason.")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manifest", help="CSV/TSV/JSONL with columns video, audio, image, text, label, license, "
+                                        "start, end, captions, key (others are kept as metadata)")
+    src.add_argument("--folder", help="folder tree of media with sidecar .txt captions and .json metadata")
+    b.add_argument("--out", required=True, help="output folder, or pipe:COMMAND with {name} (needs --state)")
+    b.add_argument("--workers", type=int, default=2, help="encoding processes (default: 2)")
+    b.add_argument("--root", help="folder that relative manifest paths start from (default: the manifest's)")
+    b.add_argument("--prefix", default="shard", help="shard names PREFIX-000000.tar (default: shard)")
+    b.add_argument("--shard-size", type=parse_size, default="1G", help="target shard size (default: 1G)")
+    b.add_argument("--shard-samples", type=int, default=0, help="most samples per shard (default: no limit)")
+    b.add_argument("--fps", type=float, default=8.0, help="frame rate of re-encoded video (default: 8)")
+    b.add_argument("--size", type=int, default=256, help="shorter side of re-encoded video, even (default: 256)")
+    b.add_argument("--window", type=float, default=10.0,
+                   help="cut longer media into equal windows of at most this many seconds; 0: never (default: 10)")
+    b.add_argument("--image-seconds", type=float, default=2.0, help="length of the still video of an image "
+                                                                    "without audio (default: 2)")
+    b.add_argument("--passthrough", action="store_true", help="copy H.264/HEVC/AV1/VP9/MPEG-4 video of uncut "
+                                                              "files instead of re-encoding")
+    b.add_argument("--max-caption-chars", type=int, default=2000, help="longer captions are rejected (default: 2000)")
+    b.add_argument("--crf", type=int, default=23, help="libx264 quality (default: 23)")
+    b.add_argument("--preset", default="veryfast", help="libx264 preset (default: veryfast)")
+    b.add_argument("--lenient", action="store_true", help="keep media ffmpeg decodes with errors (listed as "
+                                                          "warnings) instead of rejecting it")
+    b.add_argument("--timeout", type=float, default=600.0, help="seconds per ffmpeg call (default: 600)")
+    b.add_argument("--state", help="local folder of the progress file (default: --out; required with pipe:)")
+    b.add_argument("--overwrite", action="store_true", help="replace an earlier build with this prefix")
+    b.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def _add_demo(sub) -> None:
@@ -111,6 +159,43 @@ def cmd_shards(args) -> int:
                         workers=args.workers, per_shard=args.per_shard)
         print(json.dumps(summary, indent=2, default=str))
         print(f"wrote {args.train + args.test} clips in {time.time() - t:.1f} s to {args.out}")
+    elif args.shards_cmd == "build":
+        return _shards_build(args)
+    elif args.shards_cmd == "inspect":
+        from data_tools.check import format_inspection, inspect_shards
+
+        info = inspect_shards(args.shards, n_samples=args.samples)
+        print(json.dumps(info, indent=1) if args.json else format_inspection(info))
+        return 1 if info["problems"] else 0
+    elif args.shards_cmd == "validate":
+        from data_tools.check import format_validation, validate_shards
+
+        result = validate_shards(args.shards, model=args.model, tokenizer=args.tokenizer, workers=args.workers)
+        print(json.dumps(result, indent=1) if args.json else format_validation(result))
+        return 1 if result["bad"] else 0
+    return 0
+
+
+def _shards_build(args) -> int:
+    from data_tools.build import ShardOptions, build_shards, load_inputs
+    from data_tools.media import EncodeOptions
+
+    exclude = [args.out] if not args.out.startswith("pipe:") else []
+    items = load_inputs(manifest=args.manifest, folder=args.folder, root=args.root,
+                        exclude=exclude + ([args.state] if args.state else []))
+    options = EncodeOptions(fps=args.fps, size=args.size, window=args.window, image_seconds=args.image_seconds,
+                            passthrough=args.passthrough, max_caption_chars=args.max_caption_chars, crf=args.crf,
+                            preset=args.preset, lenient=args.lenient, timeout=args.timeout)
+    shard = ShardOptions(prefix=args.prefix, shard_size=args.shard_size, shard_samples=args.shard_samples)
+    report = build_shards(items, args.out, workers=args.workers, options=options, shard=shard, state=args.state,
+                          overwrite=args.overwrite, progress=args.progress)
+    run = report["run"]
+    print(f"{report['inputs']} inputs: {report['accepted']} accepted, {report['rejected']} rejected "
+          f"{report['by_reason'] or ''}".rstrip())
+    print(f"{report['samples']} samples in {len(report['shards'])} shard(s): {report['location']}")
+    print(f"this run: {run['inputs']} inputs, {run['samples']} samples in {run['seconds']:.1f} s "
+          f"({run['samples_per_s'] or 0:.2f} clips/s, {run['workers']} worker(s), "
+          f"{run['resumed_shards']} finished shard record(s) reused)")
     return 0
 
 
