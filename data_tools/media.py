@@ -416,7 +416,7 @@ def encode_input(item: Input, opts: EncodeOptions, tmp: Path) -> tuple[list[dict
     if timeline is not None:
         total = _timeline(timeline, "video" if timeline is video else "audio", opts.timeout)
         if total is None:
-            raise Rejected("unreadable_media", f"{Path(timeline.path).name}: no duration and no packets")
+            raise Rejected("zero_duration", f"{Path(timeline.path).name}: no duration and no packets")
         if total <= 0:
             raise Rejected("zero_duration", f"{Path(timeline.path).name}: duration {total:g} s")
     elif image is not None:
