@@ -42,7 +42,8 @@ def _add_shards(sub) -> None:
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--per-shard", type=int, default=500)
     _add_shards_build(ss)
-    i = ss.add_parser("inspect", help="counts, durations, modality presence and a few samples of shards")
+    i = ss.add_parser("inspect", help="counts, durations, modality presence and a few samples of shards "
+                                      "(exit 1 when a shard cannot be read to its end)")
     i.add_argument("shards", help="brace-expanded shard spec, e.g. data/shard-{000000..000009}.tar")
     i.add_argument("--samples", type=int, default=3, help="samples to show (default: 3)")
     i.add_argument("--json", action="store_true", help="print the full result as JSON")
@@ -55,9 +56,17 @@ def _add_shards(sub) -> None:
     v.add_argument("--json", action="store_true", help="print the full result as JSON")
 
 
-def _add_shards_build(ss) -> None:
+def _byte_size(text: str) -> int:
+    """argparse type of ``--shard-size`` (``512M``, ``1G``, bytes)."""
     from data_tools.build import parse_size
 
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_shards_build(ss) -> None:
     b = ss.add_parser("build", help="turn a media folder or a CSV/JSONL manifest into shards",
                       description="Normalise media (any container/codec ffmpeg reads, images, captions) into "
                                   "mp4/flac/txt/json WebDataset shards with sizes.json and a JSON report "
@@ -70,7 +79,7 @@ def _add_shards_build(ss) -> None:
     b.add_argument("--workers", type=int, default=2, help="encoding processes (default: 2)")
     b.add_argument("--root", help="folder that relative manifest paths start from (default: the manifest's)")
     b.add_argument("--prefix", default="shard", help="shard names PREFIX-000000.tar (default: shard)")
-    b.add_argument("--shard-size", type=parse_size, default="1G", help="target shard size (default: 1G)")
+    b.add_argument("--shard-size", type=_byte_size, default="1G", help="target shard size (default: 1G)")
     b.add_argument("--shard-samples", type=int, default=0, help="most samples per shard (default: no limit)")
     b.add_argument("--fps", type=float, default=8.0, help="frame rate of re-encoded video (default: 8)")
     b.add_argument("--size", type=int, default=256, help="shorter side of re-encoded video, even (default: 256)")
