@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from mmcl.modalities.base import Modality, SampleError, Tower, register_modality
+from mmcl.modalities.base import MissingModality, Modality, SampleError, Tower, register_modality
 from mmcl.modalities.layers import Trunk, init_linear_like_vit, patch_grid, sincos_nd
 
 
@@ -61,6 +61,20 @@ def _decode_soundfile(data: bytes, sample_rate: int) -> torch.Tensor:
     return torchaudio.functional.resample(mono, sr, sample_rate) if sr != sample_rate else mono
 
 
+_CONTAINERS = ("mp4", "webm", "mkv")
+
+
+def _has_audio_stream(data: bytes) -> bool:
+    """Whether a container has an audio stream (an unreadable one counts as having one: a bad sample)."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            return bool(container.streams.audio)
+    except Exception:
+        return True
+
+
 @register_modality
 class Audio(Modality):
     kind = "audio"
@@ -80,9 +94,14 @@ class Audio(Modality):
             try:
                 wav = _decode_torchcodec(data, self.cfg.sample_rate)
             except Exception:
-                if ext in ("mp4", "webm", "mkv"):
+                if ext not in _CONTAINERS:
+                    wav = _decode_soundfile(data, self.cfg.sample_rate)
+                elif not _has_audio_stream(data):
+                    raise MissingModality(self.name) from None  # a video-only container: no audio
+                else:
                     raise
-                wav = _decode_soundfile(data, self.cfg.sample_rate)
+        except SampleError:
+            raise
         except Exception as e:
             raise SampleError("bad_audio", f"{type(e).__name__}: {e}") from None
         if wav.numel() == 0:
