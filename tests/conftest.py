@@ -1,0 +1,19 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mmcl.data.synthetic import synth
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny simple-world dataset written by the project's generator: 64 train samples in 4 shards
+    (``train-{000000..000003}.tar``), 32 test samples in 2, ``tokenizer.model``, ``sizes.json``,
+    ``world.json``. Shared by the whole session: copy before changing it."""
+    out = tmp_path_factory.mktemp("synthetic")
+    synth(out, train=64, test=32, per_shard=16, workers=2)
+    return out
