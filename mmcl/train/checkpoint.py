@@ -1,8 +1,11 @@
-"""Atomic training checkpoints: ``DIR/checkpoints/step_N/`` holding the weights (safetensors) and the
-rest of the training state (optimizer, scheduler, RNG, data position).
+"""Atomic training checkpoints: ``DIR/checkpoints/step_N/`` holding the model in the ``save_pretrained``
+format (``config.json``, fp32 ``model.safetensors``, tokenizer files: ``from_pretrained`` loads it) and the
+rest of the training state in ``state.pt`` (optimizer, scheduler, grad scaler, RNG states of every rank,
+data position), plus DeepSpeed's own partitioned checkpoint in ``deepspeed/`` under ZeRO.
 
 A checkpoint is written into a temporary sibling directory, every file fsynced, then renamed into place,
-so a crash mid-write leaves the previous checkpoints intact and ``latest`` never points at a torn one.
+so a crash mid-write leaves the previous checkpoints intact and ``latest`` never points at a torn one;
+the leftovers of such a crash are removed by the next successful commit.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+TMP_PREFIX = ".tmp_step_"
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
 
@@ -59,21 +63,21 @@ def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
 def checkpoint_tmp_dir(ckpt_root: Path, step: int) -> Path:
     """A fresh temporary directory beside the final ``step_<step>`` (same filesystem: the rename is atomic)."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt_root / f".tmp_step_{step}_{os.getpid()}"
+    tmp = ckpt_root / f"{TMP_PREFIX}{step}_{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     return tmp
 
 
-def write_checkpoint_files(tmp: Path, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-    """Weights as safetensors and the rest of the training state, into ``tmp``."""
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS))
+def write_state(tmp: Path, state: dict[str, Any]) -> None:
+    """The training state beside the weights (pickled: it holds RNG states and optimizer tensors)."""
     torch.save(state, tmp / STATE)
 
 
 def commit_checkpoint(tmp: Path, ckpt_root: Path, step: int, keep_last: int = 0) -> Path:
-    """fsync everything under ``tmp``, rename it to ``step_<step>``, then keep the ``keep_last`` newest."""
+    """fsync everything under ``tmp``, rename it to ``step_<step>``, then keep the ``keep_last`` newest and
+    remove the temporary directories of earlier writers that died mid-write."""
     for f in sorted(tmp.rglob("*"), reverse=True):
         if f.is_file():
             with open(f, "rb") as fh:
@@ -89,6 +93,8 @@ def commit_checkpoint(tmp: Path, ckpt_root: Path, step: int, keep_last: int = 0)
     if keep_last > 0:
         for _, old in list_checkpoints(ckpt_root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_root.glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 

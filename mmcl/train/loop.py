@@ -1,12 +1,21 @@
 """The one training loop, on ``accelerate``: single-process CPU/GPU, DDP (``torchrun`` / ``accelerate
-launch``) and DeepSpeed ZeRO-1/2/3 (accelerate's DeepSpeed plugin, whether started by ``accelerate launch``
-or by the ``deepspeed`` launcher). Writes ``DIR/log.jsonl``, tensorboard logs under ``DIR/tb``,
-``DIR/checkpoints/step_N/``, ``DIR/final/`` (save_pretrained format) and ``DIR/eval/``.
+launch``) and DeepSpeed ZeRO-1/2/3 (accelerate's DeepSpeed plugin, whether started by ``accelerate launch``,
+by the ``deepspeed`` launcher or by ``torchrun`` with ``train.deepspeed`` set). Writes ``DIR/log.jsonl``,
+tensorboard logs under ``DIR/tb``, ``DIR/checkpoints/step_N/``, ``DIR/final/`` (save_pretrained format),
+``DIR/results.json`` and ``DIR/eval/``.
 
 Gradient accumulation keeps the contrastive negatives of the whole accumulated batch (open_clip's
 accum-freq): every micro-batch is first encoded without gradient, then re-encoded with gradient one at a
-time and the loss computed against the cached embeddings of the others, so the summed gradients equal the
-gradient of the large-batch loss (the towers must be deterministic between the two passes: no dropout).
+time and the loss computed against the cached embeddings of the others. Each of those backward passes
+carries the whole batch's gradient for its own micro-batch's embeddings, so their sum is the large-batch
+gradient of the towers; the objective's own parameters (logit scale, bias) see the whole loss every
+time, so their gradient is divided by the number of micro-batches. The update therefore equals the
+large-batch update, provided the towers are deterministic between the two passes (no dropout).
+
+Exact resume: the data stream is deterministic per (seed, epoch, rank, worker), so a resumed run
+re-creates the epoch's loader from the RNG state the rank had when the epoch began (which also seeds the
+loader workers), fast-forwards it by the optimizer steps already taken in the epoch, then restores the RNG
+state the rank had at the checkpoint.
 """
 
 from __future__ import annotations
@@ -20,12 +29,12 @@ import time
 from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, gather_object
 from torch import nn
 from tqdm import tqdm
 
@@ -39,14 +48,14 @@ from mmcl.train.checkpoint import (
     resolve_resume,
     rng_state,
     set_rng_state,
-    write_checkpoint_files,
+    write_state,
 )
 
 log = logging.getLogger(__name__)
 
 #: Parameter names (substrings) never weight-decayed besides biases and norms: temperatures and bias.
 NO_DECAY_NAMES = ("logit_scale", "logit_bias", "temperature", "missing")
-TOWER_CONTROLS = {"lock", "unlocked_blocks", "lr", "grad_checkpointing"}
+TOWER_CONTROLS = {"lock", "unlocked_blocks", "frozen_blocks", "lr", "grad_checkpointing"}
 
 
 def seed_everything(seed: int) -> None:
@@ -56,7 +65,9 @@ def seed_everything(seed: int) -> None:
 
 
 def apply_tower_controls(model: MultimodalModel, controls: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """LiT-style locking, partial unlocking and gradient checkpointing per tower. Returns per-tower lrs."""
+    """Per tower: ``lock`` (LiT: the whole tower frozen, ``unlocked_blocks`` of its last blocks trainable
+    again), ``frozen_blocks: N`` (the first N blocks frozen, with the stem registered before them: patch or
+    token embedding and positions), ``grad_checkpointing`` and ``lr``. Returns the per-tower lrs."""
     lrs = {}
     for name, ctl in controls.items():
         if name not in model.towers:
@@ -66,19 +77,42 @@ def apply_tower_controls(model: MultimodalModel, controls: dict[str, dict[str, A
             raise ConfigError(f"train.towers.{name}.{unknown[0]}: unknown field "
                               f"(allowed: {', '.join(sorted(TOWER_CONTROLS))})")
         tower = model.towers[name]
+        blocks = tower.blocks()
+        if ctl.get("lock") and "frozen_blocks" in ctl:
+            raise ConfigError(f"train.towers.{name}: lock and frozen_blocks exclude each other (lock freezes "
+                              f"the whole tower; unlocked_blocks then unfreezes its last blocks)")
         if ctl.get("lock"):
             tower.requires_grad_(False)
-            blocks = tower.blocks()
             n = int(ctl.get("unlocked_blocks", 0))
-            if n > len(blocks):
-                raise ConfigError(f"train.towers.{name}.unlocked_blocks: {n} > the tower's {len(blocks)} blocks")
+            if not 0 <= n <= len(blocks):
+                raise ConfigError(f"train.towers.{name}.unlocked_blocks: {n} is not in 0..{len(blocks)} "
+                                  f"(the tower's blocks)")
             for blk in blocks[len(blocks) - n:] if n else []:
                 blk.requires_grad_(True)
+        elif "unlocked_blocks" in ctl:
+            raise ConfigError(f"train.towers.{name}.unlocked_blocks: only meaningful with lock: true")
+        if "frozen_blocks" in ctl:
+            freeze_first_blocks(tower, blocks, int(ctl["frozen_blocks"]), f"train.towers.{name}.frozen_blocks")
         if ctl.get("grad_checkpointing"):
             tower.set_grad_checkpointing(True)
         if "lr" in ctl:
             lrs[name] = float(ctl["lr"])
     return lrs
+
+
+def freeze_first_blocks(tower: nn.Module, blocks: list[nn.Module], n: int, where: str) -> None:
+    """Freeze ``blocks[:n]`` and the tower's parameters registered before the first block (its stem)."""
+    if not 0 <= n <= len(blocks):
+        raise ConfigError(f"{where}: {n} is not in 0..{len(blocks)} (the tower's blocks)")
+    if n == 0:
+        return
+    first = {id(p) for p in blocks[0].parameters()}
+    for p in tower.parameters():
+        if id(p) in first:
+            break
+        p.requires_grad_(False)
+    for blk in blocks[:n]:
+        blk.requires_grad_(False)
 
 
 def param_groups(model: MultimodalModel, cfg: Config, tower_lrs: dict[str, float]) -> list[dict[str, Any]]:
@@ -94,7 +128,7 @@ def param_groups(model: MultimodalModel, cfg: Config, tower_lrs: dict[str, float
     return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
 
 
-def lr_lambda(warmup: int, total: int, schedule: str):
+def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -121,32 +155,38 @@ def parameter_report(model: MultimodalModel) -> str:
 # Engines
 
 
-def deepspeed_config(cfg: Config, path: str) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, path: str, world: int) -> dict[str, Any]:
     """Read a DeepSpeed JSON and fill its "auto" fields from the train config; a field set to a value that
     disagrees with the train config is a one-line error (DeepSpeed would otherwise fail mid-setup)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"train.deepspeed: file not found: {path}")
-    ds = json.loads(p.read_text())
+    try:
+        ds = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.deepspeed: {path} is not valid JSON ({e})") from None
     wanted = {"train_micro_batch_size_per_gpu": cfg.data.batch_size,
               "gradient_accumulation_steps": cfg.train.grad_accum,
-              "gradient_clipping": cfg.train.clip_grad}
+              "gradient_clipping": cfg.train.clip_grad,
+              "train_batch_size": cfg.data.batch_size * cfg.train.grad_accum * world}
     for key, value in wanted.items():
         if ds.get(key, "auto") == "auto":
             ds[key] = value
         elif ds[key] != value:
-            raise ConfigError(f"train.deepspeed: {path} sets {key}={ds[key]} but the train config gives {value} "
+            source = ("data.batch_size x train.grad_accum x world size" if key == "train_batch_size"
+                      else {"train_micro_batch_size_per_gpu": "data.batch_size",
+                            "gradient_accumulation_steps": "train.grad_accum",
+                            "gradient_clipping": "train.clip_grad"}[key])
+            raise ConfigError(f"train.deepspeed: {path} sets {key}={ds[key]} but {source} = {value} "
                               f"(set it to \"auto\" or make them agree)")
-    if "train_batch_size" in ds and ds["train_batch_size"] != "auto":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        expect = cfg.data.batch_size * cfg.train.grad_accum * world
-        if ds["train_batch_size"] != expect:
-            raise ConfigError(f"train.deepspeed: {path} sets train_batch_size={ds['train_batch_size']} but "
-                              f"data.batch_size x train.grad_accum x world = {expect}")
-    ds.pop("train_batch_size", None)
+    cuda = torch.cuda.is_available()
     for prec in ("bf16", "fp16"):
-        if isinstance(ds.get(prec), dict) and ds[prec].get("enabled") == "auto":
-            ds[prec]["enabled"] = cfg.train.precision == prec and torch.cuda.is_available()
+        section = ds.get(prec)
+        if isinstance(section, dict) and section.get("enabled", False) == "auto":
+            section["enabled"] = cfg.train.precision == prec and cuda
+        elif isinstance(section, dict) and section.get("enabled") and not (cfg.train.precision == prec and cuda):
+            raise ConfigError(f"train.deepspeed: {path} enables {prec} but train.precision={cfg.train.precision}"
+                              f"{'' if cuda else ' and there is no GPU'} (set {prec}.enabled to \"auto\")")
     ds.setdefault("zero_allow_untested_optimizer", True)
     return ds
 
@@ -154,16 +194,27 @@ def deepspeed_config(cfg: Config, path: str) -> dict[str, Any]:
 def make_accelerator(cfg: Config) -> Accelerator:
     cuda = torch.cuda.is_available()
     precision = cfg.train.precision if cuda else "fp32"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     # On CPU accelerate must be told gloo, else it believes the world size is 1 (see shared/ENV.md).
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not cuda else []
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if world > 1 and not cuda else []
     kwargs: dict[str, Any] = {}
     ds_path = cfg.train.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
     if ds_path:
         os.environ.pop("ACCELERATE_DEEPSPEED_CONFIG_FILE", None)
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, ds_path))
-    return Accelerator(cpu=not cuda, mixed_precision={"fp32": "no"}.get(precision, precision),
-                       kwargs_handlers=handlers, **kwargs)
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, ds_path, world))
+    # accelerate drops a DeepSpeed plugin without a word when told cpu=True; it runs on CPU regardless.
+    accelerator = Accelerator(cpu=not cuda and not ds_path, mixed_precision={"fp32": "no"}.get(precision, precision),
+                              kwargs_handlers=handlers, **kwargs)
+    if accelerator.num_processes != world:
+        raise ConfigError(f"the launcher started {world} process(es) but accelerate sees "
+                          f"{accelerator.num_processes}: check the launcher settings")
+    if bool(ds_path) != uses_deepspeed(accelerator):
+        raise ConfigError(f"DeepSpeed config {ds_path} given but accelerate set up {accelerator.distributed_type}")
+    return accelerator
+
+
+def uses_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.state.deepspeed_plugin is not None
 
 
 def zero_stage(accelerator: Accelerator) -> int:
@@ -172,9 +223,16 @@ def zero_stage(accelerator: Accelerator) -> int:
 
 
 class JsonlLog:
-    """``log.jsonl``: one JSON object per line, flushed as written (main process only)."""
+    """``log.jsonl``: one JSON object per line, flushed as written (main process only). A resumed run first
+    drops the records after its checkpoint's step (and a line torn by a crash), so the file tells the
+    history of the weights the run ends with."""
 
-    def __init__(self, path: Path, enabled: bool):
+    def __init__(self, path: Path, enabled: bool, resumed_at: int | None = None):
+        if enabled and resumed_at is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= resumed_at]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+            os.replace(tmp, path)
         self.f = open(path, "a") if enabled else None
 
     def write(self, record: dict[str, Any]) -> None:
@@ -185,6 +243,13 @@ class JsonlLog:
     def close(self) -> None:
         if self.f:
             self.f.close()
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -207,29 +272,72 @@ def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
+class ObjectiveGradScale:
+    """Divides the gradient of the objective's parameters by the number of micro-batches of the step: each
+    micro-batch's backward carries the whole accumulated batch's gradient for them (see the module doc)."""
+
+    def __init__(self, objective: nn.Module):
+        self.micro_batches = 1
+        self.handles = [p.register_hook(self._scale) for p in objective.parameters() if p.requires_grad]
+
+    def _scale(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad / self.micro_batches if self.micro_batches > 1 else grad
+
+
 def train_step(accelerator: Accelerator, model: nn.Module, inner: MultimodalModel,
-               group: list[dict[str, Any]]) -> torch.Tensor:
-    """Forward and backward of one optimizer step over ``group`` (micro-batches). Returns the loss."""
+               group: list[dict[str, Any]], objective_scale: ObjectiveGradScale) -> torch.Tensor:
+    """Forward and backward of one optimizer step over ``group`` (micro-batches); under DeepSpeed also the
+    update (its engine clips and steps). Returns the (local) loss of the whole group."""
+    deepspeed = uses_deepspeed(accelerator)
+
+    def backward(loss: torch.Tensor, last: bool) -> None:
+        if deepspeed:
+            # The boundary is set by hand: each of these losses is the whole group's loss (no division by
+            # the accumulation steps), and a short group at the end of an epoch still ends in an update.
+            model.set_gradient_accumulation_boundary(last)
+            model.backward(loss, scale_wrt_gas=False)
+        else:
+            accelerator.backward(loss)
+
+    objective_scale.micro_batches = len(group)
     if len(group) == 1:
         loss = model(group[0]["inputs"], group[0]["present"])
-        accelerator.backward(loss)
-        return loss.detach()
-    present = _cat([b["present"] for b in group])
-    with torch.no_grad():
-        cached = [model(b["inputs"], embeddings_only=True) for b in group]
-    loss_value = torch.zeros(())
-    for j, b in enumerate(group):
-        last = j == len(group) - 1
-        sync = nullcontext() if last or zero_stage(accelerator) else accelerator.no_sync(model)
-        with sync:
-            fresh = model(b["inputs"], embeddings_only=True)
-            emb = _cat([fresh if i == j else c for i, c in enumerate(cached)])
-            loss = inner.objective(emb, present)
-            # DeepSpeed divides every backward by its accumulation steps; each of these losses is already
-            # the whole batch's loss, so undo that division.
-            accelerator.backward(loss * len(group) if zero_stage(accelerator) else loss)
-        loss_value = loss.detach()
-    return loss_value
+        backward(loss, True)
+    else:
+        present = _cat([b["present"] for b in group])
+        with torch.no_grad():
+            cached = [model(b["inputs"], embeddings_only=True) for b in group]
+        for j, b in enumerate(group):
+            last = j == len(group) - 1
+            with nullcontext() if last or deepspeed else accelerator.no_sync(model):
+                fresh = model(b["inputs"], embeddings_only=True)
+                emb = _cat([fresh if i == j else c for i, c in enumerate(cached)])
+                loss = inner.objective(emb, present)
+                backward(loss, last)
+    if deepspeed:
+        model.step()
+    return loss.detach()
+
+
+def clamp_objective(accelerator: Accelerator, inner: MultimodalModel) -> None:
+    """The logit-scale clamp after each step. Under DeepSpeed the optimizer keeps its own fp32 copy of the
+    weights (partitioned from ZeRO-1 on): a clamped value is written there too, else the next step would
+    start again from the unclamped one."""
+    if not uses_deepspeed(accelerator):
+        inner.objective.clamp_()
+        return
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    params = [p for p in inner.objective.parameters() if p.requires_grad]
+    stage3 = zero_stage(accelerator) == 3
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0) if stage3 else nullcontext():
+        before = [p.detach().float().clone() for p in params]
+        inner.objective.clamp_()
+        after = [p.detach().float().clone() for p in params]
+    for p, b, a in zip(params, before, after):
+        if not torch.equal(a, b):  # every rank computes the same clamp, so this collective runs everywhere
+            safe_set_full_fp32_param(p, a)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -243,6 +351,7 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
     accelerator = make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
+    deepspeed = uses_deepspeed(accelerator)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
 
@@ -276,38 +385,43 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
     resume_state = None
     if resume_path is not None:
         weights, resume_state = load_checkpoint(resume_path)
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if missing or unexpected:
-            raise ConfigError(f"--resume {resume_path}: the checkpoint does not fit this model "
-                              f"(missing keys {missing[:3]}, unexpected keys {unexpected[:3]})")
+        check_resume(resume_path, weights, resume_state, model, world, deepspeed)
+        model.load_state_dict(weights)
 
     model, optimizer = accelerator.prepare(model, optimizer)
     inner: MultimodalModel = accelerator.unwrap_model(model)
+    objective_scale = ObjectiveGradScale(inner.objective)
+    resume_rng = None
     if resume_state is not None:
-        if zero_stage(accelerator):
+        if deepspeed:
             model.load_checkpoint(str(resume_path / "deepspeed"), load_module_strict=True)
         else:
             optimizer.load_state_dict(resume_state["optimizer"])
+        if accelerator.scaler is not None and resume_state.get("scaler"):
+            accelerator.scaler.load_state_dict(resume_state["scaler"])
         scheduler.load_state_dict(resume_state["scheduler"])
         position = {k: resume_state[k] for k in position}
         skipped.update(resume_state.get("skipped", {}))
-        rngs = resume_state["rng"]
-        if len(rngs) != world:
-            raise ConfigError(f"--resume {resume_path}: written by {len(rngs)} rank(s), resumed with {world}")
-        set_rng_state(rngs[rank])
+        resume_rng = resume_state["rng"][rank]
+        if cfg.data.cache and position["epoch"] > 0:
+            log.warning("data.cache: the epochs after the first are read from the RAM cache in another order "
+                        "than from the shards, so after this resume the sample order differs from an "
+                        "uninterrupted run's")
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, position["step"],
                  position["epoch"], position["batch_in_epoch"])
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        log.info("world size %d, ZeRO stage %d, parameters:\n%s", world, zero_stage(accelerator),
+        log.info("world size %d, %s, parameters:\n%s", world,
+                 f"DeepSpeed ZeRO stage {zero_stage(accelerator)}" if deepspeed else "no DeepSpeed",
                  parameter_report(inner))
-    jlog = JsonlLog(out / "log.jsonl", main)
+    resumed_at = position["step"] if resume_state is not None else None
+    jlog = JsonlLog(out / "log.jsonl", main, resumed_at)
     tb = None
     if main:
         from torch.utils.tensorboard import SummaryWriter
-        tb = SummaryWriter(str(out / "tb"))
+        tb = SummaryWriter(str(out / "tb"), purge_step=None if resumed_at is None else resumed_at + 1)
 
     step = position["step"]
     bar = tqdm(total=total_steps, initial=step, disable=not (main and cfg.train.progress), dynamic_ncols=True,
@@ -318,18 +432,27 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
     done = step >= total_steps
     while not done:
         loader.set_epoch(position["epoch"])
-        to_skip = position["batch_in_epoch"]
-        for group in micro_batches(loader, accum):
-            if to_skip > 0:  # resuming mid-epoch: the stream is deterministic, fast-forward it
-                to_skip -= 1
-                continue
-            loss = train_step(accelerator, model, inner, group)
-            if cfg.train.clip_grad > 0 and not zero_stage(accelerator):
-                accelerator.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
-            optimizer.step()
+        if resume_rng is not None:
+            set_rng_state(resume_rng["epoch_start"])
+        epoch_rng = rng_state()  # seeds this epoch's loader (and its workers)
+        groups = micro_batches(loader, accum)
+        if resume_rng is not None:  # resuming mid-epoch: the stream is deterministic, fast-forward it
+            for _ in range(position["batch_in_epoch"]):
+                if next(groups, None) is None:
+                    raise ConfigError(f"--resume {resume_path}: epoch {position['epoch']} of the data has fewer "
+                                      f"than {position['batch_in_epoch']} steps: the data changed since")
+            loader.skipped.clear()  # already counted in the checkpoint
+            set_rng_state(resume_rng["now"])
+            resume_rng = None
+        for group in groups:
+            loss = train_step(accelerator, model, inner, group, objective_scale)
+            if not deepspeed:
+                if cfg.train.clip_grad > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            clamp_objective(inner, zero_stage(accelerator))
+            clamp_objective(accelerator, inner)
             n = sum(len(b["keys"]) for b in group)
             step += 1
             position.update(step=step, batch_in_epoch=position["batch_in_epoch"] + 1)
@@ -348,8 +471,7 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
                     rec["skipped"] = dict(skipped)
                 if cfg.train.log_keys:
                     keys = [k for b in group for k in b["keys"]]
-                    rec["keys"] = [k for part in accelerator.gather_for_metrics([keys], use_gather_object=True)
-                                   for k in part] if world > 1 else keys
+                    rec["keys"] = gather_object(keys) if world > 1 else keys
                 jlog.write(rec)
                 if tb:
                     for k in ("loss", "lr", "samples_per_s", *inner.objective.logs()):
@@ -357,7 +479,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", sps=f"{rec['samples_per_s']:.0f}")
                 t_window, samples_window = now, 0
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                save_training_checkpoint(accelerator, model, optimizer, scheduler, ckpt_root, cfg, position, skipped)
+                save_training_checkpoint(accelerator, model, inner, scheduler, ckpt_root, cfg, position, skipped,
+                                         epoch_rng, optimizer)
             if cfg.eval.every and step % cfg.eval.every == 0 and step < total_steps:
                 _periodic_eval(accelerator, model, inner, cfg, step, jlog, tb)
             if step >= total_steps:
@@ -370,7 +493,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
     bar.close()
     seconds = time.time() - t_start
     summary: dict[str, Any] = {"train": {"steps": step, "samples": position["samples"], "seconds": round(seconds, 2),
-                                         "samples_per_s": position["samples"] / max(seconds, 1e-9)},
+                                         "samples_per_s": position["samples"] / max(seconds, 1e-9),
+                                         "world_size": world},
                                "data": {"skipped": dict(skipped)}}
     final = export_model(accelerator, model, inner, cfg)
     if main:
@@ -389,57 +513,80 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
     return summary
 
 
-def clamp_objective(inner: MultimodalModel, stage: int) -> None:
-    """The logit-scale clamp after each step; under ZeRO-3 the scale is partitioned, so gather it first."""
-    if stage == 3:
-        import deepspeed
+def check_resume(path: Path, weights: dict[str, torch.Tensor], state: dict[str, Any], model: MultimodalModel,
+                 world: int, deepspeed: bool) -> None:
+    """One-line errors for a checkpoint this run cannot continue from, before anything is trained."""
+    theirs = {k: tuple(v.shape) for k, v in weights.items()}
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if theirs != ours:
+        diff = sorted(set(theirs) ^ set(ours)) or sorted(k for k in ours if theirs[k] != ours[k])
+        raise ConfigError(f"--resume {path}: the checkpoint holds another model (first difference: {diff[0]})")
+    if len(state["rng"]) != world:
+        raise ConfigError(f"--resume {path}: written by {len(state['rng'])} rank(s), resumed with {world}")
+    if deepspeed and not (path / "deepspeed").is_dir():
+        raise ConfigError(f"--resume {path}: written without DeepSpeed, resumed with DeepSpeed")
+    if not deepspeed and "optimizer" not in state:
+        raise ConfigError(f"--resume {path}: written under DeepSpeed, resumed without it")
 
-        with deepspeed.zero.GatheredParameters(list(inner.objective.parameters()), modifier_rank=0):
-            inner.objective.clamp_()
-    else:
-        inner.objective.clamp_()
 
+def full_state_dict(accelerator: Accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's fp32 weights. Under DeepSpeed they come from the optimizer's fp32 copy, gathered
+    from every rank's partition (a collective: every rank calls it and gets them)."""
+    inner = accelerator.unwrap_model(model)
+    if not uses_deepspeed(accelerator):
+        return {k: v.detach().float().cpu() for k, v in inner.state_dict().items()}
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
-def full_state_dict(accelerator: Accelerator, model: nn.Module) -> dict[str, torch.Tensor] | None:
-    """The whole model's fp32 weights on the main process (gathered under ZeRO-3); None elsewhere."""
-    sd = accelerator.get_state_dict(model)
-    if sd is None:
-        return None
-    return {k: v.float() for k, v in sd.items()}
+    stage3 = zero_stage(accelerator) == 3
+    params = {id(p) for p in inner.parameters()}
+    out = {}
+    for name, tensor in inner.state_dict(keep_vars=True).items():
+        value = safe_get_full_fp32_param(tensor) if id(tensor) in params else None
+        if value is None:  # a buffer, or a frozen parameter (not in the optimizer)
+            with deepspeed.zero.GatheredParameters([tensor]) if stage3 and id(tensor) in params else nullcontext():
+                value = tensor.detach().clone()
+        out[name] = value.float().cpu()
+    return out
 
 
 def export_model(accelerator: Accelerator, model: nn.Module, inner: MultimodalModel, cfg: Config) -> MultimodalModel:
-    """A plain single-device model with the trained weights (ZeRO-3 shards gathered), for save and eval."""
-    if zero_stage(accelerator) != 3:
+    """A plain single-device model with the trained fp32 weights (gathered under DeepSpeed), for save and
+    eval; a collective under DeepSpeed."""
+    if not uses_deepspeed(accelerator):
         return inner
-    sd = full_state_dict(accelerator, model)
     fresh = MultimodalModel(cfg.model, cfg.objective)
-    if sd is not None:
-        fresh.load_state_dict(sd)
+    fresh.load_state_dict(full_state_dict(accelerator, model))
     return fresh
 
 
-def save_training_checkpoint(accelerator: Accelerator, model: nn.Module, optimizer, scheduler, ckpt_root: Path,
-                             cfg: Config, position: dict[str, int], skipped: Counter) -> None:
-    """Every rank contributes its RNG state (and, under DeepSpeed, its optimizer shards); the main process
-    writes weights + state and renames the directory into place once all ranks are done."""
+def save_training_checkpoint(accelerator: Accelerator, model: nn.Module, inner: MultimodalModel, scheduler,
+                             ckpt_root: Path, cfg: Config, position: dict[str, int], skipped: Counter,
+                             epoch_rng: dict[str, Any], optimizer) -> None:
+    """``step_N/``: the save_pretrained files (config.json, fp32 model.safetensors, tokenizer: loadable by
+    ``from_pretrained``), ``state.pt`` (scheduler, grad scaler, every rank's RNG states, data position; the
+    optimizer without DeepSpeed) and, under DeepSpeed, its own checkpoint of every rank's partitions in
+    ``deepspeed/``. Written into a temporary directory that the main process renames into place once all
+    ranks are done."""
     world = accelerator.num_processes
-    rngs = accelerator.gather_for_metrics([rng_state()], use_gather_object=True) if world > 1 else [rng_state()]
-    tmp = checkpoint_tmp_dir(ckpt_root, position["step"]) if accelerator.is_main_process else None
+    rngs = [{"now": rng_state(), "epoch_start": epoch_rng}]
+    rngs = gather_object(rngs) if world > 1 else rngs
+    holder = [str(checkpoint_tmp_dir(ckpt_root, position["step"])) if accelerator.is_main_process else None]
     if world > 1:
-        holder = [str(tmp) if tmp else None]
         torch.distributed.broadcast_object_list(holder, src=0)
-        tmp = Path(holder[0])
-    stage = zero_stage(accelerator)
-    if stage:
+    tmp = Path(holder[0])
+    if uses_deepspeed(accelerator):
         model.save_checkpoint(str(tmp / "deepspeed"), tag="state")
-    weights = full_state_dict(accelerator, model) if stage == 3 else accelerator.unwrap_model(model).state_dict()
+    weights = full_state_dict(accelerator, model)
     if accelerator.is_main_process:
+        inner.save_pretrained(tmp, state_dict=weights)
         state = {"scheduler": scheduler.state_dict(), "rng": rngs, "config": to_dict(cfg),
                  "skipped": dict(skipped), **position}
-        if not stage:
+        if accelerator.scaler is not None:
+            state["scaler"] = accelerator.scaler.state_dict()
+        if not uses_deepspeed(accelerator):
             state["optimizer"] = optimizer.state_dict()
-        write_checkpoint_files(tmp, weights, state)
+        write_state(tmp, state)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         commit_checkpoint(tmp, ckpt_root, position["step"], cfg.train.keep_last)

@@ -1,0 +1,186 @@
+"""The loop's training features, in this process, a few steps each on the session's tiny synthetic set:
+gradient accumulation with cached features equals the large-batch update, gradient checkpointing changes
+nothing, locked and partly frozen towers stay put, the logit scale is clamped, a checkpoint resumes
+exactly, and bad DeepSpeed configs or a checkpoint of another model fail in one line before any step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_distributed import read_log, tiny_config
+
+from mmcl.cli import main as mmcl_main
+from mmcl.config import Config, ConfigError, load_config
+from mmcl.model import MultimodalModel
+from mmcl.train.checkpoint import (
+    TMP_PREFIX,
+    checkpoint_tmp_dir,
+    commit_checkpoint,
+    list_checkpoints,
+    resolve_resume,
+    write_state,
+)
+from mmcl.train.loop import deepspeed_config, seed_everything, train
+
+STEPS = 4
+BATCH = 8
+
+
+def make_config(data: Path, *overrides: str) -> Config:
+    """4 steps of 8 samples from the first 2 shards of 16, in order (no shuffling)."""
+    base = tiny_config(data, shards=4)
+    base["data"].update(batch_size=BATCH, shard_shuffle=False)
+    base["train"].update(steps=STEPS, checkpoint_every=2, warmup_steps=2)
+    return load_config(base=base, overrides=list(overrides))
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def baseline(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("baseline")
+    train(make_config(synthetic_data), out)
+    return out
+
+
+def test_baseline_run_files_and_logit_scale_clamp(baseline: Path) -> None:
+    log = read_log(baseline)
+    assert [r["step"] for r in log] == list(range(1, STEPS + 1))
+    assert all(len(r["keys"]) == BATCH for r in log)
+    assert all(r["logit_scale"] <= 10.0 + 1e-5 for r in log)  # initial 1/0.07, max_logit_scale 10
+    assert [s for s, _ in list_checkpoints(baseline / "checkpoints")] == [2, 4]
+    results = json.loads((baseline / "results.json").read_text())
+    assert results["train"]["steps"] == STEPS and results["train"]["world_size"] == 1
+
+
+def test_grad_accumulation_equals_the_large_batch(baseline: Path, synthetic_data: Path, tmp_path: Path) -> None:
+    """2 micro-batches of 4 with cached features: the same losses and weights as batches of 8 (the negatives
+    of the whole batch, the objective's scale counted once; clip-grad acts on the same gradient)."""
+    train(make_config(synthetic_data, f"data.batch_size={BATCH // 2}", "train.grad_accum=2"), tmp_path)
+    for a, b in zip(read_log(baseline), read_log(tmp_path), strict=True):
+        assert b["keys"] == a["keys"]
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["logit_scale"] == pytest.approx(a["logit_scale"], abs=1e-5)
+    assert max_diff(weights(tmp_path), weights(baseline)) <= 1e-5
+
+
+def test_grad_checkpointing_changes_nothing(baseline: Path, synthetic_data: Path, tmp_path: Path) -> None:
+    sets = [f"train.towers.{m}.grad_checkpointing=true" for m in ("video", "audio", "text")]
+    train(make_config(synthetic_data, *sets), tmp_path)
+    for a, b in zip(read_log(baseline), read_log(tmp_path), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+    assert max_diff(weights(tmp_path), weights(baseline)) <= 1e-6
+
+
+def test_locked_and_frozen_towers_stay_put(synthetic_data: Path, tmp_path: Path) -> None:
+    """LiT: text locked; video: its stem and first of 2 blocks frozen; audio locked but its last block."""
+    cfg = make_config(synthetic_data, "train.towers.text.lock=true", "train.towers.video.frozen_blocks=1",
+                      "train.towers.audio.lock=true", "train.towers.audio.unlocked_blocks=1")
+    seed_everything(cfg.train.seed)
+    initial = MultimodalModel(cfg.model, cfg.objective).state_dict()
+    train(cfg, tmp_path)
+    final = weights(tmp_path)
+
+    def moved(prefix: str) -> dict[str, bool]:
+        return {k: not torch.equal(final[k], initial[k]) for k in final if k.startswith(prefix)}
+
+    assert not any(moved("towers.text.").values())
+    video = moved("towers.video.")
+    assert not any(v for k, v in video.items() if ".blocks.1." not in k and ".norm" not in k), video
+    assert all(v for k, v in video.items() if ".blocks.1." in k), video
+    audio = moved("towers.audio.")
+    assert not any(v for k, v in audio.items() if ".blocks.0." not in k), audio
+    assert all(v for k, v in audio.items() if ".blocks.0." in k), audio
+    assert all(moved("heads.").values())
+
+
+def test_resume_from_a_checkpoint_is_exact(baseline: Path, synthetic_data: Path, tmp_path: Path) -> None:
+    train(make_config(synthetic_data), tmp_path, resume=str(baseline / "checkpoints" / "step_2"))
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log] == [3, 4]
+    for a, b in zip(read_log(baseline)[2:], log):
+        assert (b["keys"], b["loss"]) == (a["keys"], a["loss"])
+    assert max_diff(weights(tmp_path), weights(baseline)) == 0.0
+
+
+def test_resume_from_another_model_fails_in_one_line(baseline: Path, synthetic_data: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "other.yaml"
+    cfg = tiny_config(synthetic_data, shards=4)
+    cfg["model"]["embed_dim"] = 8
+    config.write_text(json.dumps(cfg))
+    rc = mmcl_main(["train", "--config", str(config), "--out", str(tmp_path / "out"),
+                    "--resume", str(baseline / "checkpoints" / "step_4")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err == (f"mmcl train: error: --resume {baseline / 'checkpoints' / 'step_4'}: the checkpoint holds "
+                   f"another model (first difference: heads.audio.weight)")
+    assert not (tmp_path / "out" / "log.jsonl").exists()
+
+
+def _ds_json(tmp_path: Path, **fields: Any) -> str:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **fields}))
+    return str(path)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"train_micro_batch_size_per_gpu": 16}, "sets train_micro_batch_size_per_gpu=16 but data.batch_size = 8"),
+    ({"gradient_accumulation_steps": 4}, "sets gradient_accumulation_steps=4 but train.grad_accum = 1"),
+    ({"train_batch_size": 8}, "sets train_batch_size=8 but data.batch_size x train.grad_accum x world size = 16"),
+    ({"bf16": {"enabled": True}}, "enables bf16 but train.precision=fp32"),
+])
+def test_deepspeed_config_disagreeing_with_the_train_config(synthetic_data: Path, tmp_path: Path,
+                                                            fields: dict[str, Any], message: str) -> None:
+    cfg = make_config(synthetic_data)
+    path = _ds_json(tmp_path, **fields)
+    with pytest.raises(ConfigError) as err:
+        deepspeed_config(cfg, path, world=2)
+    assert str(err.value).startswith(f"train.deepspeed: {path} {message}")
+
+
+def test_deepspeed_config_auto_fields(synthetic_data: Path, tmp_path: Path) -> None:
+    cfg = make_config(synthetic_data, "train.grad_accum=3", "train.clip_grad=0.5")
+    ds = deepspeed_config(cfg, _ds_json(tmp_path, train_micro_batch_size_per_gpu="auto", bf16={"enabled": "auto"}),
+                          world=2)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"],
+            ds["train_batch_size"]) == (BATCH, 3, 0.5, BATCH * 3 * 2)
+    assert ds["bf16"]["enabled"] is False  # fp32 (and no GPU here)
+
+
+def test_bad_deepspeed_config_fails_before_any_step(synthetic_data: Path, tmp_path: Path) -> None:
+    cfg = make_config(synthetic_data, f"train.deepspeed={_ds_json(tmp_path, train_micro_batch_size_per_gpu=2)}")
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=2 but data.batch_size = 8"):
+        train(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_commit_keep_last_and_crash_leftovers(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    dead = checkpoint_tmp_dir(root, 7)  # a writer that died mid-write
+    (dead / "model.safetensors").write_bytes(b"torn")
+    assert resolve_resume("latest", root) is None
+    for step in (2, 4, 6):
+        tmp = checkpoint_tmp_dir(root, step)
+        (tmp / "model.safetensors").write_bytes(b"w")
+        write_state(tmp, {"step": step})
+        if step == 4:
+            assert [s for s, _ in list_checkpoints(root)] == [2]  # not visible before the rename
+        commit_checkpoint(tmp, root, step, keep_last=2)
+    assert [s for s, _ in list_checkpoints(root)] == [4, 6]
+    assert resolve_resume("latest", root) == root / "step_6"
+    assert not list(root.glob(f"{TMP_PREFIX}*"))
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        resolve_resume(str(root / "step_2"), root)
