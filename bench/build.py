@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from data_tools.build import ShardOptions, build_shards, load_inputs
+from data_tools.build import build_shards, load_inputs
 from data_tools.media import EncodeOptions
 
 
@@ -65,7 +65,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mmcl-bench-build-") as tmp:
         start = time.perf_counter()
         manifest = make_clips(Path(tmp), args.clips, args.seconds, args.source)
-        print(f"generated {args.clips} clips of {args.seconds:g} s at {args.source} in {time.perf_counter() - start:.1f} s")
+        print(f"generated {args.clips} clips of {args.seconds:g} s at {args.source} "
+              f"in {time.perf_counter() - start:.1f} s")
         items = load_inputs(manifest=str(manifest))
         results: dict[int, list[tuple[int, float, float]]] = {w: [] for w in args.workers}
         for r in range(args.repeat):

@@ -221,7 +221,7 @@ def check_caption(text: str, max_chars: int, what: str = "caption") -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise Rejected("caption_not_utf8", f"{what}: byte {e.start} is not UTF-8") from None
+        raise Rejected("caption_not_utf8", f"{what}: character {e.start} is a byte that is not UTF-8") from None
     text = text.strip()
     if not text:
         raise Rejected("caption_empty", f"{what} is empty")
@@ -325,7 +325,8 @@ class _Encoder:
                 "-vf", self._video_filter(), "-c:v", "libx264", "-preset", o.preset, "-crf", str(o.crf),
                 "-threads", "1", "-flags:v", "+bitexact"]
             out_args += ["-map", f"{i}:{video.video_index}", *codec, "-an", "-sn", "-dn", "-map_metadata", "-1",
-                         "-map_chapters", "-1", "-movflags", "+faststart", "-fflags", "+bitexact", "-f", "mp4", str(mp4)]
+                         "-map_chapters", "-1", "-movflags", "+faststart", "-fflags", "+bitexact",
+                         "-f", "mp4", str(mp4)]
             outputs.append(("mp4", mp4))
         elif image is not None:
             # The loop filter repeats the one decoded frame (an undecodable image ends the stream, where

@@ -263,6 +263,9 @@ def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
             item.rejection = Rejection("missing_file", str(e))
             continue
         item.video, item.audio, item.image = media.get("video"), media.get("audio"), media.get("image")
+        if item.video and item.image:
+            item.rejection = Rejection("bad_manifest_row", "a row has a video or an image, not both")
+            continue
         try:
             apply_fields(item, row)
         except ValueError as e:
@@ -315,7 +318,8 @@ def scan_folder(root: str | os.PathLike, exclude: Iterable[str | os.PathLike] = 
         item = Input(index=len(items), key=sanitize_key(stem), source=stem)
         items.append(item)
         if group is None:
-            item.rejection = Rejection("unsupported_file", f"{odd.name}: not a known media, caption or metadata extension")
+            item.rejection = Rejection("unsupported_file",
+                                       f"{odd.name}: not a known media, caption or metadata extension")
             continue
         media = {k: v for k, v in group.items() if k in ("video", "audio", "image")}
         if any(len(v) > 1 for v in group.values()) or ("video" in media and "image" in media):

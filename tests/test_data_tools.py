@@ -56,11 +56,13 @@ def tone(seconds: float, rate: int) -> list[str]:
 def make_media(d: Path) -> None:
     """The good media (names say what they hold) and the corrupt ones."""
     d.mkdir(parents=True, exist_ok=True)
-    ffmpeg(*picture(1), *tone(1, 44100), "-ac", "2", "-c:v", "libx264", "-c:a", "aac", str(d / "h264_aac_44k_stereo.mp4"))
+    ffmpeg(*picture(1), *tone(1, 44100), "-ac", "2", "-c:v", "libx264", "-c:a", "aac",
+           str(d / "h264_aac_44k_stereo.mp4"))
     ffmpeg(*picture(1), *tone(1, 48000), "-c:v", "libvpx", "-c:a", "libopus", str(d / "vp8_opus_48k.webm"))
     ffmpeg(*picture(1), "-c:v", "libx264", str(d / "h264_silent.mkv"))
     ffmpeg(*picture(1), *tone(1, 22050), "-c:v", "mpeg4", "-c:a", "libmp3lame", str(d / "mpeg4_mp3_22k.avi"))
-    ffmpeg(*picture(1), *tone(1, 48000), "-ac", "6", "-c:v", "mjpeg", "-c:a", "pcm_s16le", str(d / "mjpeg_pcm_48k_51.mov"))
+    ffmpeg(*picture(1), *tone(1, 48000), "-ac", "6", "-c:v", "mjpeg", "-c:a", "pcm_s16le",
+           str(d / "mjpeg_pcm_48k_51.mov"))
     ffmpeg(*picture(1), *tone(1, 32000), "-c:v", "libtheora", "-c:a", "libvorbis", str(d / "theora_vorbis_32k.ogv"))
     ffmpeg(*picture(1), "-c:v", "libtheora", str(d / "theora_only.ogv"))
     ffmpeg(*picture(60, "32x24", 5), *tone(60, 8000), "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac",
