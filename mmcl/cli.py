@@ -37,7 +37,8 @@ def _add_shards(sub) -> None:
     s.add_argument("--out", required=True)
     s.add_argument("--train", type=int, required=True, help="training clips")
     s.add_argument("--test", type=int, required=True, help="held-out clips")
-    s.add_argument("--world", choices=["simple", "joint"], default="simple")
+    s.add_argument("--world", choices=["simple", "joint", "xor"], default="simple")
+    s.add_argument("--xor-p", type=float, default=1.0, help="xor world: probability that c = a XOR b (else c = a)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--per-shard", type=int, default=500)
@@ -165,7 +166,7 @@ def cmd_shards(args) -> int:
 
         t = time.time()
         summary = synth(args.out, train=args.train, test=args.test, world=args.world, seed=args.seed,
-                        workers=args.workers, per_shard=args.per_shard)
+                        workers=args.workers, per_shard=args.per_shard, xor_p=args.xor_p)
         print(json.dumps(summary, indent=2, default=str))
         print(f"wrote {args.train + args.test} clips in {time.time() - t:.1f} s to {args.out}")
     elif args.shards_cmd == "build":

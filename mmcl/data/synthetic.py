@@ -30,11 +30,20 @@ sign) in one of six saturated hues.
   ``labels = {"colour", "shape", "direction"`` (of the named object), ``"pitch"``, ``"timbre"``,
   ``"named": 0 | 1``, ``"objects": [{"colour", "shape", "direction"}, {...}]}`` (left, right).
 
+**xor** world (Symile's XOR set: three vector modalities, no media):
+  bits ``a``, ``b`` uniform and independent; ``c = a XOR b`` with probability ``xor_p`` (default 1),
+  else ``c = a``. Each bit is a float32 vector of :data:`XOR_DIM` entries, ``(2 bit - 1) + noise`` (each
+  entry, Gaussian noise of std :data:`XOR_NOISE`). With ``xor_p = 1`` every pair of modalities is
+  independent, so only a higher-order objective can learn the relation; ``xor_p < 1`` leaks ``c = a``.
+  ``labels = {"a", "b", "c": 0 | 1}``.
+
 :func:`synth` writes WebDataset shards ``{split}-{000000}.tar`` with members ``mp4`` (H.264 yuv420p,
 video only), ``flac`` (16 kHz mono, 16 bit), ``txt`` (caption) and ``json`` (labels and metadata), plus
 ``sizes.json``, ``world.json`` and ``tokenizer.model`` (sentencepiece trained on the train captions;
-ids: ``<pad>`` = :data:`PAD_ID` = 0, ``<unk>`` = :data:`UNK_ID` = 1, no bos / eos). Output files are
-byte-identical for the same arguments, whatever the number of ``workers``.
+ids: ``<pad>`` = :data:`PAD_ID` = 0, ``<unk>`` = :data:`UNK_ID` = 1, no bos / eos). The xor world's
+members are ``a.npy``, ``b.npy``, ``c.npy`` (``numpy.save`` of float32 ``[XOR_DIM]``) and ``json``; it has
+no captions and no tokenizer. Output files are byte-identical for the same arguments, whatever the
+number of ``workers``.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +73,7 @@ ATTRIBUTES: dict[str, list[str]] = {
     "pitch": ["low", "medium", "high"],
     "timbre": ["flute", "clarinet", "violin", "organ"],
 }
-WORLDS: tuple[str, ...] = ("simple", "joint")
+WORLDS: tuple[str, ...] = ("simple", "joint", "xor")
 #: Pitch classes of the joint world: ``low`` names object 0 (left), ``high`` object 1 (right).
 JOINT_PITCHES: tuple[str, ...] = ("low", "high")
 
@@ -94,6 +104,12 @@ TIMBRE_HARMONICS: dict[str, tuple[float, ...]] = {
 }
 #: Amplitude pulses per second for each motion direction (simple world: shared video-audio latent).
 PULSE_RATE: dict[str, float] = {"up": 1.5, "down": 2.5, "left": 3.5, "right": 4.5}
+
+#: xor world: entries of each bit's vector and the std of the Gaussian noise added to each entry.
+XOR_DIM = 8
+XOR_NOISE = 1.0
+#: xor world: its vector modalities (tar members ``<name>.npy``).
+XOR_MODALITIES: tuple[str, ...] = ("a", "b", "c")
 
 #: Ids of the special pieces of the tokenizer that :func:`train_tokenizer` writes.
 PAD_ID = 0
@@ -296,11 +312,19 @@ def _caption(rng: np.random.Generator, templates: tuple[str, ...], labels: dict[
 # Samples
 
 
+@dataclass(frozen=True)
+class WorldParams:
+    """Settings of a world beyond its seed (each world reads the ones it has)."""
+
+    #: xor world: probability that ``c = a XOR b`` (else ``c = a``), in [0, 1].
+    xor_p: float = 1.0
+
+
 def _choice(rng: np.random.Generator, names: list[str] | tuple[str, ...]) -> str:
     return names[rng.integers(len(names))]
 
 
-def _simple_sample(rng: np.random.Generator) -> dict[str, Any]:
+def _simple_sample(rng: np.random.Generator, params: WorldParams) -> dict[str, Any]:
     labels = {attr: _choice(rng, names) for attr, names in ATTRIBUTES.items()}
     r = rng.uniform(18.0, 24.0) / 2
     x, y = _trajectory(rng, labels["direction"], r, (0.0, float(SIZE)), rng.uniform(28.0, 36.0))
@@ -309,7 +333,7 @@ def _simple_sample(rng: np.random.Generator) -> dict[str, Any]:
     return {"frames": frames, "audio": audio, "caption": _caption(rng, _SIMPLE_TEMPLATES, labels), "labels": labels}
 
 
-def _joint_sample(rng: np.random.Generator) -> dict[str, Any]:
+def _joint_sample(rng: np.random.Generator, params: WorldParams) -> dict[str, Any]:
     colours = rng.choice(len(ATTRIBUTES["colour"]), 2, replace=False)
     shapes = rng.choice(len(ATTRIBUTES["shape"]), 2, replace=False)
     objects = [
@@ -336,33 +360,48 @@ def _joint_sample(rng: np.random.Generator) -> dict[str, Any]:
     return {"frames": frames, "audio": audio, "caption": caption, "labels": labels}
 
 
-_WORLD_MAKERS: dict[str, Callable[[np.random.Generator], dict[str, Any]]] = {
+def _xor_sample(rng: np.random.Generator, params: WorldParams) -> dict[str, Any]:
+    a, b = (int(bit) for bit in rng.integers(0, 2, 2))
+    c = a ^ b if rng.uniform() < params.xor_p else a
+    bits = {"a": a, "b": b, "c": c}
+    vectors = {m: (np.float32(2 * bits[m] - 1) + np.float32(XOR_NOISE) * rng.standard_normal(XOR_DIM, np.float32))
+               for m in XOR_MODALITIES}
+    return {"vectors": vectors, "labels": bits}
+
+
+_WORLD_MAKERS: dict[str, Callable[[np.random.Generator, WorldParams], dict[str, Any]]] = {
     "simple": _simple_sample,
     "joint": _joint_sample,
+    "xor": _xor_sample,
 }
 
 
-def _check_world(world: str) -> None:
+def _check_world(world: str, params: WorldParams = WorldParams()) -> None:
     if world not in _WORLD_MAKERS:
         raise ValueError(f"unknown world {world!r} (known: {', '.join(WORLDS)})")
+    if not 0.0 <= params.xor_p <= 1.0:
+        raise ValueError(f"xor_p must be in [0, 1], got {params.xor_p}")
 
 
-def _check_split_args(world: str, counts: dict[str, int], per_shard: int) -> None:
-    """Reject an unknown world or a split with no sample before anything is written."""
-    _check_world(world)
+def _check_split_args(world: str, counts: dict[str, int], per_shard: int, params: WorldParams = WorldParams()) -> None:
+    """Reject an unknown world, bad world parameters or a split with no sample before anything is written."""
+    _check_world(world, params)
     for name, value in {**counts, "per_shard": per_shard}.items():
         if value < 1:
             raise ValueError(f"need {name} >= 1, got {value}")
 
 
-def generate_sample(seed: int, world: str = "simple") -> dict[str, Any]:
-    """Generate one clip of ``world`` from ``seed`` (>= 0; deterministic).
+def generate_sample(seed: int, world: str = "simple", xor_p: float = 1.0) -> dict[str, Any]:
+    """Generate one sample of ``world`` from ``seed`` (>= 0; deterministic).
 
-    Returns ``{"frames": uint8 [N_FRAMES, SIZE, SIZE, 3] (16, 64, 64, 3), "audio": float32 [N_SAMPLES]
-    (32000), "caption": str, "labels": dict}`` (labels as described in the module docstring).
+    Returns, for the simple and joint worlds, ``{"frames": uint8 [N_FRAMES, SIZE, SIZE, 3] (16, 64, 64, 3),
+    "audio": float32 [N_SAMPLES] (32000), "caption": str, "labels": dict}``; for the xor world (``xor_p``:
+    probability that ``c = a XOR b``) ``{"vectors": {"a", "b", "c": float32 [XOR_DIM]}, "labels": dict}``
+    (labels as described in the module docstring).
     """
-    _check_world(world)
-    return _WORLD_MAKERS[world](np.random.default_rng(seed))
+    params = WorldParams(xor_p=xor_p)
+    _check_world(world, params)
+    return _WORLD_MAKERS[world](np.random.default_rng(seed), params)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -398,19 +437,25 @@ def encode_flac(audio: np.ndarray, sample_rate: int) -> bytes:
     return buffer.getvalue()
 
 
-def _encoded_sample(job: tuple[str, int, str]) -> tuple[dict[str, Any], str]:
-    """``(key, sample seed, world)`` -> (the sample's tar members as bytes, its caption)."""
-    key, seed, world = job
-    sample = generate_sample(seed, world)
-    meta = {
-        "labels": sample["labels"],
-        "duration": AUDIO_SECONDS,
-        "fps": FPS,
-        "sample_rate": SAMPLE_RATE,
-        "world": world,
-        "source": "mmcl.synthetic",
-        "license": "CC0-1.0",
-    }
+def encode_npy(array: np.ndarray) -> bytes:
+    """``numpy.save`` of ``array`` (no pickle), in memory."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _encoded_sample(job: tuple[str, int, str, WorldParams]) -> tuple[dict[str, Any], str | None]:
+    """``(key, sample seed, world, params)`` -> (the sample's tar members as bytes, its caption or None)."""
+    key, seed, world, params = job
+    sample = generate_sample(seed, world, xor_p=params.xor_p)
+    provenance = {"world": world, "source": "mmcl.synthetic", "license": "CC0-1.0"}
+    if "vectors" in sample:
+        meta = {"labels": sample["labels"], "xor_p": params.xor_p, **provenance}
+        members = {"__key__": key, **{f"{m}.npy": encode_npy(v) for m, v in sample["vectors"].items()},
+                   "json": json.dumps(meta).encode("utf-8")}
+        return members, None
+    meta = {"labels": sample["labels"], "duration": AUDIO_SECONDS, "fps": FPS, "sample_rate": SAMPLE_RATE,
+            **provenance}
     members = {
         "__key__": key,
         "mp4": encode_mp4(sample["frames"], FPS),
@@ -441,7 +486,7 @@ def shard_pattern(split: str, n_shards: int) -> str:
     return f"{split}-{{{0:0{_SHARD_DIGITS}d}..{n_shards - 1:0{_SHARD_DIGITS}d}}}.tar"
 
 
-def _generate(jobs: list[tuple[str, int, str]], workers: int) -> Iterator[tuple[dict[str, Any], str]]:
+def _generate(jobs: list[tuple[str, int, str, WorldParams]], workers: int) -> Iterator[tuple[dict[str, Any], str | None]]:
     """Encoded samples in job order, generated by ``workers`` processes (in-process when <= 1)."""
     if workers <= 1 or len(jobs) <= 1:
         yield from map(_encoded_sample, jobs)
@@ -452,12 +497,14 @@ def _generate(jobs: list[tuple[str, int, str]], workers: int) -> Iterator[tuple[
 
 
 def _write_split(
-    out_dir: Path, split: str, n: int, seed: int, world: str, per_shard: int, workers: int
+    out_dir: Path, split: str, n: int, seed: int, world: str, per_shard: int, workers: int,
+    params: WorldParams = WorldParams(),
 ) -> tuple[list[Path], list[str]]:
-    """Write the shards of one split; return their paths and the captions in sample order."""
-    _check_split_args(world, {"n": n}, per_shard)
+    """Write the shards of one split; return their paths and the captions in sample order (none for a
+    world without captions)."""
+    _check_split_args(world, {"n": n}, per_shard, params)
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(f"{split}-{i:07d}", s, world) for i, s in enumerate(sample_seeds(seed, split, n))]
+    jobs = [(f"{split}-{i:07d}", s, world, params) for i, s in enumerate(sample_seeds(seed, split, n))]
     paths: list[Path] = []
     captions: list[str] = []
     with contextlib.closing(_generate(jobs, workers)) as samples:
@@ -468,7 +515,8 @@ def _write_split(
                 for _ in range(min(per_shard, n - first)):
                     members, caption = next(samples)
                     writer.write(members)
-                    captions.append(caption)
+                    if caption is not None:
+                        captions.append(caption)
             os.replace(partial, path)
             paths.append(path)
     return paths, captions
@@ -482,13 +530,14 @@ def write_split(
     world: str = "simple",
     per_shard: int = 500,
     workers: int = 2,
+    xor_p: float = 1.0,
 ) -> list[Path]:
     """Write ``n`` samples of ``world`` as shards ``out_dir/{split}-{000000..}.tar`` (``per_shard`` each).
 
     Sample ``i`` has key ``{split}-{i:07d}`` and the ``i``-th seed of :func:`sample_seeds`. Returns the
-    shard paths in order. The bytes written do not depend on ``workers``.
+    shard paths in order. The bytes written do not depend on ``workers``. ``xor_p``: see :func:`synth`.
     """
-    return _write_split(Path(out_dir), split, n, seed, world, per_shard, workers)[0]
+    return _write_split(Path(out_dir), split, n, seed, world, per_shard, workers, WorldParams(xor_p=xor_p))[0]
 
 
 def train_tokenizer(
@@ -524,9 +573,12 @@ def train_tokenizer(
 
 
 def world_attributes(world: str) -> dict[str, list[str]]:
-    """The attribute names used by ``world`` (the joint world's pitch has only ``low`` and ``high``)."""
+    """The attribute names used by ``world`` (the joint world's pitch has only ``low`` and ``high``; the
+    xor world's labels are the bits ``a``, ``b``, ``c``, named ``"0"`` and ``"1"``)."""
     if world == "joint":
         return {**ATTRIBUTES, "pitch": list(JOINT_PITCHES)}
+    if world == "xor":
+        return {m: ["0", "1"] for m in XOR_MODALITIES}
     return {attr: list(names) for attr, names in ATTRIBUTES.items()}
 
 
@@ -538,36 +590,44 @@ def synth(
     seed: int = 0,
     workers: int = 2,
     per_shard: int = 500,
+    xor_p: float = 1.0,
 ) -> dict[str, Any]:
     """Write a whole dataset of ``world`` to ``out_dir``: train and test shards and their index files.
 
     Files: ``train-*.tar``, ``test-*.tar`` (see :func:`write_split`), ``sizes.json`` ({shard file name:
-    sample count}), ``tokenizer.model`` (trained on the train captions) and ``world.json`` ({"world",
-    "seed", "attributes", "splits": {split: {"pattern", "n"}}, "tokenizer": {...}}; patterns are
-    brace-expandable shard specs relative to ``out_dir``). Returns a JSON-serialisable summary:
-    ``world.json``'s content plus ``"out_dir"``, ``"shards"`` ({split: [shard paths]}) and ``"seconds"``.
+    sample count}), ``tokenizer.model`` (trained on the train captions; not for the xor world, which has
+    no captions) and ``world.json`` ({"world", "seed", "attributes", "splits": {split: {"pattern", "n"}},
+    "tokenizer": {...} or null}, plus "xor_p" for the xor world; patterns are brace-expandable shard specs
+    relative to ``out_dir``). ``xor_p``: the xor world's probability that ``c = a XOR b``. Returns a
+    JSON-serialisable summary: ``world.json``'s content plus ``"out_dir"``, ``"shards"`` ({split: [shard
+    paths]}) and ``"seconds"``.
     """
     start = time.perf_counter()
-    _check_split_args(world, {"train": train, "test": test}, per_shard)
+    params = WorldParams(xor_p=xor_p)
+    _check_split_args(world, {"train": train, "test": test}, per_shard, params)
     out = Path(out_dir)
     shards: dict[str, list[str]] = {}
     sizes: dict[str, int] = {}
     splits: dict[str, dict[str, Any]] = {}
+    tokenizer: dict[str, Any] | None = None
     for split, n in (("train", train), ("test", test)):
-        paths, captions = _write_split(out, split, n, seed, world, per_shard, workers)
-        if split == "train":
+        paths, captions = _write_split(out, split, n, seed, world, per_shard, workers, params)
+        if split == "train" and captions:
             train_tokenizer(captions, out / "tokenizer.model")
+            tokenizer = {"file": "tokenizer.model", "type": "sentencepiece", "pad_id": PAD_ID, "unk_id": UNK_ID}
         shards[split] = [str(path) for path in paths]
         splits[split] = {"pattern": shard_pattern(split, len(paths)), "n": n}
         for i, path in enumerate(paths):
             sizes[path.name] = min(per_shard, n - i * per_shard)
-    info = {
+    info: dict[str, Any] = {
         "world": world,
         "seed": seed,
         "attributes": world_attributes(world),
         "splits": splits,
-        "tokenizer": {"file": "tokenizer.model", "type": "sentencepiece", "pad_id": PAD_ID, "unk_id": UNK_ID},
+        "tokenizer": tokenizer,
     }
+    if world == "xor":
+        info["xor_p"] = xor_p
     (out / "sizes.json").write_text(json.dumps(sizes, indent=1) + "\n")
     (out / "world.json").write_text(json.dumps(info, indent=1) + "\n")
     return {**info, "out_dir": str(out), "shards": shards, "seconds": time.perf_counter() - start}
