@@ -169,6 +169,7 @@ class _CountingWriter:
 
     def __init__(self, pipe: IO[bytes], sizes: dict[str, int], name: str):
         self.pipe, self.sizes, self.name = pipe, sizes, name
+        self.closed = False
         sizes[name] = 0
 
     def write(self, data: bytes) -> int:
@@ -181,6 +182,7 @@ class _CountingWriter:
 
     def close(self) -> None:
         self.pipe.close()
+        self.closed = True
 
 
 def open_sink(out: str) -> LocalSink | PipeSink:
@@ -468,7 +470,7 @@ def build_shards(items: list[Input], out: str, *, workers: int = 1, options: Enc
                             rejected=sum(len(r["rejected"]) for r in records) + len(current.rejected))
         close(len(items))
     except BaseException:
-        if current.writer is not None and current.stream is not None and not getattr(current.stream, "closed", False):
+        if current.stream is not None and not current.stream.closed:
             sink.abort(current.name, current.stream)
         raise
     finally:
