@@ -118,6 +118,17 @@ def mask_columns(logits: Tensor, keep: Tensor | None) -> Tensor:
     return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
 
 
+def diagonal_ce(logits: Tensor, col_keep: Tensor | None = None, row_keep: Tensor | None = None) -> Tensor:
+    """``(CE(S_i., i) + CE(S_.i, i)) / 2`` per index i of a square ``[N, N]`` logits matrix: ``[N]``.
+
+    Both directions from one matrix (log-softmax over dim 1 and over dim 0, no transposed copy).
+    ``col_keep`` / ``row_keep`` (bool ``[N]``) drop candidates of the row / column direction.
+    """
+    by_row = torch.log_softmax(mask_columns(logits, col_keep), dim=1).diagonal()
+    by_col = torch.log_softmax(mask_columns(logits.T, row_keep).T, dim=0).diagonal()
+    return -(by_row + by_col) / 2
+
+
 def ce_rows(logits: Tensor, offset: int) -> Tensor:
     """Cross-entropy per row, ``[N_local, N_global] -> [N_local]``, target of row i is ``offset + i``."""
     target = offset + torch.arange(logits.shape[0], device=logits.device)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmcl.objectives.base import (Batch, Objective, ce_rows, check_embeddings, check_score_inputs, check_shapes,
-                                  local_form, mask_columns, mean_terms, mean_valid)
+                                  diagonal_ce, local_form, mask_columns, mean_terms, mean_valid)
 
 
 def _local_slice(mask: Tensor | None, offset: int, n: int) -> Tensor | None:
@@ -54,9 +54,11 @@ def clip_rows(x: Tensor, y: Tensor, x_all: Tensor, y_all: Tensor, offset: int, l
         x_present, y_present: optional bool ``[N_global]``; absent columns are no candidates. Rows
             lacking x or y come out as garbage (possibly huge) and must be excluded by the caller.
     """
-    raw = logit_scale * x @ y_all.T
-    xy = mask_columns(raw, y_present)
-    yx = mask_columns(raw.T if x_all is x and y_all is y else logit_scale * y @ x_all.T, x_present)
+    logits = logit_scale * x @ y_all.T
+    if x_all is x and y_all is y:  # not gathered: S^T is the other direction
+        return diagonal_ce(logits, y_present, x_present)
+    xy = mask_columns(logits, y_present)
+    yx = mask_columns(logit_scale * y @ x_all.T, x_present)
     return (ce_rows(xy, offset) + ce_rows(yx, offset)) / 2
 
 

@@ -8,9 +8,9 @@ the other modalities and ``L_m = CE(S, I)`` with ``S = s * X_m P^T``; ``L = mean
   ``s * MIP(x^1_i, ..., x^M_i)``. Permutations are drawn anchor by anchor, in modality order, and within an
   anchor for each non-anchor in modality order: ``randperm(N_global, generator=generator)``.
 * ``negatives="n_squared"``: all ``N^(M-1)`` combinations of the non-anchors are candidates (the aligned
-  one is the positive). The logsumexp over them is streamed in blocks under activation checkpointing:
-  neither the ``N^(M-1) x D`` candidates nor the ``N x N^(M-1)`` scores are ever held; extra memory is
-  one block (:data:`BLOCK_ELEMENTS` elements) plus ``O(N D)``.
+  one is the positive). The logsumexp over them is streamed in blocks (a custom autograd function that
+  recomputes each block in backward): neither the ``N^(M-1) x D`` candidates nor the ``N x N^(M-1)``
+  scores are ever held; extra memory is one block (:data:`BLOCK_ELEMENTS` elements) plus ``O(N D)``.
 
 With two modalities Symile is CLIP (``symile_loss`` falls back to it).
 
@@ -21,20 +21,21 @@ Note that a MIP over fewer vectors is larger in magnitude than one over more uni
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 from mmcl.objectives import gather
 from mmcl.objectives.base import (Batch, Objective, ce_rows, check_embeddings, check_present, check_score_inputs,
                                   check_shapes, local_form, mean_terms, mean_valid)
 from mmcl.objectives.pairwise import clip_rows
 
-#: Elements of one streamed block (anchor rows x candidate prefixes x (D + N)) in ``n_squared``.
-BLOCK_ELEMENTS = 2**20
+#: Elements of one streamed block (anchor rows x leading combinations x (N + 2 D)) in ``n_squared``.
+BLOCK_ELEMENTS = 2**21
 
 
 def _product(xs: Sequence[Tensor]) -> Tensor:
@@ -67,23 +68,103 @@ def _rows_n(anchor: Tensor, others: Sequence[Tensor], positive: Tensor, offset: 
     return F.cross_entropy(logits, target, reduction="none")
 
 
-def _block_lse(anchor: Tensor, logit_scale: Tensor | float, combos: Tensor, *others: Tensor) -> Tensor:
-    """logsumexp over the candidates whose leading non-anchor indices are ``combos``, ``[c]``.
+class _Plan:
+    """How the candidates are streamed: blocks of ``c`` anchor rows x ``b`` combinations.
 
-    ``combos`` ``[b]`` are flat indices into the ``N^(M-2)`` combinations of all non-anchors but the last
-    (row-major: the first non-anchor varies slowest); each is crossed with every row of the last one.
+    A combination fixes one row of each leading non-anchor (all but the last non-anchor) and is crossed
+    with every row of the last one. The leading rows are enumerated as an ``outer`` tuple (all leading
+    non-anchors but the last, row-major) and a contiguous ``[j0, j1)`` slice of the last leading one, so
+    blocks need slicing only, no gathers or scatters. Each block touches about ``block_elements`` elements.
     """
-    *lead, last = others
-    n = last.shape[0]
-    prefix = None
-    rest = combos
-    for x in reversed(lead):
-        rows = x[rest % n]
-        rest = rest // n
-        prefix = rows if prefix is None else rows * prefix
-    block = anchor[:, None, :] if prefix is None else anchor[:, None, :] * prefix[None]  # [c, b, D]
-    scores = logit_scale * (block.reshape(-1, block.shape[-1]) @ last.T)  # [c * b, N]
-    return torch.logsumexp(scores.reshape(anchor.shape[0], -1), dim=1)
+
+    def __init__(self, n_anchor: int, others: Sequence[Tensor], block_elements: int):
+        n, d = others[-1].shape
+        lead = len(others) - 1
+        per = n + 2 * d  # scores + two [D] temporaries per (row, combination)
+        inner = n if lead else 1
+        self.b = max(1, min(inner, block_elements // per))
+        self.c = max(1, min(n_anchor, block_elements // (self.b * per)))
+        self.n_anchor = n_anchor
+        self.outer = list(itertools.product(range(n), repeat=max(0, lead - 1)))
+        self.slices = [(j, min(j + self.b, inner)) for j in range(0, inner, self.b)]
+
+    def blocks(self) -> Iterator[tuple[int, tuple[int, ...], int, int]]:
+        """``(r0, outer, j0, j1)``: rows ``[r0, r0 + c)``, fixed leading rows ``outer``, last-lead slice."""
+        for r0 in range(0, self.n_anchor, self.c):
+            for outer in self.outer:
+                for j0, j1 in self.slices:
+                    yield r0, outer, j0, j1
+
+
+def _prefix(lead: Sequence[Tensor], outer: tuple[int, ...], j0: int, j1: int, like: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The leading product for one block: (``[b, D]`` prefix, ``[D]`` product of the outer rows or None)."""
+    if not lead:
+        return like.new_ones(1, like.shape[1]), None
+    fixed = _product([x[j] for x, j in zip(lead[:-1], outer)]) if outer else None
+    rows = lead[-1][j0:j1]
+    return (rows if fixed is None else rows * fixed), fixed
+
+
+class _StreamedLSE(torch.autograd.Function):
+    """``lse_i = logsumexp_{j_1..j_K} s * MIP(anchor_i, others[0]_j1, ..., others[K-1]_jK)``, streamed.
+
+    Forward keeps only ``lse`` ``[Na]``; backward recomputes each block's scores and turns them into
+    softmax weights with one GEMM (``exp(T L^T - lse)``), then accumulates the gradients with two more.
+    """
+
+    @staticmethod
+    def forward(ctx, logit_scale: Tensor, anchor: Tensor, block_elements: int, *others: Tensor) -> Tensor:
+        *lead, last = others
+        plan = _Plan(anchor.shape[0], others, block_elements)
+        parts: dict[int, list[Tensor]] = {}
+        for r0, outer, j0, j1 in plan.blocks():
+            a_s = anchor[r0:r0 + plan.c] * logit_scale
+            prefix, _ = _prefix(lead, outer, j0, j1, anchor)
+            block = (a_s[:, None, :] * prefix[None]).reshape(-1, anchor.shape[1])
+            scores = (block @ last.T).view(a_s.shape[0], -1)
+            parts.setdefault(r0, []).append(torch.logsumexp(scores, dim=1))
+        lse = torch.cat([torch.logsumexp(torch.stack(p, 1), 1) for p in parts.values()])
+        ctx.save_for_backward(logit_scale, anchor, lse, *others)
+        ctx.block_elements = block_elements
+        return lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_lse: Tensor) -> tuple[Tensor | None, ...]:
+        logit_scale, anchor, lse, *others = ctx.saved_tensors
+        *lead, last = others
+        plan = _Plan(anchor.shape[0], others, ctx.block_elements)
+        grad_anchor = torch.zeros_like(anchor)
+        grad_others = [torch.zeros_like(x) for x in others]
+        grad_scale = torch.zeros_like(logit_scale)
+        d = anchor.shape[1]
+        for r0, outer, j0, j1 in plan.blocks():
+            rows = slice(r0, r0 + plan.c)
+            a_s = anchor[rows] * logit_scale
+            prefix, fixed = _prefix(lead, outer, j0, j1, anchor)
+            c, b = a_s.shape[0], prefix.shape[0]
+            block = (a_s[:, None, :] * prefix[None]).reshape(-1, d)
+            shift = lse[rows, None].expand(c, b).reshape(-1, 1)
+            weights = torch.addmm(shift, block, last.T, beta=-1).exp_()  # softmax weights, [c * b, N]
+            weights.mul_(grad_lse[rows, None].expand(c, b).reshape(-1, 1))  # g_i * softmax
+            grad_others[-1].addmm_(weights.T, block)
+            del block
+            back = (weights @ last).view(c, b, d)  # g_i * sum_k w_ik last_k, per combination
+            del weights
+            if lead:
+                grad_prefix = (back * a_s[:, None, :]).sum(0)  # [b, D]
+                grad_others[len(lead) - 1][j0:j1] += grad_prefix if fixed is None else grad_prefix * fixed
+                if outer:  # the fixed outer rows: product rule over the outer factors and the slice
+                    summed = (grad_prefix * lead[-1][j0:j1]).sum(0)  # [D]
+                    outer_rows = [x[j] for x, j in zip(lead[:-1], outer)]
+                    for k, j in enumerate(outer):
+                        rest = [r for i, r in enumerate(outer_rows) if i != k]
+                        grad_others[k][j] += summed * _product(rest) if rest else summed
+            # d lse_i / d anchor_i = s * sum_b prefix_b * back_ib (g_i folded into back)
+            reduced = back.mul_(prefix[None]).sum(1)
+            grad_anchor[rows] += reduced * logit_scale
+            grad_scale += (anchor[rows] * reduced).sum()  # d lse_i / d s = anchor_i . reduced_i / g_i
+        return grad_scale, grad_anchor, None, *grad_others
 
 
 def streamed_lse(anchor: Tensor, others: Sequence[Tensor], logit_scale: Tensor | float,
@@ -92,25 +173,14 @@ def streamed_lse(anchor: Tensor, others: Sequence[Tensor], logit_scale: Tensor |
 
     Args:
         anchor: ``[Na, D]``; others: K >= 1 tensors ``[N, D]``; logit_scale: ``s``.
-        block_elements: size of one block of work (rows x prefixes x (D + N)).
+        block_elements: elements of one block of work (rows x leading combinations x (N + 2 D)).
 
     Returns:
-        ``[Na]``. Blocks of (anchor rows x leading combinations) are computed under activation
-        checkpointing and merged with ``logsumexp``, so the peak extra memory is one block.
+        ``[Na]``. Neither the ``N^K`` candidates nor the ``Na x N^K`` scores are held: blocks of
+        (anchor rows x leading combinations) are computed, reduced and dropped, in forward and backward.
     """
-    n, d = others[-1].shape
-    n_lead = n ** (len(others) - 1)
-    per = d + n
-    b = max(1, min(n_lead, block_elements // per))
-    c = max(1, min(anchor.shape[0], block_elements // (b * per)))
-    out = []
-    for r0 in range(0, anchor.shape[0], c):
-        rows = anchor[r0:r0 + c]
-        parts = [checkpoint(_block_lse, rows, logit_scale, torch.arange(p0, min(p0 + b, n_lead), device=rows.device),
-                            *others, use_reentrant=False, preserve_rng_state=False)
-                 for p0 in range(0, n_lead, b)]
-        out.append(parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts, 1), dim=1))
-    return torch.cat(out)
+    scale = torch.as_tensor(logit_scale, dtype=anchor.dtype, device=anchor.device)
+    return _StreamedLSE.apply(scale, anchor, block_elements, *others)
 
 
 def symile_rows(local: Sequence[Tensor], full: Sequence[Tensor], m: int, offset: int,
