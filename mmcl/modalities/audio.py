@@ -5,6 +5,7 @@ timm ViT blocks."""
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,8 @@ def _decode_soundfile(data: bytes, sample_rate: int) -> torch.Tensor:
 
 
 _CONTAINERS = ("mp4", "webm", "mkv")
+#: Added to mel power before the log (the floor of silence).
+SILENCE = 1e-6
 
 
 def _has_audio_stream(data: bytes) -> bool:
@@ -88,7 +91,10 @@ class Audio(Modality):
             sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop, n_mels=cfg.n_mels)
 
     def decode(self, sample: dict) -> torch.Tensor:
-        """-> mono waveform ``[S]`` float32 at ``sample_rate``."""
+        """-> log-mel ``[n_mels, frames]`` float32 of the whole clip (mono, resampled to ``sample_rate``).
+
+        The spectrogram is computed here, not in :meth:`transform`: it is deterministic, so a RAM cache of
+        decoded samples keeps it (smaller than the waveform) and later epochs only crop."""
         ext, data = self.find_member(sample)
         try:
             try:
@@ -108,19 +114,18 @@ class Audio(Modality):
             raise SampleError("bad_audio", "empty audio")
         if not torch.isfinite(wav).all():
             raise SampleError("bad_audio", "non-finite samples")
-        return wav.float()
+        return (self.mel(wav.float()) + SILENCE).log()
 
     def transform(self, data: torch.Tensor, train: bool) -> torch.Tensor:
-        """``[S]`` waveform -> ``[1, n_mels, n_frames]`` standardised log-mel (random crop when training)."""
-        n = self.cfg.n_samples
-        if data.numel() > n:
-            start = int(torch.randint(0, data.numel() - n + 1, ())) if train else (data.numel() - n) // 2
-            data = data[start:start + n]
-        elif data.numel() < n:
-            data = F.pad(data, (0, n - data.numel()))
-        spec = (self.mel(data) + 1e-6).log()[:, : self.cfg.n_frames]
-        spec = (spec - spec.mean()) / (spec.std() + 1e-5)
-        return spec[None]
+        """log-mel ``[n_mels, frames]`` -> ``[1, n_mels, n_frames]``: a window of ``seconds`` (random when
+        training, centred otherwise; short clips padded with silence), standardised per clip."""
+        n, frames = self.cfg.n_frames, data.shape[1]
+        if frames > n:
+            start = int(torch.randint(0, frames - n + 1, ())) if train else (frames - n) // 2
+            data = data[:, start:start + n]
+        elif frames < n:
+            data = F.pad(data, (0, n - frames), value=math.log(SILENCE))
+        return ((data - data.mean()) / (data.std() + 1e-5))[None]
 
     def empty(self) -> torch.Tensor:
         return torch.zeros(1, self.cfg.n_mels, self.cfg.n_frames)
