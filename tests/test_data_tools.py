@@ -468,6 +468,16 @@ def test_passthrough_copies_the_video_stream(media: Path, tmp_path: Path) -> Non
     assert soundfile.info(io.BytesIO(x["flac"])).samplerate == 16000
 
 
+def test_lenient_keeps_what_decodes_and_lists_the_errors(media: Path, tmp_path: Path) -> None:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"key": "cut", "video": str(media / "truncated.webm")}) + "\n")
+    opts = EncodeOptions(fps=4, size=32, lenient=True)
+    report = build_shards(load_inputs(manifest=str(manifest)), str(tmp_path / "out"), options=opts, progress=False)
+    assert report["accepted"] == 1 and report["samples"] == 1 and not report["rejections"]
+    assert [(w["key"], w["source"]) for w in report["warnings"]] == [("cut", "m.jsonl:1")]
+    assert "File ended prematurely" in report["warnings"][0]["warning"]
+
+
 def test_cli_errors(media: Path, tmp_path: Path, capsys) -> None:
     manifest = tmp_path / "ok.jsonl"
     manifest.write_text(json.dumps({"text": "words"}) + "\n")
