@@ -202,7 +202,7 @@ def test_symile_n_squared_m5_and_tiny_blocks():
     assert_close(lse_default, lse_tiny)
 
 
-@pytest.mark.parametrize("m_count", [3, 4])
+@pytest.mark.parametrize("m_count", [3, 4, 5])
 def test_symile_n_with_generator_equals_hand_built(m_count):
     xs = leaves(*(unit(6, 5, 50 + k) for k in range(m_count)))
     s = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
@@ -294,6 +294,17 @@ def test_gram_volume_invariant_to_sign_flips_and_permutations(k):
     for perm in itertools.permutations(range(k)):  # aligned volumes do not depend on the anchor choice
         ys = [xs[p] for p in perm]
         assert_close(gram_volume(ys[0], ys[1:]).diagonal(), base.diagonal())
+
+
+def test_gram_degenerate_volumes_are_clamped_with_finite_zero_gradients():
+    zs, xs = on_sphere(unit(4, 5, 125), unit(4, 5, 125), unit(4, 5, 126))  # first two identical
+    for k in (2, 3):
+        volume = gram_volume(xs[0], xs[1:k])
+        assert_close(volume.diagonal(), torch.full((4,), math.sqrt(1e-6), dtype=torch.float64))
+        grads = grads_of(volume.diagonal().sum(), zs[:k])
+        assert all(g.isfinite().all() and g.abs().max() < 1e-6 for g in grads)
+    loss = gram_loss(xs[0], xs[1:], 0.1)
+    assert all(g.isfinite().all() for g in grads_of(loss, zs))
 
 
 @pytest.mark.parametrize("k", [2, 3, 4])
@@ -466,8 +477,12 @@ def test_bad_inputs_raise_value_errors(name):
         obj({**good, "depth": good["video"]})
     with pytest.raises(ValueError, match="fewer than 2 present"):
         obj(good, {"video": torch.tensor([1, 1, 1, 0]).bool(), "audio": torch.tensor([1, 1, 1, 0]).bool()})
-    with pytest.raises(ValueError, match="present mask must be bool"):
+    with pytest.raises(ValueError, match="present mask for 'video' must be bool"):
         obj(good, {"video": torch.ones(4)})
+    with pytest.raises(ValueError, match=r"must be bool \[4\]"):
+        obj(good, {"video": torch.ones(5, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="share dtype"):
+        obj({**good, "text": good["text"].double()})
 
 
 def test_bad_functional_inputs_and_config():

@@ -33,7 +33,8 @@ NORM_TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-3, torch.float16: 1e-2,
 
 
 def check_shapes(xs: Sequence[Tensor], names: Sequence[str], *, min_count: int = 2) -> None:
-    """Raise ``ValueError`` unless there are ``min_count`` or more 2-D tensors sharing ``N`` and ``D``."""
+    """Raise ``ValueError`` unless there are ``min_count`` or more 2-D tensors sharing ``N``, ``D``, dtype and
+    device."""
     if len(xs) < min_count:
         raise ValueError(f"need at least {min_count} modalities, got {len(xs)}: {list(names)}")
     shapes = ", ".join(f"{n}: {tuple(x.shape)}" for n, x in zip(names, xs))
@@ -41,6 +42,9 @@ def check_shapes(xs: Sequence[Tensor], names: Sequence[str], *, min_count: int =
         raise ValueError(f"embeddings must be 2-D [N, D]; got {shapes}")
     if len({x.shape[0] for x in xs}) > 1 or len({x.shape[1] for x in xs}) > 1:
         raise ValueError(f"embeddings must share N and D; got {shapes}")
+    if len({x.dtype for x in xs}) > 1 or len({x.device for x in xs}) > 1:
+        raise ValueError("embeddings must share dtype and device; got "
+                         + ", ".join(f"{n}: {x.dtype} on {x.device}" for n, x in zip(names, xs)))
 
 
 def check_embeddings(xs: Sequence[Tensor], names: Sequence[str], present: Tensor | None = None,
@@ -259,6 +263,9 @@ class Objective(nn.Module):
             extra = [m for m in present if m not in emb]
             if extra:
                 raise ValueError(f"present masks for modalities without embeddings: {extra}")
+            for m, p in present.items():
+                if p.dtype != torch.bool or p.shape != (n,):
+                    raise ValueError(f"present mask for {m!r} must be bool [{n}], got {p.dtype} {tuple(p.shape)}")
             mask = torch.stack([present[m].to(xs[0].device) if m in present
                                 else torch.ones(n, dtype=torch.bool, device=xs[0].device) for m in names], 1)
             check_present(mask, names, n)

@@ -216,8 +216,8 @@ class ClipObjective(PairwiseObjective):
 
 
 class SiglipObjective(PairwiseObjective):
-    """SigLIP (``logit_scale`` = log s, init ``log 10``; ``logit_bias`` init -10). Pair (m, n) uses
-    m as rows against all n (the sum over all (i, j) pairs is symmetric)."""
+    """SigLIP (``logit_scale`` = log s, init ``log 10``; ``logit_bias`` init -10, learned iff the scale is).
+    Pair (m, n) uses m as rows against all n (the sum over all (i, j) pairs covers both directions)."""
 
     def __init__(self, modalities: Sequence[str], *, init_logit_scale: float | None = None,
                  learn_logit_scale: bool = True, init_logit_bias: float = -10.0, **kwargs) -> None:
