@@ -61,18 +61,17 @@ def check_embeddings(xs: Sequence[Tensor], names: Sequence[str], present: Tensor
     within :data:`NORM_TOLERANCE` of 1.
     """
     check_shapes(xs, names, min_count=min_count)
-    for k, (name, x) in enumerate(zip(names, xs)):
-        if not x.is_floating_point():
-            raise ValueError(f"embedding {name!r} must be floating point, got {x.dtype}")
-        norms = x.detach().float().norm(dim=1)
-        tol = NORM_TOLERANCE.get(x.dtype, 1e-3)
-        bad = ~((norms - 1).abs() <= tol)  # NaN norms count as bad
-        if present is not None:
-            bad &= present[:, k]
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"embedding {name!r} {tuple(x.shape)} is not L2-normalised: row {i} has norm "
-                             f"{norms[i].item():.6g} (tolerance {tol}); normalise it or mark it absent")
+    if not xs[0].is_floating_point():
+        raise ValueError(f"embeddings must be floating point, got {xs[0].dtype}")
+    tol = NORM_TOLERANCE.get(xs[0].dtype, 1e-3)
+    norms = torch.stack([x.detach().float().norm(dim=1) for x in xs], 1)  # [N, M]
+    bad = ~((norms - 1).abs() <= tol)  # NaN norms count as bad
+    if present is not None:
+        bad &= present
+    if bool(bad.any()):  # one host sync for all modalities
+        i, k = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"embedding {names[k]!r} {tuple(xs[k].shape)} is not L2-normalised: row {i} has norm "
+                         f"{norms[i, k].item():.6g} (tolerance {tol}); normalise it or mark it absent")
 
 
 def check_present(present: Tensor, names: Sequence[str], n: int) -> None:
