@@ -1,4 +1,4 @@
-"""``mmcl train | eval | shards | models | demo``."""
+"""``mmcl train | eval | push | shards | models | demo``."""
 
 from __future__ import annotations
 
@@ -22,12 +22,35 @@ def _add_train(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="run an eval suite on a model")
-    p.add_argument("--suite", required=True, help="suite YAML, or a name under configs/eval")
-    p.add_argument("--model", required=True, help="a save_pretrained directory or a run's checkpoint directory")
-    p.add_argument("--out", required=True, help="output directory (results.json, one JSON per task, summary.md)")
+    p = sub.add_parser("eval", help="run an eval suite on a model",
+                       description="Run every task of a suite (zero-shot classification, retrieval, linear probe) "
+                                   "and write results.json, one JSON per task, summary.md and PNG plots to --out. "
+                                   "Encoded datasets are cached under OUT/cache, so a re-run with other prompts "
+                                   "does not encode the data again.")
+    p.add_argument("--suite", required=True, help="suite YAML, or a name under configs/eval (e.g. synthetic)")
+    p.add_argument("--model", required=True, help="a save_pretrained directory, a run's checkpoints/step_N "
+                                                   "directory, or a Hub repo id (from the local HF cache when offline)")
+    p.add_argument("--out", required=True, help="output directory (results.json, one JSON per task, summary.md, "
+                                                 "plots, cache/)")
     p.add_argument("--data", default="", help="held-out shards for tasks whose data is 'test'")
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="loader processes (default: 0)")
+    p.add_argument("--no-cache", dest="cache", action="store_false", help="encode again even when cached")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _add_push(sub) -> None:
+    p = sub.add_parser("push", help="publish a saved model to the Hugging Face Hub",
+                       description="Create the repo (kept if it exists) and upload the model directory's files "
+                                   "(config.json, model.safetensors, preprocessor_config.json, tokenizer, README.md "
+                                   "model card) in one commit. The token comes from HF_TOKEN or `hf auth login`.")
+    p.add_argument("--model", required=True, help="a save_pretrained directory (e.g. a run's final/)")
+    p.add_argument("--repo-id", required=True, help="user/name or org/name")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--eval", dest="eval_dir", help="eval output directory whose results go into the model card "
+                                                   "(default for a run's final/: the run's eval/)")
+    p.add_argument("--train-config", help="training config YAML shown in the model card (default for a run's "
+                                          "final/: the run's config.yaml)")
+    p.add_argument("--message", default="Upload mmcl model", help="commit message")
 
 
 def _add_shards(sub) -> None:
@@ -104,7 +127,7 @@ def _add_shards_build(ss) -> None:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="synthesise data, train, evaluate: the embedded default")
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
-    p.add_argument("--quick", action="store_true", help="a one-minute smoke run (small data, few steps)")
+    p.add_argument("--quick", action="store_true", help="a few-minute smoke run (1000 clips, 80 steps)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of configs/train/demo.yaml")
 
@@ -115,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_train(sub)
     _add_eval(sub)
+    _add_push(sub)
     _add_shards(sub)
     _add_demo(sub)
     sub.add_parser("models", help="list the named model configs")
@@ -131,32 +155,40 @@ def cmd_train(args) -> int:
     return 0
 
 
-def load_model_for_eval(path: str):
-    """A save_pretrained directory, or a training checkpoint directory (config from the run)."""
-    from mmcl.model import MultimodalModel
-
-    p = Path(path)
-    if (p / "config.json").is_file():
-        return MultimodalModel.from_pretrained(p)
-    if (p / "state.pt").is_file():
-        from mmcl.config import Config, from_dict
-        from mmcl.train.checkpoint import load_checkpoint
-
-        weights, state = load_checkpoint(p)
-        cfg = from_dict(Config, state["config"])
-        model = MultimodalModel(cfg.model, cfg.objective)
-        model.load_state_dict(weights)
-        return model
-    raise ConfigError(f"--model {path}: not a model directory (config.json) nor a checkpoint (state.pt)")
-
-
 def cmd_eval(args) -> int:
     from mmcl.eval.suite import load_suite, run_suite
+    from mmcl.hub import load_model
 
     suite = load_suite(args.suite)
-    model = load_model_for_eval(args.model)
-    results = run_suite(model, suite, args.data, workers=args.workers, out_dir=args.out, model_name=args.model)
+    model = load_model(args.model)
+    results = run_suite(model, suite, args.data, workers=args.workers, out_dir=args.out, model_name=args.model,
+                        cache=args.cache, progress=args.progress)
     _print_results(results)
+    print(f"\nreports in {args.out}")
+    return 0
+
+
+def cmd_push(args) -> int:
+    import yaml
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from mmcl.hub import push_to_hub, read_eval_dir
+
+    model_dir = Path(args.model)
+    run_dir = model_dir.parent if model_dir.name == "final" else None
+    eval_dir = args.eval_dir or (str(run_dir / "eval") if run_dir and (run_dir / "eval").is_dir() else None)
+    train_config = args.train_config or (str(run_dir / "config.yaml") if run_dir and (run_dir / "config.yaml").is_file()
+                                         else None)
+    records = read_eval_dir(eval_dir) if eval_dir else None
+    config = yaml.safe_load(Path(train_config).read_text()) if train_config else None
+    try:
+        url = push_to_hub(model_dir, args.repo_id, private=args.private, records=records, train_config=config,
+                          commit_message=args.message)
+    except (HfHubHTTPError, ConnectionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"mmcl push: error: {args.repo_id}: {first}", file=sys.stderr)
+        return 1
+    print(f"pushed {model_dir} to {args.repo_id}: {url}")
     return 0
 
 
@@ -239,7 +271,8 @@ def _print_results(results: dict) -> None:
               f"({t['samples_per_s']:.1f} samples/s); skipped: {results.get('data', {}).get('skipped', {})}")
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "shards": cmd_shards, "models": cmd_models, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "push": cmd_push, "shards": cmd_shards, "models": cmd_models,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,25 +71,38 @@ class MultimodalModel(nn.Module):
         return {"mmcl_format": FORMAT_VERSION, "model": to_dict(self.model_cfg),
                 "objective": to_dict(self.objective_cfg)}
 
-    def save_pretrained(self, save_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write ``config.json``, ``model.safetensors`` and the modalities' files (tokenizers) to ``save_dir``.
+    def save_pretrained(self, save_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None, *,
+                        eval_results: list[dict[str, Any]] | dict[str, Any] | None = None,
+                        train_config: dict[str, Any] | None = None, model_name: str = "") -> Path:
+        """Write ``config.json``, ``model.safetensors``, the modalities' files (tokenizers),
+        ``preprocessor_config.json`` and a ``README.md`` model card to ``save_dir``.
 
         Files a modality needs are copied in and referenced by relative name, so the directory is
         self-contained. ``state_dict`` overrides the live weights (e.g. one gathered from ZeRO-3).
+        ``eval_results`` (a suite's results, or per-task records as :func:`mmcl.hub.read_eval_dir` returns
+        them) go into the card as ``model-index`` metadata, ``train_config`` as a YAML block.
         """
+        from mmcl.hub import PREPROCESSOR_NAME, eval_records, write_model_card
+
         out = Path(save_dir)
         out.mkdir(parents=True, exist_ok=True)
         cfg = self.config_dict()
+        preprocessing = {}
         for name, mod in self.modalities.items():
             for field_name, src in mod.files().items():
                 dst = f"{name}_{Path(src).name}"
                 if Path(src).resolve() != (out / dst).resolve():
                     shutil.copyfile(src, out / dst)
                 cfg["model"]["modalities"][name][field_name] = dst
+            spec = {k: v for k, v in mod.to_dict().items() if k != "tower"}
+            preprocessing[name] = {**spec, **{k: cfg["model"]["modalities"][name][k] for k in mod.files()}}
         sd = state_dict if state_dict is not None else self.state_dict()
         save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(out / WEIGHTS_NAME),
                   metadata={"format": "pt", "mmcl_format": str(FORMAT_VERSION)})
         (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+        (out / PREPROCESSOR_NAME).write_text(json.dumps(preprocessing, indent=2))
+        records = eval_records(eval_results) if isinstance(eval_results, dict) else eval_results
+        write_model_card(out, records, train_config, model_name)
         return out
 
     @classmethod
@@ -99,15 +112,23 @@ class MultimodalModel(nn.Module):
         return cls(model_cfg, objective_cfg, base_dir)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, map_location: str = "cpu") -> MultimodalModel:
-        """Load a directory written by :meth:`save_pretrained` (weights from safetensors only)."""
-        path = Path(path)
+    def from_pretrained(cls, name_or_path: str | Path, map_location: str = "cpu", *, revision: str | None = None,
+                        cache_dir: str | Path | None = None, local_files_only: bool = False,
+                        token: str | None = None) -> MultimodalModel:
+        """Load a directory written by :meth:`save_pretrained`, or a Hub repo id (downloaded into, or when
+        offline found in, the local HF cache). Weights are read from safetensors only; a directory with
+        pickle-based weights alone, or a ``model.safetensors`` that is not one, is refused."""
+        from mmcl.hub import check_weights, resolve_pretrained
+
+        path = resolve_pretrained(name_or_path, revision=revision, cache_dir=cache_dir,
+                                  local_files_only=local_files_only, token=token)
         config_file = path / CONFIG_NAME
         if not config_file.is_file():
             raise FileNotFoundError(f"not an mmcl model directory (no {CONFIG_NAME}): {path}")
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path} (mmcl loads safetensors weights only)")
+        check_weights(weights)
         model = cls.from_config_dict(json.loads(config_file.read_text()), base_dir=path)
         model.load_state_dict(load_file(str(weights), device=map_location))
         return model

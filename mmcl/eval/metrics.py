@@ -1,4 +1,9 @@
-"""Metrics named as CLIP_benchmark names them, computed from score matrices (higher = better)."""
+"""Metrics named as CLIP_benchmark names them, computed from score matrices (higher = better).
+
+Ties are broken uniformly at random, and every metric is its *expectation* over that choice: a model
+whose scores are all equal gets chance-level numbers, never a perfect score because the true candidate
+came first in the list, nor zero because it came last. Without ties this is the plain metric.
+"""
 
 from __future__ import annotations
 
@@ -7,35 +12,90 @@ import math
 import torch
 
 
+def _first_hit_within(k: torch.Tensor | float, ahead: torch.Tensor, tied: torch.Tensor,
+                      tied_pos: torch.Tensor) -> torch.Tensor:
+    """P(the first positive sits at rank <= k) when ``ahead`` candidates score strictly higher than the
+    best positive and ``tied`` candidates (``tied_pos`` of them positives) share its score, their order
+    uniformly random: ``1 - C(tied - tied_pos, j) / C(tied, j)`` with ``j = k - ahead`` slots left."""
+    ahead, tied, tied_pos = ahead.double(), tied.double(), tied_pos.double()
+    j = (torch.as_tensor(k, dtype=torch.float64) - ahead).clamp(min=0.0)
+    neg = tied - tied_pos
+    j_safe = torch.minimum(j, neg)  # C(neg, j) = 0 beyond neg (then the probability is 1)
+    log_miss = (torch.lgamma(neg + 1) - torch.lgamma(neg - j_safe + 1)
+                - torch.lgamma(tied + 1) + torch.lgamma(tied - j_safe + 1))
+    p = 1.0 - log_miss.exp()
+    return torch.where(j > neg, torch.ones_like(p), torch.where(j <= 0, torch.zeros_like(p), p))
+
+
+def _tie_counts(scores: torch.Tensor, positives: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per query: candidates strictly above the best positive, candidates tied with it, positives tied
+    with it. ``scores [Nq, Nc]``, ``positives`` bool ``[Nq, Nc]`` with at least one per row."""
+    if not bool(positives.any(dim=1).all()):
+        raise ValueError("every query needs at least one positive candidate")
+    best = scores.masked_fill(~positives, -math.inf).max(dim=1).values[:, None]
+    ahead = (scores > best).sum(dim=1)
+    tied = scores == best
+    return ahead, tied.sum(dim=1), (tied & positives).sum(dim=1)
+
+
+def true_ranks(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Expected 1-based rank of the best-ranked positive per query (float64 ``[Nq]``).
+
+    With ``a`` candidates above it and ``t`` tied with it, ``p`` of them positives, the first of the ``p``
+    positives in a random order of the ``t`` lands at ``(t + 1) / (p + 1)`` on average.
+    """
+    ahead, tied, tied_pos = _tie_counts(scores, positives)
+    return ahead.double() + (tied.double() + 1) / (tied_pos.double() + 1)
+
+
+def recall_at(scores: torch.Tensor, positives: torch.Tensor, ks: list[int] | tuple[int, ...]) -> torch.Tensor:
+    """``[len(ks), Nq]``: per query, the probability that a positive is among the top K (CLIP_benchmark's
+    recall: a query with several positives counts when any of them is retrieved)."""
+    ahead, tied, tied_pos = _tie_counts(scores, positives)
+    return torch.stack([_first_hit_within(k, ahead, tied, tied_pos) for k in ks])
+
+
+def retrieval_metrics(scores: torch.Tensor, positives: torch.Tensor,
+                      ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """R@K (any positive within the top K), median and mean rank of the first positive, ``n`` queries."""
+    ranks = true_ranks(scores, positives)
+    recalls = recall_at(scores, positives, ks)
+    out: dict[str, float] = {f"R@{k}": recalls[i].mean().item() for i, k in enumerate(ks)}
+    out.update({"median_rank": ranks.quantile(0.5).item(), "mean_rank": ranks.mean().item(),
+                "n": int(ranks.numel())})
+    return out
+
+
+def recall_curve(scores: torch.Tensor, positives: torch.Tensor, max_k: int) -> list[float]:
+    """Mean R@K for K = 1 .. ``max_k`` (the recall@K plot)."""
+    ks = list(range(1, max_k + 1))
+    return recall_at(scores, positives, ks).mean(dim=1).tolist()
+
+
+def class_probabilities(scores: torch.Tensor) -> torch.Tensor:
+    """``[N, C]``: the probability that each class is the top-1 prediction (``1 / t`` for each of the
+    ``t`` classes tied at the top score)."""
+    top = scores == scores.max(dim=1, keepdim=True).values
+    return top.double() / top.sum(dim=1, keepdim=True)
+
+
 def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict[str, float]:
     """``scores [N, C]``, ``labels [N]`` -> acc1, acc5 (NaN below 5 classes), mean_per_class_recall.
 
     Classes absent from ``labels`` are left out of the mean per-class recall.
     """
     n = labels.numel()
-    top = scores.topk(min(5, n_classes), dim=1).indices
-    hit = top == labels[:, None]
-    acc1 = hit[:, 0].float().mean().item()
-    acc5 = hit.any(dim=1).float().mean().item() if n_classes >= 5 else math.nan
-    pred = top[:, 0]
-    recalls = [(pred[labels == c] == c).float().mean().item() for c in range(n_classes) if (labels == c).any()]
-    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": sum(recalls) / len(recalls),
-            "n": n, "n_classes": n_classes}
+    positives = torch.nn.functional.one_hot(labels, n_classes).bool()
+    hit1, hit5 = recall_at(scores, positives, (1, 5))
+    recalls = [hit1[labels == c].mean().item() for c in range(n_classes) if bool((labels == c).any())]
+    return {"acc1": hit1.mean().item(), "acc5": hit5.mean().item() if n_classes >= 5 else math.nan,
+            "mean_per_class_recall": sum(recalls) / len(recalls), "n": n, "n_classes": n_classes}
 
 
-def true_ranks(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """1-based rank of the best-ranked positive per query. ``scores [Nq, Nc]``, ``positives`` bool
-    ``[Nq, Nc]``. A candidate scoring equal to the positive is not counted ahead of it."""
-    best = scores.masked_fill(~positives, -math.inf).max(dim=1).values
-    return (scores > best[:, None]).sum(dim=1) + 1
-
-
-def retrieval_metrics(scores: torch.Tensor, positives: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """Recall@K (a query counts when any positive is within the top K), median and mean rank."""
-    ranks = true_ranks(scores, positives).float()
-    out = {f"R@{k}": (ranks <= k).float().mean().item() for k in ks}
-    out.update({"median_rank": ranks.median().item(), "mean_rank": ranks.mean().item(), "n": int(ranks.numel())})
-    return out
+def confusion_matrix(scores: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """``[C, C]`` expected counts: row = true class, column = predicted class (ties split evenly)."""
+    out = torch.zeros(n_classes, n_classes, dtype=torch.float64)
+    return out.index_add_(0, labels, class_probabilities(scores))
 
 
 def attribute_match(scores: torch.Tensor, same_attrs: torch.Tensor) -> dict[str, float]:
@@ -43,7 +103,6 @@ def attribute_match(scores: torch.Tensor, same_attrs: torch.Tensor) -> dict[str,
     with the query's true match. Returns the R@1 of matching attributes and the tie ceiling of exact R@1
     (the mean of ``1 / #tied candidates``: the best any model can do when tied candidates are
     indistinguishable)."""
-    top1 = scores.argmax(dim=1)
-    match = same_attrs[torch.arange(scores.shape[0]), top1].float().mean().item()
-    ceiling = (1.0 / same_attrs.sum(dim=1).float()).mean().item()
+    match = (class_probabilities(scores) * same_attrs.double()).sum(dim=1).mean().item()
+    ceiling = (1.0 / same_attrs.sum(dim=1).double()).mean().item()
     return {"R@1_attribute_match": match, "R@1_tie_ceiling": ceiling}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from mmcl.eval.metrics import attribute_match, retrieval_metrics
+from mmcl.eval.zeroshot import score
 
 
 @torch.no_grad()
@@ -12,11 +13,12 @@ def retrieval(model, query: dict[str, torch.Tensor], candidates: dict[str, torch
               positives: torch.Tensor | None = None, same_attrs: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
     """Queries ``{modality: [Nq, D]}`` against candidates ``{modality: [Nc, D]}``.
 
-    ``positives [Nq, Nc]`` (default: the identity, query i pairs with candidate i; several per row allowed).
-    ``same_attrs [Nq, Nc]``: candidates indistinguishable from the true one by the judged attributes, for the
-    attribute-match R@1 and the tie ceiling. Returns (metrics, scores ``[Nq, Nc]``).
+    ``positives [Nq, Nc]`` (default: the identity, query i pairs with candidate i; several per row allowed:
+    a query counts as retrieved when any of its positives is). ``same_attrs [Nq, Nc]``: candidates
+    indistinguishable from the true one by the judged attributes, for the attribute-match R@1 and the tie
+    ceiling. Returns (metrics, scores ``[Nq, Nc]``).
     """
-    scores = model.objective.score(query, candidates)
+    scores = score(model, query, candidates)
     if positives is None:
         positives = torch.eye(*scores.shape, dtype=torch.bool)
     metrics = retrieval_metrics(scores, positives)

@@ -1,9 +1,16 @@
-"""Eval suites: a YAML list of tasks -> ``results.json`` (+ one JSON per task, CLIP_benchmark style, and a
-markdown summary). The same code runs at the end of training and from ``mmcl eval``."""
+"""Eval suites: a YAML list of tasks -> ``results.json`` (+ one JSON per task, CLIP_benchmark style, a
+markdown summary and PNG plots). The same code runs during and at the end of training and from
+``mmcl eval``.
+
+Everything that can be checked without the model's forward pass is checked first — task types and
+fields, modalities the model lacks, data that does not exist, samples without labels, classes without
+samples, clips without captions — and fails with a one-line :class:`EvalError` before encoding starts.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,34 +21,114 @@ import yaml
 from tqdm import tqdm
 
 from mmcl.config import CONFIG_DIR, ConfigError, from_dict
-from mmcl.data.shards import build_loader
+from mmcl.data.shards import build_loader, expand_shards
+from mmcl.eval.data import (
+    EmbeddingCache,
+    data_fingerprint,
+    is_manifest,
+    model_fingerprint,
+    scan_metadata,
+    shards_from_manifest,
+)
+from mmcl.eval.linear_probe import DEFAULT_WEIGHT_DECAYS, linear_probe
+from mmcl.eval.metrics import confusion_matrix, recall_curve
 from mmcl.eval.retrieval import retrieval
-from mmcl.eval.zeroshot import zeroshot_classification
+from mmcl.eval.zeroshot import encode_texts, model_device, zeroshot_classification
+
+log = logging.getLogger(__name__)
+
+TASK_TYPES = ("zeroshot_classification", "retrieval", "linear_probe")
+#: Longest K of the recall@K curve.
+CURVE_MAX_K = 50
+
+
+class EvalError(ConfigError):
+    """A suite cannot run on this model or data (one-line message naming the task)."""
 
 
 @dataclass
 class TaskConfig:
     name: str
-    type: Literal["zeroshot_classification", "retrieval"]
+    type: Literal["zeroshot_classification", "retrieval", "linear_probe"]
     #: Query modalities (several = a joint query, combined by the objective's scoring).
     query: list[str]
     #: Retrieval candidates (classification always scores against text prompts).
     candidates: list[str] = field(default_factory=lambda: ["text"])
-    #: Shard spec, or "test" for the held-out split given with the suite run.
+    #: Shard spec, a manifest (``.csv`` / ``.tsv`` / ``.jsonl``, built into shards once), or "test" for the
+    #: held-out split given with the suite run.
     data: str = "test"
-    #: Classification: the key under ``json["labels"]`` holding the class name.
+    #: The dataset's name in reports and in the model card (default: the data spec).
+    dataset: str = ""
+    #: Classification and linear probe: the key under ``json["labels"]`` holding the class name (dotted
+    #: for nested keys).
     label: str = ""
-    classnames: list[str] = field(default_factory=list)
-    templates: list[str] = field(default_factory=lambda: ["{}"])
+    #: Class names, or a JSON file of them (a list, or ``file.json#key`` for a list under a key).
+    classnames: list[str] | str = field(default_factory=list)
+    #: Prompt templates with a ``{}`` for the class name, or a JSON file of them (as ``classnames``).
+    templates: list[str] | str = field(default_factory=lambda: ["{}"])
+    #: The text modality that encodes prompts and captions.
+    text: str = "text"
+    #: Retrieval: a key of the samples' JSON holding several captions per clip (strings or objects with a
+    #: ``text``); the text side then has one row per caption. Empty: the sample's own caption.
+    captions: str = ""
     #: Retrieval: label keys judged for the attribute-match R@1 and the tie ceiling.
     match_labels: list[str] = field(default_factory=list)
+    #: Linear probe: the training split (shard spec or manifest); ``data`` is the split it is scored on.
+    train_data: str = ""
+    #: Linear probe: the L2 weight decays tried (picked on a held-out fifth of ``train_data``).
+    weight_decays: list[float] = field(default_factory=lambda: list(DEFAULT_WEIGHT_DECAYS))
 
     def validate(self, where: str) -> None:
-        if self.type == "zeroshot_classification":
-            if not self.label:
-                raise ConfigError(f"{where}.label: a zeroshot_classification task needs the label key")
-            if not self.classnames:
-                raise ConfigError(f"{where}.classnames: a zeroshot_classification task needs class names")
+        if not self.query:
+            raise ConfigError(f"{where}.query: at least one modality")
+        if len(set(self.query)) != len(self.query):
+            raise ConfigError(f"{where}.query: a modality is listed twice")
+        classify = self.type in ("zeroshot_classification", "linear_probe")
+        if classify and not self.label:
+            raise ConfigError(f"{where}.label: a {self.type} task needs the label key")
+        if self.type == "zeroshot_classification" and not self.classnames:
+            raise ConfigError(f"{where}.classnames: a zeroshot_classification task needs class names")
+        if isinstance(self.classnames, list) and len(set(self.classnames)) != len(self.classnames):
+            raise ConfigError(f"{where}.classnames: a class name is listed twice")
+        if isinstance(self.templates, list):
+            if not self.templates:
+                raise ConfigError(f"{where}.templates: at least one template")
+            bad = [t for t in self.templates if "{}" not in t]
+            if bad and self.type == "zeroshot_classification":
+                raise ConfigError(f"{where}.templates: {bad[0]!r} has no {{}} for the class name")
+        if self.type == "retrieval":
+            if not self.candidates:
+                raise ConfigError(f"{where}.candidates: at least one modality")
+            both = sorted(set(self.query) & set(self.candidates))
+            if both:
+                raise ConfigError(f"{where}: {both[0]!r} is both a query and a candidate modality")
+            if self.captions and self.text not in self.query + self.candidates:
+                raise ConfigError(f"{where}.captions: the task has no {self.text!r} side for the captions")
+        else:
+            for name in ("captions", "match_labels"):
+                if getattr(self, name):
+                    raise ConfigError(f"{where}.{name}: only for retrieval tasks")
+        if self.type == "linear_probe":
+            if not self.train_data:
+                raise ConfigError(f"{where}.train_data: a linear_probe task needs a training split")
+            if not self.weight_decays or any(wd < 0 for wd in self.weight_decays):
+                raise ConfigError(f"{where}.weight_decays: one or more values >= 0")
+        elif self.train_data:
+            raise ConfigError(f"{where}.train_data: only for linear_probe tasks")
+
+    @property
+    def modalities(self) -> list[str]:
+        """The embeddings the task compares (text prompts of classification tasks included)."""
+        if self.type == "retrieval":
+            return self.query + self.candidates
+        return self.query + ([self.text] if self.type == "zeroshot_classification" else [])
+
+    @property
+    def encoded(self) -> list[str]:
+        """The modalities read from the task's data (captions and prompts are encoded from text)."""
+        if self.type != "retrieval":
+            return list(self.query)
+        return [m for m in self.modalities if not (self.captions and m == self.text)]
 
 
 @dataclass
@@ -49,122 +136,404 @@ class SuiteConfig:
     tasks: list[TaskConfig]
     batch_size: int = 128
 
+    def validate(self, where: str) -> None:
+        if not self.tasks:
+            raise ConfigError(f"{where}.tasks: at least one task")
+        if self.batch_size <= 0:
+            raise ConfigError(f"{where}.batch_size: must be > 0, got {self.batch_size}")
+        seen: set[str] = set()
+        for i, task in enumerate(self.tasks):
+            if task.name in seen:
+                raise ConfigError(f"{where}.tasks[{i}].name: {task.name!r} is used by another task")
+            seen.add(task.name)
+
+
+def _read_list(value: list[str] | str, base: Path, where: str) -> list[str]:
+    """An inline list, or the list in a JSON file (``file.json`` or ``file.json#key``)."""
+    if isinstance(value, list):
+        return value
+    path_text, _, key = value.partition("#")
+    path = Path(path_text).expanduser()
+    path = path if path.is_absolute() else base / path
+    try:
+        node = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: file not found: {path}") from None
+    except ValueError as e:
+        raise ConfigError(f"{where}: {path} is not JSON ({e})") from None
+    if key:
+        if not isinstance(node, dict) or key not in node:
+            raise ConfigError(f"{where}: {path} has no key {key!r}")
+        node = node[key]
+    if not isinstance(node, list) or not node or not all(isinstance(x, str) for x in node):
+        raise ConfigError(f"{where}: {path}{'#' + key if key else ''} is not a non-empty list of strings")
+    return node
+
+
+def resolve_files(suite: SuiteConfig, base: Path) -> SuiteConfig:
+    """Read the class names and templates given as JSON files (relative to ``base``) into the suite."""
+    for i, task in enumerate(suite.tasks):
+        where = f"suite.tasks[{i}]"
+        if isinstance(task.classnames, str):
+            task.classnames = _read_list(task.classnames, base, f"{where}.classnames")
+        if isinstance(task.templates, str):
+            task.templates = _read_list(task.templates, base, f"{where}.templates")
+        task.validate(where)
+    return suite
+
 
 def load_suite(path: str | Path) -> SuiteConfig:
+    """A suite file, or a name under ``configs/eval`` (``synthetic``); JSON files it names are read
+    relative to it."""
     p = Path(path)
     if not p.is_file():
         named = CONFIG_DIR / "eval" / (p.name if p.suffix else f"{p.name}.yaml")
         if not named.is_file():
             raise ConfigError(f"eval suite not found: {path}")
         p = named
-    return from_dict(SuiteConfig, yaml.safe_load(p.read_text()) or {}, "suite")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not YAML ({str(e).splitlines()[0]})") from None
+    return resolve_files(from_dict(SuiteConfig, data, "suite"), p.parent)
 
 
 def check_suite(suite: SuiteConfig, model) -> None:
-    """Fail before any encoding when a task names modalities the model lacks."""
+    """Fail before any encoding when a task names modalities the model lacks (or its text modality is
+    not text)."""
+    resolve_files(suite, Path.cwd())
     for i, task in enumerate(suite.tasks):
-        needed = task.query + (task.candidates if task.type == "retrieval" else ["text"])
-        missing = [m for m in needed if m not in model.modalities]
+        missing = [m for m in task.modalities if m not in model.modalities]
         if missing:
-            raise ConfigError(f"suite.tasks[{i}] ({task.name}): model has no modality {missing[0]!r} "
-                              f"(has: {', '.join(model.modalities)})")
+            raise EvalError(f"suite.tasks[{i}] ({task.name}): model has no modality {missing[0]!r} "
+                            f"(has: {', '.join(model.modalities)})")
+        needs_text = task.type == "zeroshot_classification" or task.captions
+        if needs_text and not hasattr(model.modalities[task.text], "tokenize"):
+            raise EvalError(f"suite.tasks[{i}] ({task.name}): modality {task.text!r} is not a text modality")
 
 
-@torch.no_grad()
-def encode_dataset(model, spec: str, modalities: list[str], batch_size: int, workers: int = 0,
-                   desc: str = "encode") -> dict[str, Any]:
-    """Encode every sample of ``spec`` -> ``{"emb": {m: [N, D]}, "present": {m: [N]}, "meta": [...],
-    "keys": [...], "skipped": {...}}``."""
-    mods = {m: model.modalities[m] for m in modalities}
-    loader = build_loader(spec, mods, batch_size, train=False, workers=workers, with_meta=True,
-                          on_missing="mask")
-    emb: dict[str, list] = {m: [] for m in modalities}
-    present: dict[str, list] = {m: [] for m in modalities}
-    meta, keys = [], []
-    for batch in tqdm(loader, desc=desc, total=math.ceil(loader.size / batch_size) if loader.size else None,
-                      leave=False, dynamic_ncols=True):
-        out = model.encode(batch["inputs"])
-        for m in modalities:
-            emb[m].append(out[m].float())
-            present[m].append(batch["present"][m])
-        meta.extend(batch["meta"])
-        keys.extend(batch["keys"])
-    return {"emb": {m: torch.cat(v) for m, v in emb.items()}, "present": {m: torch.cat(v) for m, v in present.items()},
-            "meta": meta, "keys": keys, "skipped": dict(loader.skipped)}
+# ----------------------------------------------------------------------------------------------------
+# Labels and captions from the samples' JSON
 
 
-def _label_of(meta: dict, key: str) -> Any:
-    node: Any = meta.get("labels", meta)
+def _meta_path(node: Any, key: str) -> Any:
     for part in key.split("."):
         node = node[int(part)] if isinstance(node, list) else node[part]
     return node
 
 
-def run_task(model, task: TaskConfig, data: dict[str, Any]) -> dict[str, float]:
-    """One task on an encoded dataset -> its metrics."""
-    mods = task.query + (task.candidates if task.type == "retrieval" else [])
+def _label_of(meta: dict, key: str) -> Any:
+    return _meta_path(meta.get("labels", meta), key)
+
+
+def _labels(task: TaskConfig, metas: list[tuple[str, dict]], spec: str) -> list[str]:
+    out = []
+    for key, meta in metas:
+        try:
+            out.append(str(_label_of(meta, task.label)))
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise EvalError(f"task {task.name}: sample {key} of {spec} has no label {task.label!r} in its json "
+                            f"(a {task.type} task needs labelled data)") from None
+    return out
+
+
+def _check_classes(task: TaskConfig, names: list[str], spec: str, classnames: list[str]) -> None:
+    unknown = sorted(set(names) - set(classnames))
+    if unknown:
+        raise EvalError(f"task {task.name}: label {unknown[0]!r} in {spec} is not among the class names "
+                        f"({', '.join(classnames)})")
+    empty = [c for c in classnames if c not in set(names)]
+    if empty:
+        raise EvalError(f"task {task.name}: class {empty[0]!r} has no samples in {spec}")
+
+
+def _captions(task: TaskConfig, key: str, meta: dict) -> list[str]:
+    try:
+        node = _meta_path(meta, task.captions)
+    except (KeyError, IndexError, TypeError, ValueError):
+        node = None
+    items = [node] if isinstance(node, str) else node if isinstance(node, list) else []
+    texts = [c if isinstance(c, str) else c.get("text") if isinstance(c, dict) else None for c in items]
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise EvalError(f"task {task.name}: sample {key} has no captions under {task.captions!r} in its json")
+    return texts
+
+
+def _classnames(task: TaskConfig, train_names: list[str] | None) -> list[str]:
+    if task.classnames:
+        return list(task.classnames)
+    return sorted(set(train_names or []))
+
+
+def check_data(task: TaskConfig, spec: str, train_spec: str = "",
+               scans: dict[str, list[tuple[str, dict]] | None] | None = None) -> None:
+    """Labels, classes and captions of a task's (local) data, from the JSON alone (``scans``: metadata
+    already read, by spec; filled in)."""
+    scans = {} if scans is None else scans
+    for s in filter(None, (spec, train_spec)):
+        if s not in scans:
+            scans[s] = scan_metadata(s)
+    metas = scans[spec]
+    if metas is None:
+        return
+    if task.type == "retrieval":
+        if task.captions:
+            for key, meta in metas:
+                _captions(task, key, meta)
+        return
+    names = _labels(task, metas, spec)
+    train_names = None
+    if task.type == "linear_probe":
+        if scans[train_spec] is None:
+            return
+        train_names = _labels(task, scans[train_spec], train_spec)
+        _check_classes(task, train_names, train_spec, _classnames(task, train_names))
+    _check_classes(task, names, spec, _classnames(task, train_names))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encoding
+
+
+@torch.no_grad()
+def encode_dataset(model, spec: str, modalities: list[str], batch_size: int, workers: int = 0,
+                   desc: str = "encode", progress: bool = True) -> dict[str, Any]:
+    """Encode every sample of ``spec`` -> ``{"emb": {m: [N, D]}, "present": {m: [N]}, "meta": [...],
+    "keys": [...], "skipped": {...}}`` (embeddings float32 on the CPU)."""
+    mods = {m: model.modalities[m] for m in modalities}
+    workers = min(workers, len(expand_shards(spec)))
+    loader = build_loader(spec, mods, batch_size, train=False, workers=workers, with_meta=True,
+                          on_missing="mask")
+    device = model_device(model)
+    emb: dict[str, list] = {m: [] for m in modalities}
+    present: dict[str, list] = {m: [] for m in modalities}
+    meta, keys = [], []
+    for batch in tqdm(loader, desc=desc, total=math.ceil(loader.size / batch_size) if loader.size else None,
+                      leave=False, dynamic_ncols=True, disable=not progress, unit="batch"):
+        out = model.encode({m: x.to(device) for m, x in batch["inputs"].items()})
+        for m in modalities:
+            emb[m].append(out[m].float().cpu())
+            present[m].append(batch["present"][m])
+        meta.extend(batch["meta"])
+        keys.extend(batch["keys"])
+    if not keys:
+        raise EvalError(f"{spec}: no sample could be read (skipped: {dict(loader.skipped) or 'none'})")
+    return {"emb": {m: torch.cat(v) for m, v in emb.items()}, "present": {m: torch.cat(v) for m, v in present.items()},
+            "meta": meta, "keys": keys, "skipped": dict(loader.skipped)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tasks
+
+
+@dataclass
+class TaskOutput:
+    """A task's metrics and what its plot needs."""
+
+    metrics: dict[str, float]
+    dataset: str = ""
+    classnames: list[str] = field(default_factory=list)
+    #: Classification: ``[C, C]`` expected counts (row = true class).
+    confusion: torch.Tensor | None = None
+    #: Retrieval: mean R@K for K = 1 .. min(candidates, CURVE_MAX_K).
+    curve: list[float] = field(default_factory=list)
+
+
+def _kept(task: TaskConfig, data: dict[str, Any], mods: list[str], spec: str) -> torch.Tensor:
+    """Indices of the samples that have every one of ``mods``."""
     keep = torch.ones(len(data["keys"]), dtype=torch.bool)
     for m in mods:
         keep &= data["present"][m]
     idx = keep.nonzero().squeeze(1)
     if idx.numel() == 0:
-        raise ValueError(f"task {task.name}: no sample has all of {mods}")
-    query = {m: data["emb"][m][idx] for m in task.query}
-    metas = [data["meta"][i] for i in idx.tolist()]
-    if task.type == "zeroshot_classification":
-        try:
-            names = [str(_label_of(meta, task.label)) for meta in metas]
-        except (KeyError, IndexError, TypeError):
-            raise ValueError(f"task {task.name}: samples have no label {task.label!r} in their json") from None
-        index = {c: i for i, c in enumerate(task.classnames)}
-        unknown = sorted(set(names) - set(index))
-        if unknown:
-            raise ValueError(f"task {task.name}: label {unknown[0]!r} is not among classnames {task.classnames}")
-        labels = torch.tensor([index[n] for n in names])
-        metrics, _ = zeroshot_classification(model, query, labels, task.classnames, task.templates)
-        return metrics
-    candidates = {m: data["emb"][m][idx] for m in task.candidates}
+        raise EvalError(f"task {task.name}: no sample of {spec} has all of {', '.join(mods)}")
+    return idx
+
+
+def _classification_inputs(task: TaskConfig, data: dict[str, Any], spec: str,
+                           classnames: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    idx = _kept(task, data, task.query, spec)
+    names = _labels(task, [(data["keys"][i], data["meta"][i]) for i in idx.tolist()], spec)
+    _check_classes(task, names, spec, classnames)
+    index = {c: i for i, c in enumerate(classnames)}
+    return {m: data["emb"][m][idx] for m in task.query}, torch.tensor([index[n] for n in names])
+
+
+def _side(model, task: TaskConfig, mods: list[str], data: dict[str, Any],
+          idx: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One side of a retrieval task: ``{modality: [rows, D]}`` and the clip (position in ``idx``) of each
+    row. With ``captions`` the text side has one row per caption, its other modalities repeated."""
+    clip = torch.arange(idx.numel())
+    if not (task.captions and task.text in mods):
+        return {m: data["emb"][m][idx] for m in mods}, clip
+    texts, owner = [], []
+    for pos, i in enumerate(idx.tolist()):
+        caps = _captions(task, data["keys"][i], data["meta"][i])
+        texts += caps
+        owner += [pos] * len(caps)
+    clip = torch.tensor(owner)
+    side = {m: data["emb"][m][idx][clip] for m in mods if m != task.text}
+    side[task.text] = encode_texts(model, texts, task.text)
+    return {m: side[m] for m in mods}, clip
+
+
+def _retrieval(model, task: TaskConfig, data: dict[str, Any], spec: str) -> TaskOutput:
+    idx = _kept(task, data, task.encoded, spec)
+    query, q_clip = _side(model, task, task.query, data, idx)
+    candidates, c_clip = _side(model, task, task.candidates, data, idx)
+    positives = q_clip[:, None] == c_clip[None, :]
     same = None
     if task.match_labels:
-        attrs = [tuple(str(_label_of(meta, k)) for k in task.match_labels) for meta in metas]
+        metas = [data["meta"][i] for i in idx.tolist()]
+        try:
+            attrs = [tuple(str(_label_of(meta, k)) for k in task.match_labels) for meta in metas]
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise EvalError(f"task {task.name}: samples of {spec} lack a label of match_labels "
+                            f"{task.match_labels}") from None
         codes = {a: i for i, a in enumerate(sorted(set(attrs)))}
         code = torch.tensor([codes[a] for a in attrs])
-        same = code[:, None] == code[None, :]
-    metrics, _ = retrieval(model, query, candidates, same_attrs=same)
-    return metrics
+        same = code[q_clip][:, None] == code[c_clip][None, :]
+    metrics, scores = retrieval(model, query, candidates, positives=positives, same_attrs=same)
+    return TaskOutput(metrics, curve=recall_curve(scores, positives, min(scores.shape[1], CURVE_MAX_K)))
+
+
+def run_task(model, task: TaskConfig, data: dict[str, Any], train: dict[str, Any] | None = None,
+             spec: str = "", train_spec: str = "") -> dict[str, float]:
+    """One task on an encoded dataset (and, for a linear probe, the encoded training split) -> its
+    metrics."""
+    return _run_task(model, task, data, train, spec, train_spec).metrics
+
+
+def _run_task(model, task: TaskConfig, data: dict[str, Any], train: dict[str, Any] | None = None,
+              spec: str = "", train_spec: str = "") -> TaskOutput:
+    spec = spec or task.data
+    if task.type == "retrieval":
+        out = _retrieval(model, task, data, spec)
+        out.dataset = task.dataset or spec
+        return out
+    if task.type == "zeroshot_classification":
+        classnames = list(task.classnames)
+        query, labels = _classification_inputs(task, data, spec, classnames)
+        metrics, scores = zeroshot_classification(model, query, labels, classnames, task.templates, task.text)
+    else:
+        if train is None:
+            raise EvalError(f"task {task.name}: a linear probe needs its encoded training split")
+        train_spec = train_spec or task.train_data
+        train_idx = _kept(task, train, task.query, train_spec)
+        classnames = _classnames(task, _labels(task, [(train["keys"][i], train["meta"][i])
+                                                      for i in train_idx.tolist()], train_spec))
+        train_x, train_y = _classification_inputs(task, train, train_spec, classnames)
+        query, labels = _classification_inputs(task, data, spec, classnames)
+        metrics, scores = linear_probe(torch.cat([train_x[m] for m in task.query], dim=1), train_y,
+                                       torch.cat([query[m] for m in task.query], dim=1), labels,
+                                       len(classnames), task.weight_decays)
+    return TaskOutput(metrics, dataset=task.dataset or spec, classnames=classnames,
+                      confusion=confusion_matrix(scores, labels, len(classnames)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The suite
+
+
+def _resolve_spec(spec: str, test_spec: str, task: TaskConfig, workers: int, progress: bool,
+                  built: dict[str, tuple[str, int]]) -> str:
+    if spec == "test":
+        if not test_spec:
+            raise EvalError(f"task {task.name}: data is 'test' but no held-out shards were given")
+        spec = test_spec
+    try:
+        if is_manifest(spec):
+            if spec not in built:
+                built[spec] = shards_from_manifest(spec, workers=workers, progress=progress)
+            return built[spec][0]
+        expand_shards(spec)  # a missing shard fails here, before anything is encoded
+    except ConfigError as e:
+        raise EvalError(f"task {task.name}: {e}") from None
+    return spec
 
 
 def run_suite(model, suite: SuiteConfig, test_spec: str = "", workers: int = 0,
-              out_dir: str | Path | None = None, model_name: str = "") -> dict[str, Any]:
-    """Encode each dataset once, run every task, and (with ``out_dir``) write the reports.
+              out_dir: str | Path | None = None, model_name: str = "", *, cache: bool = True,
+              cache_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Check every task, encode each dataset once, run every task, and (with ``out_dir``) write the reports.
 
-    Returns ``{"zeroshot_classification": {task: metrics}, "retrieval": {task: metrics}, "data": ...}``.
+    With ``cache``, encoded datasets are kept under ``cache_dir`` (default ``out_dir/cache``; none without
+    either) and reused when the same weights encode the same files again: a re-run with other prompt
+    templates or class names encodes only the prompts.
+
+    Returns ``{"zeroshot_classification": {task: metrics}, "retrieval": {task: metrics},
+    ["linear_probe": {task: metrics},] "eval_data": {"skipped": {reason: count}}}``.
     """
     check_suite(suite, model)
+    built: dict[str, tuple[str, int]] = {}
+    scans: dict[str, list[tuple[str, dict]] | None] = {}
+    specs: dict[str, tuple[str, str]] = {}
+    by_data: dict[str, dict[str, list[str]]] = {}
+    for task in suite.tasks:
+        spec = _resolve_spec(task.data, test_spec, task, workers, progress, built)
+        train_spec = (_resolve_spec(task.train_data, test_spec, task, workers, progress, built)
+                      if task.type == "linear_probe" else "")
+        check_data(task, spec, train_spec, scans)
+        specs[task.name] = (spec, train_spec)
+        for s in filter(None, (spec, train_spec)):
+            entry = by_data.setdefault(s, {"mods": [], "tasks": []})
+            entry["mods"] = sorted(set(entry["mods"]) | set(task.encoded))
+            entry["tasks"].append(task.name)
+
+    if cache_dir is None and out_dir is not None:
+        cache_dir = Path(out_dir) / "cache"
+    store = EmbeddingCache(Path(cache_dir) / "embeddings") if cache and cache_dir is not None else None
     was_training = model.training
     model.eval()
-    by_data: dict[str, set[str]] = {}
-    for task in suite.tasks:
-        spec = test_spec if task.data == "test" else task.data
-        if not spec:
-            raise ConfigError(f"task {task.name}: data is 'test' but no held-out shards were given")
-        need = set(task.query) | (set(task.candidates) if task.type == "retrieval" else set())
-        by_data.setdefault(spec, set()).update(need)
-    encoded = {spec: encode_dataset(model, spec, sorted(mods), suite.batch_size, workers)
-               for spec, mods in by_data.items()}
-    results: dict[str, Any] = {"zeroshot_classification": {}, "retrieval": {}}
+    try:
+        model_fp = model_fingerprint(model, model.config_dict()) if store is not None else ""
+        encoded = {}
+        for spec, entry in by_data.items():
+            key = EmbeddingCache.key(model_fp, data_fingerprint(spec), entry["mods"], suite.batch_size) if store else ""
+            data = store.load(key) if store is not None else None
+            if data is None:
+                tasks = ", ".join(entry["tasks"][:3]) + (f" +{len(entry['tasks']) - 3}" if len(entry["tasks"]) > 3 else "")
+                data = encode_dataset(model, spec, entry["mods"], suite.batch_size, workers,
+                                      desc=f"encode [{tasks}]", progress=progress)
+                if store is not None:
+                    store.save(key, data)
+            else:
+                log.info("embeddings of %s (%s) from the cache %s", spec, ", ".join(entry["mods"]), store.root)
+            encoded[spec] = data
+
+        results: dict[str, Any] = {"zeroshot_classification": {}, "retrieval": {}}
+        outputs: dict[str, TaskOutput] = {}
+        for task in tqdm(suite.tasks, desc="eval", leave=False, dynamic_ncols=True, disable=not progress,
+                         unit="task"):
+            spec, train_spec = specs[task.name]
+            out = _run_task(model, task, encoded[spec], encoded.get(train_spec), spec, train_spec)
+            results.setdefault(task.type, {})[task.name] = out.metrics
+            outputs[task.name] = out
+    finally:
+        model.train(was_training)
     skipped: dict[str, int] = {}
     for data in encoded.values():
         for k, v in data["skipped"].items():
             skipped[k] = skipped.get(k, 0) + v
-    for task in suite.tasks:
-        spec = test_spec if task.data == "test" else task.data
-        results[task.type][task.name] = run_task(model, task, encoded[spec])
+    rejected = sum(n for _, n in built.values())
+    if rejected:
+        skipped["manifest_rejected"] = rejected
     results["eval_data"] = {"skipped": skipped}
-    model.train(was_training)
     if out_dir is not None:
-        write_reports(results, suite, Path(out_dir), model_name)
+        write_reports(results, suite, Path(out_dir), model_name, outputs)
     return results
+
+
+def flat_metrics(results: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
+    """``{"eval/<task type>/<task>/<metric>": value}`` for every numeric metric (the training log's form)."""
+    return {f"{prefix}/{kind}/{task}/{m}": float(v) for kind in TASK_TYPES
+            for task, ms in results.get(kind, {}).items() for m, v in ms.items()
+            if isinstance(v, float)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reports
 
 
 def _fmt(v: Any) -> str:
@@ -175,34 +544,64 @@ def _fmt(v: Any) -> str:
 
 def results_table(results: dict[str, Any]) -> str:
     """A markdown table of every task's metrics."""
-    lines = []
+    sections = []
     zs = results.get("zeroshot_classification", {})
     if zs:
-        lines += ["| zero-shot task | acc1 | acc5 | mean per-class recall | n | classes |", "|---|---|---|---|---|---|"]
+        lines = ["| zero-shot task | acc1 | acc5 | mean per-class recall | n | classes |", "|---|---|---|---|---|---|"]
         for name, m in zs.items():
             lines.append(f"| {name} | {_fmt(m['acc1'])} | {_fmt(m['acc5'])} | {_fmt(m['mean_per_class_recall'])} "
                          f"| {m['n']} | {m['n_classes']} |")
+        sections.append(lines)
+    lp = results.get("linear_probe", {})
+    if lp:
+        lines = ["| linear probe | acc1 | acc5 | mean per-class recall | n | classes | train | weight decay |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for name, m in lp.items():
+            lines.append(f"| {name} | {_fmt(m['acc1'])} | {_fmt(m['acc5'])} | {_fmt(m['mean_per_class_recall'])} "
+                         f"| {m['n']} | {m['n_classes']} | {m['n_train']} | {m['weight_decay']:g} |")
+        sections.append(lines)
     rt = results.get("retrieval", {})
     if rt:
-        if lines:
-            lines.append("")
-        lines += ["| retrieval | R@1 | R@5 | R@10 | median rank | mean rank | n | R@1 tie ceiling | R@1 attribute match |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines = ["| retrieval | R@1 | R@5 | R@10 | median rank | mean rank | n | R@1 tie ceiling | R@1 attribute match |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for name, m in rt.items():
             lines.append(f"| {name} | {_fmt(m['R@1'])} | {_fmt(m['R@5'])} | {_fmt(m['R@10'])} | {_fmt(m['median_rank'])} "
                          f"| {_fmt(m['mean_rank'])} | {m['n']} | {_fmt(m.get('R@1_tie_ceiling', '-'))} "
                          f"| {_fmt(m.get('R@1_attribute_match', '-'))} |")
-    return "\n".join(lines)
+        sections.append(lines)
+    return "\n\n".join("\n".join(lines) for lines in sections)
 
 
-def write_reports(results: dict[str, Any], suite: SuiteConfig, out: Path, model_name: str = "") -> None:
-    """``out/results.json``, ``out/<task>.json`` per task ({dataset, model, task, metrics}), ``out/summary.md``."""
+def task_file_stem(task: TaskConfig) -> str:
+    """``<type>_<name>`` with characters unsafe in file names replaced (``->`` becomes ``_to_``)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in task.name.replace("->", "_to_"))
+    return f"{task.type}_{safe}"
+
+
+def write_reports(results: dict[str, Any], suite: SuiteConfig, out: Path, model_name: str = "",
+                  outputs: dict[str, TaskOutput] | None = None) -> None:
+    """``out/results.json``, ``out/<type>_<task>.json`` per task ({dataset, model, task, name, metrics}),
+    ``out/summary.md`` and, given the tasks' ``outputs``, ``out/<type>_<task>_confusion.png`` per
+    classification task and ``out/<type>_<task>_recall.png`` per retrieval task."""
+    from mmcl.eval.plots import confusion_matrix_png, recall_curve_png
+
     out.mkdir(parents=True, exist_ok=True)
+    plots = []
     for task in suite.tasks:
-        metrics = results[task.type][task.name]
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in task.name.replace("->", "_to_"))
-        (out / f"{task.type}_{safe}.json").write_text(json.dumps(
-            {"dataset": task.data, "model": model_name, "task": task.type, "name": task.name, "metrics": metrics},
-            indent=2))
+        stem = task_file_stem(task)
+        output = (outputs or {}).get(task.name)
+        dataset = output.dataset if output else task.dataset or task.data
+        (out / f"{stem}.json").write_text(json.dumps(
+            {"dataset": dataset, "model": model_name, "task": task.type, "name": task.name,
+             "metrics": results[task.type][task.name]}, indent=2))
+        if output is not None and output.confusion is not None:
+            plots.append(confusion_matrix_png(output.confusion, output.classnames, out / f"{stem}_confusion.png",
+                                              f"{task.name} ({task.type})"))
+        if output is not None and output.curve:
+            plots.append(recall_curve_png({task.name: output.curve}, out / f"{stem}_recall.png",
+                                          f"{task.name}: recall@K"))
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "summary.md").write_text(results_table(results) + "\n")
+    summary = results_table(results) + "\n"
+    if plots:
+        summary += "\nPlots: " + ", ".join(f"[{p.stem}]({p.name})" for p in plots) + "\n"
+    (out / "summary.md").write_text(summary)
