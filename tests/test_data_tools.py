@@ -274,12 +274,13 @@ def test_shards_stream_through_the_training_loader(built: dict[str, Any], modali
     loader = build_loader(built["spec"], modalities, 8, train=False, on_missing="mask", with_meta=True)
     assert loader.size == built["report"]["samples"]
     keys, members = [], {s["__key__"]: s for s in built["samples"]}
+    v, a, t = (modalities[m].cfg for m in ("video", "audio", "text"))
     for batch in loader:
         n = len(batch["keys"])
         keys += batch["keys"]
-        assert batch["inputs"]["video"].shape == (n, 8, 3, 48, 48)
-        assert batch["inputs"]["audio"].shape[:3] == (n, 1, 64)
-        assert batch["inputs"]["text"].shape == (n, 40)
+        assert batch["inputs"]["video"].shape == (n, v.frames, 3, v.size, v.size)
+        assert batch["inputs"]["audio"].shape == (n, 1, a.n_mels, a.n_frames)
+        assert batch["inputs"]["text"].shape == (n, t.max_len)
         for i, key in enumerate(batch["keys"]):
             for mod, ext in (("video", "mp4"), ("audio", "flac"), ("text", "txt")):
                 assert bool(batch["present"][mod][i]) == (ext in members[key]), (key, mod)
