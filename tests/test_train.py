@@ -71,9 +71,10 @@ def test_grad_accumulation_equals_the_large_batch(baseline: Path, synthetic_data
     train(make_config(synthetic_data, f"data.batch_size={BATCH // 2}", "train.grad_accum=2"), tmp_path)
     for a, b in zip(read_log(baseline), read_log(tmp_path), strict=True):
         assert b["keys"] == a["keys"]
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
-        assert b["logit_scale"] == pytest.approx(a["logit_scale"], abs=1e-5)
-    assert max_diff(weights(tmp_path), weights(baseline)) <= 1e-5
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+        assert b["logit_scale"] == pytest.approx(a["logit_scale"], abs=1e-6)
+    # Counting the scale's gradient once per micro-batch instead moves the weights by ~1e-5 here.
+    assert max_diff(weights(tmp_path), weights(baseline)) <= 1e-6
 
 
 def test_grad_checkpointing_changes_nothing(baseline: Path, synthetic_data: Path, tmp_path: Path) -> None:

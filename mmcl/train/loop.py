@@ -209,7 +209,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
         raise ConfigError(f"the launcher started {world} process(es) but accelerate sees "
                           f"{accelerator.num_processes}: check the launcher settings")
     if bool(ds_path) != uses_deepspeed(accelerator):
-        raise ConfigError(f"DeepSpeed config {ds_path} given but accelerate set up {accelerator.distributed_type}")
+        hint = " (ACCELERATE_USE_CPU=1 in the environment drops DeepSpeed)" if os.environ.get("ACCELERATE_USE_CPU") else ""
+        raise ConfigError(f"DeepSpeed config {ds_path} given but accelerate set up {accelerator.distributed_type}{hint}")
     return accelerator
 
 
@@ -268,6 +269,14 @@ def micro_batches(loader: Loader, accum: int) -> Iterator[list[dict[str, Any]]]:
         yield group
 
 
+def to_device(group: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
+    """The micro-batches with their tensors on the training device (the loader yields CPU tensors)."""
+    if device.type == "cpu":
+        return group
+    return [{**b, "inputs": {k: v.to(device, non_blocking=True) for k, v in b["inputs"].items()},
+             "present": {k: v.to(device, non_blocking=True) for k, v in b["present"].items()}} for b in group]
+
+
 def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
@@ -319,6 +328,19 @@ def train_step(accelerator: Accelerator, model: nn.Module, inner: MultimodalMode
     return loss.detach()
 
 
+def update(accelerator: Accelerator, model: nn.Module, inner: MultimodalModel, optimizer: torch.optim.Optimizer,
+           scheduler: torch.optim.lr_scheduler.LRScheduler, clip_grad: float) -> None:
+    """After :func:`train_step`: clip, step and zero the gradients (DeepSpeed's engine did that already),
+    advance the schedule, clamp the logit scale."""
+    if not uses_deepspeed(accelerator):
+        if clip_grad > 0:
+            accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    clamp_objective(accelerator, inner)
+
+
 def clamp_objective(accelerator: Accelerator, inner: MultimodalModel) -> None:
     """The logit-scale clamp after each step. Under DeepSpeed the optimizer keeps its own fp32 copy of the
     weights (partitioned from ZeRO-1 on): a clamped value is written there too, else the next step would
@@ -327,7 +349,7 @@ def clamp_objective(accelerator: Accelerator, inner: MultimodalModel) -> None:
         inner.objective.clamp_()
         return
     import deepspeed
-    from deepspeed.utils import safe_set_full_fp32_param
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
 
     params = [p for p in inner.objective.parameters() if p.requires_grad]
     stage3 = zero_stage(accelerator) == 3
@@ -336,8 +358,23 @@ def clamp_objective(accelerator: Accelerator, inner: MultimodalModel) -> None:
         inner.objective.clamp_()
         after = [p.detach().float().clone() for p in params]
     for p, b, a in zip(params, before, after):
-        if not torch.equal(a, b):  # every rank computes the same clamp, so this collective runs everywhere
+        if torch.equal(a, b):
+            continue
+        if stage3:  # the gather's exit left this rank's partition of the clamped value in ds_tensor
+            # (DeepSpeed 0.19's full-value setter fails on partitions padded past the parameter's end)
+            safe_set_local_fp32_param(p, p.ds_tensor.detach().float())
+        else:  # a collective; every rank computes the same clamp, so it runs everywhere
             safe_set_full_fp32_param(p, a)
+
+
+def objective_logs(accelerator: Accelerator, inner: MultimodalModel) -> dict[str, float]:
+    """The objective's scalars (logit scale ...); under ZeRO-3 gathered first (a collective)."""
+    if zero_stage(accelerator) != 3:
+        return inner.objective.logs()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(inner.objective.parameters())):
+        return inner.objective.logs()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -388,6 +425,9 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
         check_resume(resume_path, weights, resume_state, model, world, deepspeed)
         model.load_state_dict(weights)
 
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if deepspeed:
+        lift_scalar_parameters(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     inner: MultimodalModel = accelerator.unwrap_model(model)
     objective_scale = ObjectiveGradScale(inner.objective)
@@ -445,14 +485,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
             set_rng_state(resume_rng["now"])
             resume_rng = None
         for group in groups:
-            loss = train_step(accelerator, model, inner, group, objective_scale)
-            if not deepspeed:
-                if cfg.train.clip_grad > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            clamp_objective(accelerator, inner)
+            loss = train_step(accelerator, model, inner, to_device(group, accelerator.device), objective_scale)
+            update(accelerator, model, inner, optimizer, scheduler, cfg.train.clip_grad)
             n = sum(len(b["keys"]) for b in group)
             step += 1
             position.update(step=step, batch_in_epoch=position["batch_in_epoch"] + 1)
@@ -464,9 +498,10 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
             if step % cfg.train.log_every == 0 or cfg.train.log_keys or step == total_steps:
                 now = time.time()
                 mean_loss = accelerator.reduce(loss, "mean").item() if world > 1 else loss.item()
+                scalars = objective_logs(accelerator, inner)
                 rec = {"step": step, "epoch": position["epoch"], "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
                        "samples": position["samples"], "samples_per_s": samples_window / max(now - t_window, 1e-9),
-                       **inner.objective.logs()}
+                       **scalars}
                 if skipped:
                     rec["skipped"] = dict(skipped)
                 if cfg.train.log_keys:
@@ -474,15 +509,15 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
                     rec["keys"] = gather_object(keys) if world > 1 else keys
                 jlog.write(rec)
                 if tb:
-                    for k in ("loss", "lr", "samples_per_s", *inner.objective.logs()):
+                    for k in ("loss", "lr", "samples_per_s", *scalars):
                         tb.add_scalar(f"train/{k}", rec[k], step)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", sps=f"{rec['samples_per_s']:.0f}")
                 t_window, samples_window = now, 0
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                save_training_checkpoint(accelerator, model, inner, scheduler, ckpt_root, cfg, position, skipped,
-                                         epoch_rng, optimizer)
+                save_training_checkpoint(accelerator, model, optimizer, scheduler, ckpt_root, cfg, shapes,
+                                         position, skipped, epoch_rng)
             if cfg.eval.every and step % cfg.eval.every == 0 and step < total_steps:
-                _periodic_eval(accelerator, model, inner, cfg, step, jlog, tb)
+                _periodic_eval(accelerator, model, cfg, shapes, step, jlog, tb)
             if step >= total_steps:
                 done = True
                 break
@@ -496,7 +531,7 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
                                          "samples_per_s": position["samples"] / max(seconds, 1e-9),
                                          "world_size": world},
                                "data": {"skipped": dict(skipped)}}
-    final = export_model(accelerator, model, inner, cfg)
+    final = export_model(accelerator, model, cfg, shapes)
     if main:
         final.save_pretrained(out / "final")
         if cfg.eval.suite:
@@ -529,9 +564,19 @@ def check_resume(path: Path, weights: dict[str, torch.Tensor], state: dict[str, 
         raise ConfigError(f"--resume {path}: written under DeepSpeed, resumed without it")
 
 
-def full_state_dict(accelerator: Accelerator, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's fp32 weights. Under DeepSpeed they come from the optimizer's fp32 copy, gathered
-    from every rank's partition (a collective: every rank calls it and gets them)."""
+def lift_scalar_parameters(model: nn.Module) -> None:
+    """Give 0-dim parameters (the objective's logit scale, bias, temperature) shape [1]: DeepSpeed 0.19
+    broadcasts every parameter at start-up as ``p.data.view(torch.uint8)``, which fails on 0-dim tensors.
+    The objectives broadcast them either way; :func:`full_state_dict` restores the shapes on export."""
+    for p in model.parameters():
+        if p.dim() == 0:
+            p.data = p.data.reshape(1)
+
+
+def full_state_dict(accelerator: Accelerator, model: nn.Module, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """The whole model's fp32 weights, in the model's own ``shapes``. Under DeepSpeed they come from the
+    optimizer's fp32 copy, gathered from every rank's partition (a collective: every rank calls it and
+    gets them)."""
     inner = accelerator.unwrap_model(model)
     if not uses_deepspeed(accelerator):
         return {k: v.detach().float().cpu() for k, v in inner.state_dict().items()}
@@ -546,23 +591,25 @@ def full_state_dict(accelerator: Accelerator, model: nn.Module) -> dict[str, tor
         if value is None:  # a buffer, or a frozen parameter (not in the optimizer)
             with deepspeed.zero.GatheredParameters([tensor]) if stage3 and id(tensor) in params else nullcontext():
                 value = tensor.detach().clone()
-        out[name] = value.float().cpu()
+        out[name] = value.float().cpu().reshape(shapes[name])
     return out
 
 
-def export_model(accelerator: Accelerator, model: nn.Module, inner: MultimodalModel, cfg: Config) -> MultimodalModel:
+def export_model(accelerator: Accelerator, model: nn.Module, cfg: Config,
+                 shapes: dict[str, torch.Size]) -> MultimodalModel:
     """A plain single-device model with the trained fp32 weights (gathered under DeepSpeed), for save and
     eval; a collective under DeepSpeed."""
     if not uses_deepspeed(accelerator):
-        return inner
+        return accelerator.unwrap_model(model)
     fresh = MultimodalModel(cfg.model, cfg.objective)
-    fresh.load_state_dict(full_state_dict(accelerator, model))
+    fresh.load_state_dict(full_state_dict(accelerator, model, shapes))
     return fresh
 
 
-def save_training_checkpoint(accelerator: Accelerator, model: nn.Module, inner: MultimodalModel, scheduler,
-                             ckpt_root: Path, cfg: Config, position: dict[str, int], skipped: Counter,
-                             epoch_rng: dict[str, Any], optimizer) -> None:
+def save_training_checkpoint(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+                             scheduler: torch.optim.lr_scheduler.LRScheduler, ckpt_root: Path, cfg: Config,
+                             shapes: dict[str, torch.Size], position: dict[str, int], skipped: Counter,
+                             epoch_rng: dict[str, Any]) -> None:
     """``step_N/``: the save_pretrained files (config.json, fp32 model.safetensors, tokenizer: loadable by
     ``from_pretrained``), ``state.pt`` (scheduler, grad scaler, every rank's RNG states, data position; the
     optimizer without DeepSpeed) and, under DeepSpeed, its own checkpoint of every rank's partitions in
@@ -577,9 +624,9 @@ def save_training_checkpoint(accelerator: Accelerator, model: nn.Module, inner: 
     tmp = Path(holder[0])
     if uses_deepspeed(accelerator):
         model.save_checkpoint(str(tmp / "deepspeed"), tag="state")
-    weights = full_state_dict(accelerator, model)
+    weights = full_state_dict(accelerator, model, shapes)
     if accelerator.is_main_process:
-        inner.save_pretrained(tmp, state_dict=weights)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=weights)
         state = {"scheduler": scheduler.state_dict(), "rng": rngs, "config": to_dict(cfg),
                  "skipped": dict(skipped), **position}
         if accelerator.scaler is not None:
@@ -593,11 +640,11 @@ def save_training_checkpoint(accelerator: Accelerator, model: nn.Module, inner: 
     accelerator.wait_for_everyone()
 
 
-def _periodic_eval(accelerator: Accelerator, model: nn.Module, inner: MultimodalModel, cfg: Config, step: int,
-                   jlog: JsonlLog, tb) -> None:
+def _periodic_eval(accelerator: Accelerator, model: nn.Module, cfg: Config, shapes: dict[str, torch.Size],
+                   step: int, jlog: JsonlLog, tb) -> None:
     if not cfg.eval.suite:
         return
-    plain = export_model(accelerator, model, inner, cfg)
+    plain = export_model(accelerator, model, cfg, shapes)
     if accelerator.is_main_process:
         from mmcl.eval.suite import load_suite, run_suite
 

@@ -1,0 +1,160 @@
+"""Per-rank memory of the model states (parameters + gradients + optimizer state) under DeepSpeed ZeRO-1/2/3,
+one rank against several.
+
+    python bench/memory.py [--stages 1 2 3] [--ranks 2] [--data DIR] [--set KEY=VALUE ...]
+
+Every (stage, ranks) pair is a real ``torchrun`` launch of this file (gloo on CPU) that builds the model and
+the DeepSpeed engine as the training loop does (``make_accelerator``, ``configs/deepspeed/zero<stage>.json``,
+``accelerator.prepare``), trains two steps on one real batch and, between the second backward and its
+update (gradients and optimizer state both alive), adds up the bytes of every distinct tensor storage alive
+in the process. What was alive before the model was built (the batch) is subtracted, and so are the
+model's buffers; the rest is parameters, gradients, the optimizer's moments and fp32 master copy, and
+DeepSpeed's own buffers. Prints one JSON line per launch and a table with the measured ratio
+(ranks / 1 rank, per rank) beside the ZeRO paper's: with P, G bytes per parameter for weights and
+gradients and K for the optimizer (fp32 master copy + Adam's two moments = 12), stage 1 keeps
+P + G + K/N, stage 2 P + (G + K)/N, stage 3 (P + G + K)/N of P + G + K.
+
+The default model is ``configs/models/tiny.yaml`` (``--set model.embed_dim=...`` etc. change it); a
+synthetic dataset is written for its tokenizer and the batch (``--data`` reuses one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "models" / "tiny.yaml"
+BATCH = 4
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of the distinct tensor storages reachable from Python objects in this process."""
+    gc.collect()
+    storages: dict[tuple[str, int], int] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and not obj.is_meta:
+            st = obj.untyped_storage()
+            storages[(str(st.device), st.data_ptr())] = st.nbytes()
+    storages.pop(("cpu", 0), None)
+    return sum(storages.values())
+
+
+def bench_config(data: Path, stage: int, overrides: list[str]):
+    from mmcl.config import load_config
+
+    model = yaml.safe_load(TINY.read_text())
+    model["modalities"]["text"]["tokenizer"] = str(data / "tokenizer.model")
+    world = json.loads((data / "world.json").read_text())
+    return load_config(base={
+        "model": model,
+        "data": {"train": str(data / world["splits"]["train"]["pattern"]), "batch_size": BATCH},
+        "train": {"steps": 2, "deepspeed": str(ROOT / "configs" / "deepspeed" / f"zero{stage}.json")},
+    }, overrides=overrides)
+
+
+def worker(data: Path, stage: int, out: Path, overrides: list[str]) -> None:
+    """One rank: measure, write ``out/rank<r>.json``."""
+    from mmcl.data.shards import build_loader
+    from mmcl.model import MultimodalModel
+    from mmcl.train.loop import lift_scalar_parameters, make_accelerator, param_groups, seed_everything
+
+    cfg = bench_config(data, stage, overrides)
+    accelerator = make_accelerator(cfg)
+    seed_everything(0)
+    modalities = MultimodalModel(cfg.model, cfg.objective).modalities
+    batch = next(iter(build_loader(cfg.data.train, modalities, BATCH, train=False)))
+    inputs = {k: v.to(accelerator.device) for k, v in batch["inputs"].items()}
+    present = {k: v.to(accelerator.device) for k, v in batch["present"].items()}
+    del modalities, batch
+    before = live_tensor_bytes()
+
+    model = MultimodalModel(cfg.model, cfg.objective)
+    n_params = sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    lift_scalar_parameters(model)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg, {}), lr=cfg.train.lr)
+    engine, _ = accelerator.prepare(model, optimizer)
+    del model, optimizer
+    for step in range(2):  # the loop's DeepSpeed step, with the measurement before the second update
+        loss = engine(inputs, present)
+        engine.set_gradient_accumulation_boundary(True)
+        engine.backward(loss, scale_wrt_gas=False)
+        del loss
+        if step == 1:
+            states = live_tensor_bytes() - before - buffers
+        engine.step()
+    result = {"stage": stage, "ranks": accelerator.num_processes, "rank": accelerator.process_index,
+              "params": n_params, "model_state_bytes": states}
+    (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(result))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def launch(data: Path, stage: int, ranks: int, overrides: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+               __file__, "--worker", "--stage", str(stage), "--data", str(data), "--out", tmp]
+        for o in overrides:
+            cmd += ["--set", o]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        r = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if r.returncode != 0:
+            sys.exit(f"bench/memory.py: stage {stage} x {ranks} rank(s) failed:\n{r.stdout[-3000:]}")
+        per_rank = [json.loads((Path(tmp) / f"rank{i}.json").read_text()) for i in range(ranks)]
+    if any(p["ranks"] != ranks for p in per_rank):
+        sys.exit(f"bench/memory.py: asked for {ranks} ranks, the launch ran {per_rank[0]['ranks']}")
+    return {"stage": stage, "ranks": ranks, "params": per_rank[0]["params"],
+            "model_state_bytes_per_rank": max(p["model_state_bytes"] for p in per_rank)}
+
+
+def theory(stage: int, ranks: int, p: float = 4, g: float = 4, k: float = 12) -> float:
+    per_rank = {1: p + g + k / ranks, 2: p + (g + k) / ranks, 3: (p + g + k) / ranks}[stage]
+    return per_rank / (p + g + k)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--data", type=Path)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.data, args.stage, args.out, args.overrides)
+        return
+
+    from mmcl.data.synthetic import synth
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data or Path(tmp) / "data"
+        if not (data / "world.json").is_file():
+            synth(data, train=2 * BATCH, test=BATCH, per_shard=BATCH, workers=1)
+        rows = []
+        for stage in args.stages:
+            one = launch(data, stage, 1, args.overrides)
+            many = launch(data, stage, args.ranks, args.overrides)
+            for r in (one, many):
+                print(json.dumps(r), flush=True)
+            rows.append((stage, one, many))
+    print(f"\n{'stage':>5} {'params':>10} {'1 rank MB':>10} {f'{args.ranks} ranks MB':>11} {'ratio':>7} {'theory':>7}")
+    for stage, one, many in rows:
+        a, b = one["model_state_bytes_per_rank"], many["model_state_bytes_per_rank"]
+        print(f"{stage:>5} {one['params']:>10,} {a / 2**20:>10.2f} {b / 2**20:>11.2f} {b / a:>7.3f} "
+              f"{theory(stage, args.ranks):>7.3f}")
+
+
+if __name__ == "__main__":
+    main()
