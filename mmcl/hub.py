@@ -92,7 +92,8 @@ def _modality_rows(config: dict[str, Any]) -> list[str]:
     rows = ["| modality | kind | input | tower |", "|---|---|---|---|"]
     for name, spec in config["model"]["modalities"].items():
         tower = spec.get("tower", {})
-        inputs = ", ".join(f"{k}={v}" for k, v in spec.items() if k not in ("tower", "kind") and not isinstance(v, dict))
+        inputs = ", ".join(f"{k}={v}" for k, v in spec.items()
+                           if k not in ("tower", "kind") and not isinstance(v, dict))
         rows.append(f"| {name} | {spec.get('kind', name)} | {inputs} | "
                     f"{', '.join(f'{k}={v}' for k, v in tower.items())} |")
     return rows

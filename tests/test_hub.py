@@ -54,7 +54,8 @@ ROOT = Path(__file__).resolve().parent.parent
 class LocalHub(ThreadingHTTPServer):
     """Repos in memory: ``repos[repo_id] = {"private", "files": {path: bytes}, "lfs": {paths}, "sha"}``.
     Files whose name ends with one of ``lfs_suffixes`` are asked for as LFS uploads, the rest as regular
-    blobs inlined in the commit. Every request is kept in ``requests`` as (method, path, headers with lower-case names)."""
+    blobs inlined in the commit. Every request is kept in ``requests`` as (method, path, headers with
+    lower-case names)."""
 
     daemon_threads = True
 
@@ -140,7 +141,8 @@ class _Handler(BaseHTTPRequestHandler):
         payload = json.loads(self._body())
         repo_id = f"{payload['organization']}/{payload['name']}"
         if repo_id in self.server.repos:
-            self._json(409, {"error": "You already created this model repo", "url": f"{self.server.endpoint}/{repo_id}"})
+            self._json(409, {"error": "You already created this model repo",
+                             "url": f"{self.server.endpoint}/{repo_id}"})
             return
         private = payload.get("visibility") == "private" or payload.get("private") is True
         self.server.repos[repo_id] = {"private": private, "files": {}, "lfs": set(), "sha": "0" * 40}
@@ -220,7 +222,8 @@ class _Handler(BaseHTTPRequestHandler):
         if state is None:
             return
         if file not in state["files"]:
-            self._json(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": state["sha"]})
+            self._json(404, {"error": "Entry not found"},
+                       {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": state["sha"]})
             return
         data = state["files"][file]
         etag = hashlib.sha256(data).hexdigest() if file in state["lfs"] else _git_blob_sha(data)
@@ -316,7 +319,8 @@ def test_model_card_is_valid_model_index(run_dir: Path):
     assert yaml.safe_load(block) == yaml.safe_load((run_dir / "config.yaml").read_text())
     # Tokenizer and preprocessing config beside the weights.
     pre = json.loads((final / "preprocessor_config.json").read_text())
-    assert pre["text"]["tokenizer"] == "text_tokenizer.model" and pre["video"]["frames"] == 4 and "tower" not in pre["video"]
+    assert pre["text"]["tokenizer"] == "text_tokenizer.model" and pre["video"]["frames"] == 4
+    assert "tower" not in pre["video"]
 
 
 class _Payload:
@@ -374,8 +378,9 @@ def test_mmcl_push_through_the_cli_with_lfs(run_dir: Path, tmp_path: Path):
     calls = [(m, p) for m, p, _ in hub.requests]
     calls = [c for i, c in enumerate(calls) if i == 0 or c != calls[i - 1]]  # the card is validated twice
     assert calls == [
-        ("POST", "/api/repos/create"), ("POST", "/api/validate-yaml"), ("POST", "/api/models/someone/tiny/preupload/main"),
-        ("POST", "/someone/tiny.git/info/lfs/objects/batch"), ("PUT", f"/lfs-upload/{sha256(final / 'model.safetensors')}"),
+        ("POST", "/api/repos/create"), ("POST", "/api/validate-yaml"),
+        ("POST", "/api/models/someone/tiny/preupload/main"), ("POST", "/someone/tiny.git/info/lfs/objects/batch"),
+        ("PUT", f"/lfs-upload/{sha256(final / 'model.safetensors')}"),
         ("POST", "/api/models/someone/tiny/commit/main")]
 
 

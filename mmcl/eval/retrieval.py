@@ -10,7 +10,8 @@ from mmcl.eval.zeroshot import score
 
 @torch.no_grad()
 def retrieval(model, query: dict[str, torch.Tensor], candidates: dict[str, torch.Tensor],
-              positives: torch.Tensor | None = None, same_attrs: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
+              positives: torch.Tensor | None = None,
+              same_attrs: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
     """Queries ``{modality: [Nq, D]}`` against candidates ``{modality: [Nc, D]}``.
 
     ``positives [Nq, Nc]`` (default: the identity, query i pairs with candidate i; several per row allowed:

@@ -260,6 +260,14 @@ def _captions(task: TaskConfig, key: str, meta: dict) -> list[str]:
     return texts
 
 
+def _match_labels(task: TaskConfig, key: str, meta: dict, spec: str) -> tuple[str, ...]:
+    try:
+        return tuple(str(_label_of(meta, k)) for k in task.match_labels)
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise EvalError(f"task {task.name}: sample {key} of {spec} lacks a label of match_labels "
+                        f"{task.match_labels} in its json") from None
+
+
 def _classnames(task: TaskConfig, train_names: list[str] | None) -> list[str]:
     if task.classnames:
         return list(task.classnames)
@@ -278,9 +286,10 @@ def check_data(task: TaskConfig, spec: str, train_spec: str = "",
     if metas is None:
         return
     if task.type == "retrieval":
-        if task.captions:
-            for key, meta in metas:
+        for key, meta in metas:
+            if task.captions:
                 _captions(task, key, meta)
+            _match_labels(task, key, meta, spec)
         return
     names = _labels(task, metas, spec)
     train_names = None
@@ -385,12 +394,7 @@ def _retrieval(model, task: TaskConfig, data: dict[str, Any], spec: str) -> Task
     positives = q_clip[:, None] == c_clip[None, :]
     same = None
     if task.match_labels:
-        metas = [data["meta"][i] for i in idx.tolist()]
-        try:
-            attrs = [tuple(str(_label_of(meta, k)) for k in task.match_labels) for meta in metas]
-        except (KeyError, IndexError, TypeError, ValueError):
-            raise EvalError(f"task {task.name}: samples of {spec} lack a label of match_labels "
-                            f"{task.match_labels}") from None
+        attrs = [_match_labels(task, data["keys"][i], data["meta"][i], spec) for i in idx.tolist()]
         codes = {a: i for i, a in enumerate(sorted(set(attrs)))}
         code = torch.tensor([codes[a] for a in attrs])
         same = code[q_clip][:, None] == code[c_clip][None, :]
@@ -493,7 +497,8 @@ def run_suite(model, suite: SuiteConfig, test_spec: str = "", workers: int = 0,
             key = EmbeddingCache.key(model_fp, data_fingerprint(spec), entry["mods"], suite.batch_size) if store else ""
             data = store.load(key) if store is not None else None
             if data is None:
-                tasks = ", ".join(entry["tasks"][:3]) + (f" +{len(entry['tasks']) - 3}" if len(entry["tasks"]) > 3 else "")
+                names = entry["tasks"]
+                tasks = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
                 data = encode_dataset(model, spec, entry["mods"], suite.batch_size, workers,
                                       desc=f"encode [{tasks}]", progress=progress)
                 if store is not None:
@@ -562,12 +567,12 @@ def results_table(results: dict[str, Any]) -> str:
         sections.append(lines)
     rt = results.get("retrieval", {})
     if rt:
-        lines = ["| retrieval | R@1 | R@5 | R@10 | median rank | mean rank | n | R@1 tie ceiling | R@1 attribute match |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+        lines = ["| retrieval | R@1 | R@5 | R@10 | median rank | mean rank | n | R@1 tie ceiling "
+                 "| R@1 attribute match |", "|---|---|---|---|---|---|---|---|---|"]
         for name, m in rt.items():
-            lines.append(f"| {name} | {_fmt(m['R@1'])} | {_fmt(m['R@5'])} | {_fmt(m['R@10'])} | {_fmt(m['median_rank'])} "
-                         f"| {_fmt(m['mean_rank'])} | {m['n']} | {_fmt(m.get('R@1_tie_ceiling', '-'))} "
-                         f"| {_fmt(m.get('R@1_attribute_match', '-'))} |")
+            lines.append(f"| {name} | {_fmt(m['R@1'])} | {_fmt(m['R@5'])} | {_fmt(m['R@10'])} "
+                         f"| {_fmt(m['median_rank'])} | {_fmt(m['mean_rank'])} | {m['n']} "
+                         f"| {_fmt(m.get('R@1_tie_ceiling', '-'))} | {_fmt(m.get('R@1_attribute_match', '-'))} |")
         sections.append(lines)
     return "\n\n".join("\n".join(lines) for lines in sections)
 
