@@ -135,6 +135,8 @@ def _add_demo(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmcl", description="audio-visual-text contrastive pretraining")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # The deepspeed launcher passes --local_rank=N before the sub-command (the rank is also in LOCAL_RANK).
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_train(sub)
     _add_eval(sub)
