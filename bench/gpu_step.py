@@ -109,10 +109,10 @@ def main() -> None:
         train_spec = str(data / json.loads((data / "world.json").read_text())["splits"]["train"]["pattern"])
         cfg = load_config(base={"model": spec, "data": {"train": train_spec, "batch_size": args.batch},
                                 "train": {"precision": "bf16", "steps": args.warmup + args.steps}})
-        accelerator = make_accelerator(cfg)
         seed_everything(cfg.train.seed)
         model = MultimodalModel(cfg.model, cfg.objective)
         n_params = sum(p.numel() for p in model.parameters())
+        accelerator = make_accelerator(cfg, model)
         stream = build_loader(train_spec, model.modalities, args.batch, train=True, resample=True, shuffle_buffer=0)
         group = to_device([next(iter(stream))], accelerator.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg, {}), lr=cfg.train.lr)

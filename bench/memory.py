@@ -1,21 +1,24 @@
 """Per-rank memory of the model states (parameters + gradients + optimizer state) under DeepSpeed ZeRO-1/2/3,
 one rank against several.
 
-    python bench/memory.py [--stages 1 2 3] [--ranks 2] [--data DIR] [--set KEY=VALUE ...]
+    python bench/memory.py [--stages 1 2 3] [--ranks 2] [--width 512] [--data DIR] [--set KEY=VALUE ...]
 
 Every (stage, ranks) pair is a real ``torchrun`` launch of this file (gloo on CPU) that builds the model and
 the DeepSpeed engine as the training loop does (``make_accelerator``, ``configs/deepspeed/zero<stage>.json``,
-``accelerator.prepare``), trains two steps on one real batch and, between the second backward and its
-update (gradients and optimizer state both alive), adds up the bytes of every distinct tensor storage alive
-in the process. What was alive before the model was built (the batch) is subtracted, and so are the
-model's buffers; the rest is parameters, gradients, the optimizer's moments and fp32 master copy, and
-DeepSpeed's own buffers. Prints one JSON line per launch and a table with the measured ratio
+``accelerator.prepare``) and trains two steps of two accumulated micro-batches (the loop's DeepSpeed step).
+After every backward of the second step (optimizer state alive, gradients accumulating: within the
+accumulation ZeRO-1 still holds whole gradients, ZeRO-2/3 their partitions) it adds up the bytes of every
+distinct tensor storage alive in the process; the peak counts. What was alive before the model was built
+(the batch) is subtracted, and so are the model's buffers; the rest is parameters, gradients, the
+optimizer's moments and fp32 master copy, and DeepSpeed's own buffers. Prints one JSON line per launch and a table with the measured ratio
 (ranks / 1 rank, per rank) beside the ZeRO paper's: with P, G bytes per parameter for weights and
 gradients and K for the optimizer (fp32 master copy + Adam's two moments = 12), stage 1 keeps
 P + G + K/N, stage 2 P + (G + K)/N, stage 3 (P + G + K)/N of P + G + K.
 
-The default model is ``configs/models/tiny.yaml`` (``--set model.embed_dim=...`` etc. change it); a
-synthetic dataset is written for its tokenizer and the batch (``--data`` reuses one).
+The model is ``configs/models/tiny.yaml`` with every tower ``--width`` wide (512: 32 M parameters, its
+weight matrices above ZeRO-3's ``stage3_param_persistence_threshold`` of 1e5 elements, below which DeepSpeed
+keeps a parameter whole on every rank; 0 keeps tiny's widths; ``--set model...`` changes more). A synthetic
+dataset is written for its tokenizer and the batch (``--data`` reuses one).
 """
 
 from __future__ import annotations
@@ -31,6 +34,12 @@ from pathlib import Path
 
 import torch
 import yaml
+
+from mmcl.config import Config, load_config
+from mmcl.data.shards import build_loader
+from mmcl.data.synthetic import synth
+from mmcl.model import MultimodalModel
+from mmcl.train.loop import lift_scalar_parameters, make_accelerator, param_groups, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "models" / "tiny.yaml"
@@ -49,49 +58,48 @@ def live_tensor_bytes() -> int:
     return sum(storages.values())
 
 
-def bench_config(data: Path, stage: int, overrides: list[str]):
-    from mmcl.config import load_config
-
+def bench_config(data: Path, stage: int, width: int, overrides: list[str]) -> Config:
     model = yaml.safe_load(TINY.read_text())
     model["modalities"]["text"]["tokenizer"] = str(data / "tokenizer.model")
+    for spec in model["modalities"].values():
+        spec["tower"]["width"] = width or spec["tower"]["width"]
     world = json.loads((data / "world.json").read_text())
     return load_config(base={
         "model": model,
         "data": {"train": str(data / world["splits"]["train"]["pattern"]), "batch_size": BATCH},
-        "train": {"steps": 2, "deepspeed": str(ROOT / "configs" / "deepspeed" / f"zero{stage}.json")},
+        "train": {"steps": 2, "grad_accum": 2,
+                  "deepspeed": str(ROOT / "configs" / "deepspeed" / f"zero{stage}.json")},
     }, overrides=overrides)
 
 
-def worker(data: Path, stage: int, out: Path, overrides: list[str]) -> None:
+def worker(data: Path, stage: int, width: int, out: Path, overrides: list[str]) -> None:
     """One rank: measure, write ``out/rank<r>.json``."""
-    from mmcl.data.shards import build_loader
-    from mmcl.model import MultimodalModel
-    from mmcl.train.loop import lift_scalar_parameters, make_accelerator, param_groups, seed_everything
-
-    cfg = bench_config(data, stage, overrides)
-    accelerator = make_accelerator(cfg)
+    cfg = bench_config(data, stage, width, overrides)
     seed_everything(0)
-    modalities = MultimodalModel(cfg.model, cfg.objective).modalities
-    batch = next(iter(build_loader(cfg.data.train, modalities, BATCH, train=False)))
+    probe = MultimodalModel(cfg.model, cfg.objective)
+    n_params = sum(p.numel() for p in probe.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in probe.buffers())
+    accelerator = make_accelerator(cfg, probe)
+    batch = next(iter(build_loader(cfg.data.train, probe.modalities, BATCH, train=False)))
     inputs = {k: v.to(accelerator.device) for k, v in batch["inputs"].items()}
     present = {k: v.to(accelerator.device) for k, v in batch["present"].items()}
-    del modalities, batch
+    del probe, batch
     before = live_tensor_bytes()
 
     model = MultimodalModel(cfg.model, cfg.objective)
-    n_params = sum(p.numel() for p in model.parameters())
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     lift_scalar_parameters(model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg, {}), lr=cfg.train.lr)
     engine, _ = accelerator.prepare(model, optimizer)
     del model, optimizer
-    for step in range(2):  # the loop's DeepSpeed step, with the measurement before the second update
-        loss = engine(inputs, present)
-        engine.set_gradient_accumulation_boundary(True)
-        engine.backward(loss, scale_wrt_gas=False)
-        del loss
-        if step == 1:
-            states = live_tensor_bytes() - before - buffers
+    states = 0
+    for step in range(2):  # the loop's DeepSpeed step, measured after each backward of the second one
+        for micro in range(2):
+            loss = engine(inputs, present)
+            engine.set_gradient_accumulation_boundary(micro == 1)
+            engine.backward(loss, scale_wrt_gas=False)
+            del loss
+            if step == 1:
+                states = max(states, live_tensor_bytes() - before - buffers)
         engine.step()
     result = {"stage": stage, "ranks": accelerator.num_processes, "rank": accelerator.process_index,
               "params": n_params, "model_state_bytes": states}
@@ -100,10 +108,10 @@ def worker(data: Path, stage: int, out: Path, overrides: list[str]) -> None:
     accelerator.end_training()
 
 
-def launch(data: Path, stage: int, ranks: int, overrides: list[str]) -> dict:
+def launch(data: Path, stage: int, ranks: int, width: int, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-               __file__, "--worker", "--stage", str(stage), "--data", str(data), "--out", tmp]
+               __file__, "--worker", "--stage", str(stage), "--width", str(width), "--data", str(data), "--out", tmp]
         for o in overrides:
             cmd += ["--set", o]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -126,6 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
     parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--width", type=int, default=512, help="every tower's width (0: tiny's own)")
     parser.add_argument("--data", type=Path)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -133,19 +142,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.data, args.stage, args.out, args.overrides)
+        worker(args.data, args.stage, args.width, args.out, args.overrides)
         return
-
-    from mmcl.data.synthetic import synth
-
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data or Path(tmp) / "data"
         if not (data / "world.json").is_file():
             synth(data, train=2 * BATCH, test=BATCH, per_shard=BATCH, workers=1)
         rows = []
         for stage in args.stages:
-            one = launch(data, stage, 1, args.overrides)
-            many = launch(data, stage, args.ranks, args.overrides)
+            one = launch(data, stage, 1, args.width, args.overrides)
+            many = launch(data, stage, args.ranks, args.width, args.overrides)
             for r in (one, many):
                 print(json.dumps(r), flush=True)
             rows.append((stage, one, many))

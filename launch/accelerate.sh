@@ -22,5 +22,6 @@ GPUS=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
 NPROC=${NPROC:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 2)}
 # DDP on CPU needs ACCELERATE_USE_CPU=1; with it, accelerate would drop a DeepSpeed config without a word.
 if [ "$GPUS" -eq 0 ] && [ "$ACCEL" = ddp ]; then export ACCELERATE_USE_CPU=1; fi
+# The precision is the train config's (train.precision; mmcl passes it to accelerate), never the launcher's.
 exec "$PY" -m accelerate.commands.launch --config_file "$ROOT/configs/accelerate/$ACCEL.yaml" "${DS_ARGS[@]}" \
-  --num_processes "$NPROC" --num_machines 1 -m mmcl.cli train --config "$CONFIG" "$@"
+  --mixed_precision no --num_processes "$NPROC" --num_machines 1 -m mmcl.cli train --config "$CONFIG" "$@"

@@ -21,5 +21,5 @@ PY=${PYTHON:-python}
 GPUS=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
 NPROC=${NPROC:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 2)}
 if [ "$GPUS" -eq 0 ]; then export DS_ACCELERATOR=cpu; fi
-exec "$PY" -m deepspeed.launcher.runner --num_gpus "$NPROC" --module mmcl.cli train --config "$CONFIG" \
+exec "$PY" -m deepspeed.launcher.runner --num_gpus "$NPROC" --no_local_rank --module mmcl.cli train --config "$CONFIG" \
   "${DS_ARGS[@]}" "$@"

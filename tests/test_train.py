@@ -148,17 +148,22 @@ def test_deepspeed_config_disagreeing_with_the_train_config(synthetic_data: Path
     cfg = make_config(synthetic_data)
     path = _ds_json(tmp_path, **fields)
     with pytest.raises(ConfigError) as err:
-        deepspeed_config(cfg, path, world=2)
+        deepspeed_config(cfg, path, world=2, bucket=1024)
     assert str(err.value).startswith(f"train.deepspeed: {path} {message}")
 
 
 def test_deepspeed_config_auto_fields(synthetic_data: Path, tmp_path: Path) -> None:
     cfg = make_config(synthetic_data, "train.grad_accum=3", "train.clip_grad=0.5")
-    ds = deepspeed_config(cfg, _ds_json(tmp_path, train_micro_batch_size_per_gpu="auto", bf16={"enabled": "auto"}),
-                          world=2)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "bf16": {"enabled": "auto"},
+                                "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
+                                                      "stage3_prefetch_bucket_size": 5000}}))
+    ds = deepspeed_config(cfg, str(path), world=2, bucket=1024)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["gradient_clipping"],
             ds["train_batch_size"]) == (BATCH, 3, 0.5, BATCH * 3 * 2)
     assert ds["bf16"]["enabled"] is False  # fp32 (and no GPU here)
+    # DeepSpeed allocates its buckets at their configured size: "auto" is the largest parameter's.
+    assert ds["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1024, "stage3_prefetch_bucket_size": 5000}
 
 
 def test_bad_deepspeed_config_fails_before_any_step(synthetic_data: Path, tmp_path: Path) -> None:

@@ -155,9 +155,22 @@ def parameter_report(model: MultimodalModel) -> str:
 # Engines
 
 
-def deepspeed_config(cfg: Config, path: str, world: int) -> dict[str, Any]:
-    """Read a DeepSpeed JSON and fill its "auto" fields from the train config; a field set to a value that
-    disagrees with the train config is a one-line error (DeepSpeed would otherwise fail mid-setup)."""
+#: DeepSpeed's communication buffers are allocated at their configured size whatever the model's (its
+#: default, 5e8 elements, is 2 GB in fp32 under ZeRO-3); "auto" sizes them to the largest parameter.
+BUCKETS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
+
+
+def bucket_size(model: nn.Module) -> int:
+    """Elements of the model's largest parameter, rounded up to a multiple of 1024 (DeepSpeed wants
+    aligned buckets): the "auto" size of DeepSpeed's communication buckets (accelerate uses hidden^2)."""
+    return -(-max(p.numel() for p in model.parameters()) // 1024) * 1024
+
+
+def deepspeed_config(cfg: Config, path: str, world: int, bucket: int) -> dict[str, Any]:
+    """Read a DeepSpeed JSON and fill its "auto" fields from the train config (batch sizes, accumulation,
+    clipping, precision) and the model (communication buckets of ``bucket`` elements, see
+    :func:`bucket_size`); a field set to a value that disagrees with the train config is a one-line error
+    (DeepSpeed would otherwise fail mid-setup)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"train.deepspeed: file not found: {path}")
@@ -187,11 +200,17 @@ def deepspeed_config(cfg: Config, path: str, world: int) -> dict[str, Any]:
         elif isinstance(section, dict) and section.get("enabled") and not (cfg.train.precision == prec and cuda):
             raise ConfigError(f"train.deepspeed: {path} enables {prec} but train.precision={cfg.train.precision}"
                               f"{'' if cuda else ' and there is no GPU'} (set {prec}.enabled to \"auto\")")
+    zero = ds.get("zero_optimization", {})
+    for key in BUCKETS:
+        if zero.get(key) == "auto":
+            zero[key] = bucket
     ds.setdefault("zero_allow_untested_optimizer", True)
     return ds
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
+def make_accelerator(cfg: Config, model: nn.Module) -> Accelerator:
+    """The Accelerator for this launch (DeepSpeed when ``train.deepspeed`` or ``accelerate launch`` names a
+    config; ``model`` sizes its "auto" buckets)."""
     cuda = torch.cuda.is_available()
     precision = cfg.train.precision if cuda else "fp32"
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -201,7 +220,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     ds_path = cfg.train.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
     if ds_path:
         os.environ.pop("ACCELERATE_DEEPSPEED_CONFIG_FILE", None)
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, ds_path, world))
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, ds_path, world, bucket_size(model)))
     # accelerate drops a DeepSpeed plugin without a word when told cpu=True; it runs on CPU regardless.
     accelerator = Accelerator(cpu=not cuda and not ds_path, mixed_precision={"fp32": "no"}.get(precision, precision),
                               kwargs_handlers=handlers, **kwargs)
@@ -385,16 +404,15 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
     """Train per ``cfg``; returns ``{"train": {...}, "data": {"skipped": ...}, **eval results}``."""
     out = Path(out_dir)
     expand_shards(cfg.data.train)  # fail on a bad shard spec before building anything
-    accelerator = make_accelerator(cfg)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    main = accelerator.is_main_process
-    deepspeed = uses_deepspeed(accelerator)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-
     # Initial weights must not depend on the rank: build on the common seed, then reseed per rank.
     seed_everything(cfg.train.seed)
     model = MultimodalModel(cfg.model, cfg.objective)
+    accelerator = make_accelerator(cfg, model)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    deepspeed = uses_deepspeed(accelerator)
     seed_everything(cfg.train.seed + rank)
     tower_lrs = apply_tower_controls(model, cfg.train.towers)
     loader = build_loader(
