@@ -238,11 +238,11 @@ def push_to_hub(model_dir: str | Path, repo_id: str, *, private: bool = False, t
 
     d = Path(model_dir)
     model_files(d)
+    if not (token or get_token()):
+        raise HubError("no Hugging Face token: set HF_TOKEN or log in with `hf auth login`")
     if records or train_config or not (d / CARD_NAME).is_file():
         write_model_card(d, records, train_config, repo_id=repo_id)
     files = model_files(d)
-    if not (token or get_token()):
-        raise HubError("no Hugging Face token: set HF_TOKEN or log in with `hf auth login`")
     api = HfApi(token=token, library_name="mmcl")
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     info = api.upload_folder(folder_path=str(d), repo_id=repo_id, repo_type="model", commit_message=commit_message,

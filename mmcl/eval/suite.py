@@ -57,7 +57,7 @@ class TaskConfig:
     #: Shard spec, a manifest (``.csv`` / ``.tsv`` / ``.jsonl``, built into shards once), or "test" for the
     #: held-out split given with the suite run.
     data: str = "test"
-    #: The dataset's name in reports and in the model card (default: the data spec).
+    #: The dataset's name in reports and in the model card (default: the data's file names).
     dataset: str = ""
     #: Classification and linear probe: the key under ``json["labels"]`` holding the class name (dotted
     #: for nested keys).
@@ -409,12 +409,22 @@ def run_task(model, task: TaskConfig, data: dict[str, Any], train: dict[str, Any
     return _run_task(model, task, data, train, spec, train_spec).metrics
 
 
+def dataset_name(task: TaskConfig, spec: str) -> str:
+    """The task's ``dataset``, else the file names of its data without their folders (reports and model
+    cards name a dataset; they do not publish local paths)."""
+    if task.dataset:
+        return task.dataset
+    if is_manifest(task.data):
+        return Path(task.data).name
+    return "::".join(Path(part).name for part in spec.split("::"))
+
+
 def _run_task(model, task: TaskConfig, data: dict[str, Any], train: dict[str, Any] | None = None,
               spec: str = "", train_spec: str = "") -> TaskOutput:
     spec = spec or task.data
     if task.type == "retrieval":
         out = _retrieval(model, task, data, spec)
-        out.dataset = task.dataset or spec
+        out.dataset = dataset_name(task, spec)
         return out
     if task.type == "zeroshot_classification":
         classnames = list(task.classnames)
@@ -432,7 +442,7 @@ def _run_task(model, task: TaskConfig, data: dict[str, Any], train: dict[str, An
         metrics, scores = linear_probe(torch.cat([train_x[m] for m in task.query], dim=1), train_y,
                                        torch.cat([query[m] for m in task.query], dim=1), labels,
                                        len(classnames), task.weight_decays)
-    return TaskOutput(metrics, dataset=task.dataset or spec, classnames=classnames,
+    return TaskOutput(metrics, dataset=dataset_name(task, spec), classnames=classnames,
                       confusion=confusion_matrix(scores, labels, len(classnames)))
 
 
@@ -595,7 +605,7 @@ def write_reports(results: dict[str, Any], suite: SuiteConfig, out: Path, model_
     for task in suite.tasks:
         stem = task_file_stem(task)
         output = (outputs or {}).get(task.name)
-        dataset = output.dataset if output else task.dataset or task.data
+        dataset = output.dataset if output else dataset_name(task, task.data)
         (out / f"{stem}.json").write_text(json.dumps(
             {"dataset": dataset, "model": model_name, "task": task.type, "name": task.name,
              "metrics": results[task.type][task.name]}, indent=2))
