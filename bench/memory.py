@@ -10,10 +10,10 @@ After every backward of the second step (optimizer state alive, gradients accumu
 accumulation ZeRO-1 still holds whole gradients, ZeRO-2/3 their partitions) it adds up the bytes of every
 distinct tensor storage alive in the process; the peak counts. What was alive before the model was built
 (the batch) is subtracted, and so are the model's buffers; the rest is parameters, gradients, the
-optimizer's moments and fp32 master copy, and DeepSpeed's own buffers. Prints one JSON line per launch and a table with the measured ratio
-(ranks / 1 rank, per rank) beside the ZeRO paper's: with P, G bytes per parameter for weights and
-gradients and K for the optimizer (fp32 master copy + Adam's two moments = 12), stage 1 keeps
-P + G + K/N, stage 2 P + (G + K)/N, stage 3 (P + G + K)/N of P + G + K.
+optimizer's moments and fp32 master copy, and DeepSpeed's own buffers. Prints one JSON line per launch
+and a table with the measured ratio (ranks / 1 rank, per rank) beside the ZeRO paper's: with P, G bytes
+per parameter for weights and gradients and K for the optimizer (fp32 master copy + Adam's two moments =
+12), stage 1 keeps P + G + K/N, stage 2 P + (G + K)/N, stage 3 (P + G + K)/N of P + G + K.
 
 The model is ``configs/models/tiny.yaml`` with every tower ``--width`` wide (512: 32 M parameters, its
 weight matrices above ZeRO-3's ``stage3_param_persistence_threshold`` of 1e5 elements, below which DeepSpeed
@@ -47,12 +47,15 @@ BATCH = 4
 
 
 def live_tensor_bytes() -> int:
-    """Bytes of the distinct tensor storages reachable from Python objects in this process."""
+    """Bytes of the distinct tensor storages reachable from Python objects in this process, with the
+    parameters' ``.grad`` (held by autograd, without a Python object until asked for)."""
     gc.collect()
     storages: dict[tuple[str, int], int] = {}
     for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and not obj.is_meta:
-            st = obj.untyped_storage()
+        if not isinstance(obj, torch.Tensor) or obj.is_meta:
+            continue
+        for t in (obj, obj.grad) if isinstance(obj, torch.nn.Parameter) and obj.grad is not None else (obj,):
+            st = t.untyped_storage()
             storages[(str(st.device), st.data_ptr())] = st.nbytes()
     storages.pop(("cpu", 0), None)
     return sum(storages.values())

@@ -109,7 +109,8 @@ class Vector(Modality):
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_) \
                 or np.issubdtype(array.dtype, np.complexfloating):
             raise SampleError(self.bad, f"expected a real numeric array, got dtype {array.dtype}")
-        out = torch.from_numpy(array.astype(np.float32))
+        with np.errstate(over="ignore"):  # out of float32 range becomes inf, reported just below
+            out = torch.from_numpy(array.astype(np.float32))
         if not torch.isfinite(out).all():
             raise SampleError(self.bad, "non-finite entries (or out of float32 range)")
         return out

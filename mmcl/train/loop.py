@@ -220,16 +220,18 @@ def make_accelerator(cfg: Config, model: nn.Module) -> Accelerator:
     ds_path = cfg.train.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
     if ds_path:
         os.environ.pop("ACCELERATE_DEEPSPEED_CONFIG_FILE", None)
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, ds_path, world, bucket_size(model)))
+        ds_config = deepspeed_config(cfg, ds_path, world, bucket_size(model))
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config)
     # accelerate drops a DeepSpeed plugin without a word when told cpu=True; it runs on CPU regardless.
-    accelerator = Accelerator(cpu=not cuda and not ds_path, mixed_precision={"fp32": "no"}.get(precision, precision),
-                              kwargs_handlers=handlers, **kwargs)
+    accelerator = Accelerator(cpu=not cuda and not ds_path, kwargs_handlers=handlers,
+                              mixed_precision={"fp32": "no"}.get(precision, precision), **kwargs)
     if accelerator.num_processes != world:
         raise ConfigError(f"the launcher started {world} process(es) but accelerate sees "
                           f"{accelerator.num_processes}: check the launcher settings")
     if bool(ds_path) != uses_deepspeed(accelerator):
-        hint = " (ACCELERATE_USE_CPU=1 in the environment drops DeepSpeed)" if os.environ.get("ACCELERATE_USE_CPU") else ""
-        raise ConfigError(f"DeepSpeed config {ds_path} given but accelerate set up {accelerator.distributed_type}{hint}")
+        hint = " (ACCELERATE_USE_CPU=1 in the environment drops it)" if os.environ.get("ACCELERATE_USE_CPU") else ""
+        raise ConfigError(f"DeepSpeed config {ds_path} given but accelerate set up "
+                          f"{accelerator.distributed_type}{hint}")
     return accelerator
 
 
@@ -591,7 +593,8 @@ def lift_scalar_parameters(model: nn.Module) -> None:
             p.data = p.data.reshape(1)
 
 
-def full_state_dict(accelerator: Accelerator, model: nn.Module, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+def full_state_dict(accelerator: Accelerator, model: nn.Module,
+                    shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
     """The whole model's fp32 weights, in the model's own ``shapes``. Under DeepSpeed they come from the
     optimizer's fp32 copy, gathered from every rank's partition (a collective: every rank calls it and
     gets them)."""
