@@ -667,11 +667,10 @@ def _periodic_eval(accelerator: Accelerator, model: nn.Module, cfg: Config, shap
         return
     plain = export_model(accelerator, model, cfg, shapes)
     if accelerator.is_main_process:
-        from mmcl.eval.suite import load_suite, run_suite
+        from mmcl.eval.suite import flat_metrics, load_suite, run_suite
 
         results = run_suite(plain, load_suite(cfg.eval.suite), cfg.data.test, workers=cfg.data.workers)
-        flat = {f"eval/{kind}/{task}/{m}": v for kind in ("zeroshot_classification", "retrieval")
-                for task, ms in results[kind].items() for m, v in ms.items() if isinstance(v, float)}
+        flat = flat_metrics(results)
         jlog.write({"step": step, **flat})
         if tb:
             for k, v in flat.items():
