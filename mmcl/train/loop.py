@@ -557,9 +557,12 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
         if cfg.eval.suite:
             from mmcl.eval.suite import load_suite, run_suite
 
+            from mmcl.hub import read_eval_dir, write_model_card
+
             results = run_suite(final, load_suite(cfg.eval.suite), cfg.data.test, workers=cfg.data.workers,
                                 out_dir=out / "eval", model_name=str(out / "final"))
             summary.update({k: v for k, v in results.items() if k != "eval_data"})
+            write_model_card(out / "final", read_eval_dir(out / "eval"), to_dict(cfg))
         (out / "results.json").write_text(json.dumps(summary, indent=2))
         tb.close()
     jlog.close()
