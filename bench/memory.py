@@ -15,7 +15,7 @@ and a table with the measured ratio (ranks / 1 rank, per rank) beside the ZeRO p
 per parameter for weights and gradients and K for the optimizer (fp32 master copy + Adam's two moments =
 12), stage 1 keeps P + G + K/N, stage 2 P + (G + K)/N, stage 3 (P + G + K)/N of P + G + K.
 
-The model is ``configs/models/tiny.yaml`` with every tower ``--width`` wide (512: 32 M parameters, its
+The model is ``configs/models/tiny.yaml`` with every tower ``--width`` wide (512: 27.7 M parameters, its
 weight matrices above ZeRO-3's ``stage3_param_persistence_threshold`` of 1e5 elements, below which DeepSpeed
 keeps a parameter whole on every rank; 0 keeps tiny's widths; ``--set model...`` changes more). A synthetic
 dataset is written for its tokenizer and the batch (``--data`` reuses one).

@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -50,6 +50,9 @@ from mmcl.train.checkpoint import (
     set_rng_state,
     write_state,
 )
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 log = logging.getLogger(__name__)
 
@@ -478,7 +481,7 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
                  parameter_report(inner))
     resumed_at = position["step"] if resume_state is not None else None
     jlog = JsonlLog(out / "log.jsonl", main, resumed_at)
-    tb = None
+    tb: SummaryWriter | None = None
     if main:
         from torch.utils.tensorboard import SummaryWriter
         tb = SummaryWriter(str(out / "tb"), purge_step=None if resumed_at is None else resumed_at + 1)
@@ -665,7 +668,7 @@ def save_training_checkpoint(accelerator: Accelerator, model: nn.Module, optimiz
 
 
 def _periodic_eval(accelerator: Accelerator, model: nn.Module, cfg: Config, shapes: dict[str, torch.Size],
-                   step: int, jlog: JsonlLog, tb) -> None:
+                   step: int, jlog: JsonlLog, tb: SummaryWriter | None) -> None:
     if not cfg.eval.suite:
         return
     plain = export_model(accelerator, model, cfg, shapes)
