@@ -10,6 +10,7 @@ self-contained ``save_pretrained`` directory, and the one-line errors for bad co
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,8 @@ def test_text_tower_equals_transformers(dirs: dict[str, Path], model: str, pooli
     spec = text_spec(dirs[model], pooling=pooling)
     if model == "gpt2":
         spec["tokenizer"] = str(dirs["bert"])
-    text = build_modality("text", spec)
+    text = pickle.loads(pickle.dumps(build_modality("text", spec)))  # as a loader worker gets it
+    assert text.tokenizer._tok is None
     x = text.collate([text.transform(text.decode({"txt": c.encode()}), train=False) for c in CAPTIONS])
     tok = BertTokenizer.from_pretrained(str(dirs["bert"]))
     enc = tok(CAPTIONS, padding="max_length", max_length=24, return_tensors="pt")
@@ -257,9 +259,12 @@ def test_ast_cls_pooling(dirs: dict[str, Path]) -> None:
 
 @pytest.mark.parametrize("name", ["ast", "wav2vec2"])
 def test_synthesised_clip_through_the_pipeline(dirs: dict[str, Path], name: str) -> None:
-    """A synthetic world clip (2 s, FLAC in a sample dict) through decode -> transform -> collate -> tower:
-    the centred 1 s window, as the extractor and model see the original float audio (FLAC keeps 16 bits)."""
-    audio = build_modality("audio", audio_spec(dirs[name]))
+    """A synthetic world clip (2 s, FLAC in a sample dict) through decode -> transform -> collate -> tower
+    equals the extractor and model on the centred 1 s window of the original float audio (FLAC keeps 16
+    bits)."""
+    # As a loader worker gets it: pickled without the feature extractor, which it reads again lazily.
+    audio = pickle.loads(pickle.dumps(build_modality("audio", audio_spec(dirs[name]))))
+    assert audio.input._fe is None
     wave = generate_sample(3)["audio"]
     decoded = audio.decode({"flac": encode_flac(wave, SR)})
     assert decoded.shape == (2 * SR,)
