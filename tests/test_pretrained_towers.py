@@ -24,6 +24,7 @@ from transformers import (
     ASTModel,
     AutoModel,
     BertConfig,
+    BertForPreTraining,
     BertModel,
     BertTokenizer,
     GPT2Config,
@@ -364,7 +365,7 @@ def test_missing_paths(dirs: dict[str, Path], tmp_path: Path) -> None:
 
 def test_checkpoint_keys_that_do_not_fit(dirs: dict[str, Path], tmp_path: Path) -> None:
     """A config with a layer more than the weights: missing keys; a layer less: unexpected keys. Refused
-    (listed) unless strict: false."""
+    (listed) unless strict: false. A task head beside the encoder's weights is not a mismatch."""
     audio = audio_spec(dirs["hubert"])
     deeper = edited(dirs["bert"], tmp_path / "deeper", num_hidden_layers=3)
     message = one_line_error({"text": text_spec(deeper), "audio": audio})
@@ -379,6 +380,16 @@ def test_checkpoint_keys_that_do_not_fit(dirs: dict[str, Path], tmp_path: Path) 
     reference = BertModel.from_pretrained(str(dirs["bert"]))
     assert torch.equal(model.towers["text"].model.encoder.layer[1].output.dense.weight,
                        reference.encoder.layer[1].output.dense.weight)
+
+    # A checkpoint with a task head (BERT pre-training's cls.*) loads as its encoder, strictly: the head's keys
+    # name no module of the encoder.
+    torch.manual_seed(0)
+    pretraining = BertForPreTraining(BertConfig.from_pretrained(str(dirs["bert"])))
+    pretraining.save_pretrained(tmp_path / "pretraining")
+    tower = build({"text": text_spec(tmp_path / "pretraining"), "audio": audio}).towers["text"]
+    weights = {k: v for k, v in pretraining.bert.state_dict().items() if not k.startswith("pooler.")}
+    assert weights.keys() == tower.model.state_dict().keys()
+    assert all(torch.equal(v, tower.model.state_dict()[k]) for k, v in weights.items())
 
     audio_deeper = edited(dirs["whisper"], tmp_path / "whisper3", encoder_layers=3)
     message = one_line_error({"text": text_spec(dirs["bert"]), "audio": audio_spec(audio_deeper)})

@@ -74,7 +74,10 @@ def check_keys(missing: list[str], unexpected: list[str], where: str, source: st
 def load_hf_model(auto_cls: Any, path: str | Path, where: str, strict: bool = True, **kwargs: Any) -> nn.Module:
     """``auto_cls.from_pretrained`` on a local directory, offline, with the loading report checked.
 
-    ``auto_cls`` is a ``transformers`` Auto class (``AutoModel``) or a concrete model class."""
+    ``auto_cls`` is a ``transformers`` Auto class (``AutoModel``) or a concrete model class. Checkpoint keys
+    outside every top-level module of the model are the task head of the checkpoint's own class (BERT's
+    pre-training ``cls.*``, an AudioSet-tuned AST's ``classifier.*``), which the encoder does not have: they are
+    dropped, not a mismatch. Unexpected keys inside the model's modules (a layer more) are."""
     directory = local_path(path, where)
     with offline():
         try:
@@ -84,8 +87,10 @@ def load_hf_model(auto_cls: Any, path: str | Path, where: str, strict: bool = Tr
             raise ConfigError(f"{where}: cannot load {directory} with {getattr(auto_cls, '__name__', auto_cls)}: "
                               f"{_first_line(e)}") from None
     mismatched = [str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys", [])]
-    check_keys(list(info.get("missing_keys", [])) + mismatched, list(info.get("unexpected_keys", [])),
-               where, str(directory), type(model).__name__, strict)
+    own = {k.split(".")[0] for k in model.state_dict()}
+    unexpected = [k for k in info.get("unexpected_keys", []) if k.split(".")[0] in own]
+    check_keys(list(info.get("missing_keys", [])) + mismatched, unexpected, where, str(directory),
+               type(model).__name__, strict)
     return model
 
 
