@@ -39,6 +39,7 @@ from transformers import (
     WhisperModel,
 )
 
+from data_tools.check import validate_shards
 from mmcl.config import ConfigError, ModelConfig, ObjectiveConfig, from_dict
 from mmcl.data.synthetic import encode_flac, generate_sample
 from mmcl.hub import model_files
@@ -280,6 +281,15 @@ def test_synthesised_clip_through_the_pipeline(dirs: dict[str, Path], name: str)
     # Training draws a random window: another part of the clip, still the extractor's format.
     torch.manual_seed(0)
     assert audio.transform(decoded, train=True).shape == x.shape[1:]
+
+
+def test_shards_validate_with_transformers_towers(dirs: dict[str, Path], synthetic_data: Path,
+                                                 tmp_path: Path) -> None:
+    """``mmcl shards validate --model`` decodes with the model's own tokenizer and feature extractor."""
+    model = tmp_path / "model.yaml"
+    model.write_text(json.dumps({"modalities": {"text": text_spec(dirs["bert"]), "audio": audio_spec(dirs["ast"])}}))
+    result = validate_shards(str(synthetic_data / "test-{000000..000001}.tar"), model=str(model))
+    assert result["bad"] == [] and result["good"] == result["samples"] == 32
 
 
 # ----------------------------------------------------------------------------------------------------
