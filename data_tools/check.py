@@ -341,7 +341,8 @@ def validate_shards(spec: str, model: str = "tiny", tokenizer: str | None = None
     specs = {name: dict(s) for name, s in model_modality_specs(model).items()}
     with tempfile.TemporaryDirectory(prefix="mmcl-validate-") as tmp:
         for name, s in specs.items():
-            if s.get("kind", name) == "text":
+            # A transformers text tower (type hf) brings its own tokenizer; the others read a sentencepiece file.
+            if s.get("kind", name) == "text" and (s.get("tower") or {}).get("type", "bert") != "hf":
                 s["tokenizer"] = _tokenizer(urls, tokenizer, Path(tmp))
         if workers > 1 and len(urls) > 1:
             with ProcessPoolExecutor(min(workers, len(urls)), mp_context=multiprocessing.get_context("spawn")) as pool:

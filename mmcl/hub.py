@@ -3,7 +3,8 @@ the training config), loading by repo id (through the local HF cache when offlin
 ``huggingface_hub`` (``create_repo`` + ``upload_folder``).
 
 A model directory (``save_pretrained``) holds ``config.json``, ``model.safetensors``,
-``preprocessor_config.json``, the modalities' files (tokenizers) and ``README.md``. Weights travel as
+``preprocessor_config.json``, the modalities' files (tokenizers; a transformers tower's config and tokenizer or
+feature extractor in ``<modality>_hf/``) and ``README.md``. Weights travel as
 safetensors only: nothing here downloads, uploads or loads a pickle. The Hub token comes from
 ``HF_TOKEN`` or ``hf auth login`` through ``huggingface_hub`` and is never printed or logged.
 """
@@ -211,7 +212,8 @@ def load_model(name_or_path: str | Path, map_location: str = "cpu"):
 
 def model_files(model_dir: str | Path) -> list[str]:
     """The files of a model directory that are published: config, safetensors weights, preprocessing
-    config, model card and the files its modalities name (tokenizers) — never checkpoint state."""
+    config, model card and the files its modalities name (tokenizers, the directories of transformers towers)
+    — never checkpoint state."""
     d = Path(model_dir)
     if not (d / CONFIG_NAME).is_file():
         raise HubError(f"{d}: not a model directory (no {CONFIG_NAME})")
@@ -220,10 +222,14 @@ def model_files(model_dir: str | Path) -> list[str]:
     check_weights(d / WEIGHTS_NAME)
     config = json.loads((d / CONFIG_NAME).read_text())
     files = [CONFIG_NAME, WEIGHTS_NAME]
-    for name, spec in config["model"]["modalities"].items():
-        for value in spec.values():
-            if isinstance(value, str) and value and "/" not in value and (d / value).is_file():
-                files.append(value)
+    for spec in config["model"]["modalities"].values():
+        values = [*spec.values(), *(spec.get("tower") or {}).values()]
+        for value in values:
+            if isinstance(value, str) and value and "/" not in value:
+                if (d / value).is_file():
+                    files.append(value)
+                elif (d / value).is_dir():  # a transformers tower's config and tokenizer / feature extractor
+                    files += sorted(str(f.relative_to(d)) for f in (d / value).rglob("*") if f.is_file())
     files += [f for f in (PREPROCESSOR_NAME, CARD_NAME) if (d / f).is_file()]
     return files
 

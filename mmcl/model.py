@@ -4,7 +4,6 @@ temperature), with the ``save_pretrained`` / ``from_pretrained`` contract of Hug
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +76,9 @@ class MultimodalModel(nn.Module):
         """Write ``config.json``, ``model.safetensors``, the modalities' files (tokenizers),
         ``preprocessor_config.json`` and a ``README.md`` model card to ``save_dir``.
 
-        Files a modality needs are copied in and referenced by relative name, so the directory is
-        self-contained. ``state_dict`` overrides the live weights (e.g. one gathered from ZeRO-3).
+        Files a modality needs are written in (:meth:`Modality.save_files`: tokenizers; the config, tokenizer
+        or feature extractor of a transformers tower, not its weights) and referenced by relative name, so
+        the directory is self-contained. ``state_dict`` overrides the live weights (e.g. one gathered from ZeRO-3).
         ``eval_results`` (a suite's results, or per-task records as :func:`mmcl.hub.read_eval_dir` returns
         them) go into the card as ``model-index`` metadata, ``train_config`` as a YAML block.
         """
@@ -89,13 +89,15 @@ class MultimodalModel(nn.Module):
         cfg = self.config_dict()
         preprocessing = {}
         for name, mod in self.modalities.items():
-            for field_name, src in mod.files().items():
-                dst = f"{name}_{Path(src).name}"
-                if Path(src).resolve() != (out / dst).resolve():
-                    shutil.copyfile(src, out / dst)
-                cfg["model"]["modalities"][name][field_name] = dst
+            updates = mod.save_files(out)
+            for dotted, value in updates.items():
+                *parents, last = dotted.split(".")
+                node = cfg["model"]["modalities"][name]
+                for key in parents:
+                    node = node.setdefault(key, {})
+                node[last] = value
             spec = {k: v for k, v in mod.to_dict().items() if k != "tower"}
-            preprocessing[name] = {**spec, **{k: cfg["model"]["modalities"][name][k] for k in mod.files()}}
+            preprocessing[name] = {**spec, **{k: v for k, v in updates.items() if "." not in k}}
         sd = state_dict if state_dict is not None else self.state_dict()
         save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(out / WEIGHTS_NAME),
                   metadata={"format": "pt", "mmcl_format": str(FORMAT_VERSION)})

@@ -107,7 +107,7 @@ def test_from_pretrained_refuses_missing_weights(model, tmp_path):
     (lambda s: s["modalities"]["video"].update(colour=1), "model.modalities.video.colour: unknown field"),
     (lambda s: s["modalities"]["video"]["tower"].update(depth="four"), "model.modalities.video.tower.depth: expected an integer"),
     (lambda s: s["modalities"]["video"].update(size=50), "model.modalities.video.size: 50 is not a multiple of tower.patch 16"),
-    (lambda s: s["modalities"]["text"]["tower"].update(pooling="max"), "pooling: 'max' is not allowed (allowed: 'mean', 'cls')"),
+    (lambda s: s["modalities"]["text"]["tower"].update(pooling="max"), "pooling: 'max' is not allowed (allowed: 'mean', 'cls', 'last')"),
     (lambda s: s["modalities"]["video"].update(kind="depth"), "model.modalities.video.kind: unknown modality 'depth'"),
     (lambda s: s["modalities"]["text"].update(tokenizer="/nonexistent/tok.model"), "tokenizer: file not found: /nonexistent/tok.model"),
 ])

@@ -1,24 +1,43 @@
-"""Audio: decode (torchcodec, soundfile fallback), resample to 16 kHz mono, fixed-length crop/pad,
-log-mel (torchaudio); :class:`AudioTower` = AST-style: spectrogram patches + fixed sin-cos positions +
-timm ViT blocks."""
+"""Audio: decode (torchcodec, soundfile fallback) to mono at ``sample_rate``, then the input its tower type
+reads, and the tower:
+
+- ``vit`` (default): a fixed-length log-mel window (torchaudio); :class:`AudioTower` = AST-style:
+  spectrogram patches + fixed sin-cos positions + timm ViT blocks, built from this config.
+- ``hf``: a ``transformers`` audio encoder from a local directory (AST, the encoder of Whisper, wav2vec2,
+  HuBERT, ...) fed exactly what its own feature extractor (``AutoFeatureExtractor``, same directory) makes of
+  a ``seconds`` window of the waveform; :class:`HFAudioTower` pools its hidden states.
+
+A tower type is an entry of :data:`TOWER_TYPES` (its input pipeline and its builder) plus its name in
+``AudioTowerConfig.type``.
+"""
 
 from __future__ import annotations
 
 import io
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Protocol, cast
 
 import torch
 import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
+from mmcl.config import ConfigError
 from mmcl.modalities.base import MissingModality, Modality, SampleError, Tower, register_modality
 from mmcl.modalities.layers import Trunk, init_linear_like_vit, patch_grid, sincos_nd
+from mmcl.modalities.pretrained import HFInit, HFTower, hf_encoder, load_hf_config, load_hf_processor, pool
+
+#: transformers ``model_type`` of the audio encoders whose first token is a CLS token (``pooling: cls``).
+CLS_MODEL_TYPES = ("audio-spectrogram-transformer",)
 
 
 @dataclass
 class AudioTowerConfig:
+    #: ``vit``: the AST-style tower on log-mel built from the fields below; ``hf``: a transformers audio
+    #: encoder directory (``path``) with its own feature extractor.
+    type: Literal["vit", "hf"] = "vit"
     width: int = 128
     depth: int = 4
     heads: int = 4
@@ -26,12 +45,32 @@ class AudioTowerConfig:
     #: Patch size over (mel bins, frames).
     patch: int = 16
     drop_path: float = 0.0
+    #: ``mean`` over time (over the real frames where the extractor marks padding); ``cls``: the first token
+    #: of a model that has one (AST). The ``vit`` tower mean-pools.
+    pooling: Literal["mean", "cls"] = "mean"
+    #: ``hf``: local directory of a transformers model + its feature extractor; relative to the config.
+    path: str = ""
+    #: ``hf``: refuse a checkpoint whose keys do not fit the model (missing / unexpected ones).
+    strict: bool = True
+    #: ``hf``: ``pretrained`` loads the checkpoint's weights, ``config`` only its architecture (random init).
+    init: HFInit = "pretrained"
+
+    def validate(self, where: str) -> None:
+        if self.type == "hf" and not self.path:
+            raise ConfigError(f"{where}.path: required with type 'hf' (a local transformers model directory)")
+        if self.type == "vit" and self.path:
+            raise ConfigError(f"{where}.path: not used by type 'vit' (a tower built from this config)")
+        if self.type == "vit" and self.pooling != "mean":
+            raise ConfigError(f"{where}.pooling: {self.pooling!r} is not available with type 'vit' (allowed: 'mean')")
 
 
 @dataclass
 class AudioConfig:
+    #: Decoding rate; with an ``hf`` tower it must be its feature extractor's ``sampling_rate``.
     sample_rate: int = 16000
+    #: Window of the clip the tower sees: random while training, centred otherwise; shorter clips are padded.
     seconds: float = 2.0
+    #: Log-mel settings of the ``vit`` tower (an ``hf`` tower's feature extractor has its own).
     n_mels: int = 64
     n_fft: int = 400
     hop: int = 160
@@ -78,6 +117,118 @@ def _has_audio_stream(data: bytes) -> bool:
         return True
 
 
+def _window_start(length: int, n: int, train: bool) -> int:
+    """Start of an ``n``-long window in ``length`` (> n): random when training, centred otherwise."""
+    return int(torch.randint(0, length - n + 1, ())) if train else (length - n) // 2
+
+
+class AudioInput(Protocol):
+    """What a tower type reads: ``features`` runs at decode time (its output is what a RAM cache keeps),
+    ``transform`` per use, ``empty`` stands in for a missing clip."""
+
+    def features(self, wav: torch.Tensor) -> torch.Tensor: ...
+
+    def transform(self, data: torch.Tensor, train: bool) -> torch.Tensor: ...
+
+    def empty(self) -> torch.Tensor: ...
+
+
+class LogMel:
+    """Log-mel input of the towers built here: ``[1, n_mels, n_frames]`` standardised per clip."""
+
+    def __init__(self, cfg: AudioConfig):
+        self.cfg = cfg
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop, n_mels=cfg.n_mels)
+
+    def features(self, wav: torch.Tensor) -> torch.Tensor:
+        """Waveform ``[S]`` -> log-mel ``[n_mels, frames]`` of the whole clip. Deterministic, so computed at
+        decode time: a RAM cache of decoded samples keeps it (smaller than the waveform) and later epochs
+        only crop."""
+        return (self.mel(wav.float()) + SILENCE).log()
+
+    def transform(self, data: torch.Tensor, train: bool) -> torch.Tensor:
+        """log-mel ``[n_mels, frames]`` -> ``[1, n_mels, n_frames]``: a window of ``seconds`` (random when
+        training, centred otherwise; short clips padded with silence), standardised per clip."""
+        n, frames = self.cfg.n_frames, data.shape[1]
+        if frames > n:
+            start = _window_start(frames, n, train)
+            data = data[:, start:start + n]
+        elif frames < n:
+            data = F.pad(data, (0, n - frames), value=math.log(SILENCE))
+        return ((data - data.mean()) / (data.std() + 1e-5))[None]
+
+    def empty(self) -> torch.Tensor:
+        return torch.zeros(1, self.cfg.n_mels, self.cfg.n_frames)
+
+
+class FeatureExtractorInput:
+    """The input of a transformers audio encoder: a ``seconds`` window of the waveform through the model's
+    own feature extractor, so the tower gets exactly what the extractor makes of the window: AST
+    ``[frames, mel]`` and Whisper ``[mel, frames]`` (padded / cut by the extractor to the model's length),
+    wav2vec2 / HuBERT ``[S]`` (padded to ``seconds``), or ``[2, S]`` (values, attention mask) where the
+    extractor makes a mask. Reads the model's config (``model_config``) and the extractor here, then the
+    extractor lazily again in each loader worker (it is left out of the pickled state)."""
+
+    def __init__(self, cfg: AudioConfig, path: Path, where: str):
+        self.cfg = cfg
+        self.path = path
+        self.where = f"{where}.tower.path"
+        self.model_config = load_hf_config(path, self.where)
+        if cfg.tower.pooling == "cls" and self.model_config.model_type not in CLS_MODEL_TYPES:
+            raise ConfigError(f"{where}.tower.pooling: 'cls' needs a model with a CLS token "
+                              f"({', '.join(CLS_MODEL_TYPES)}); {self.model_config.model_type} has none "
+                              f"(allowed: 'mean')")
+        self._fe: Any = None
+        fe = self.fe
+        if fe.sampling_rate != cfg.sample_rate:
+            raise ConfigError(f"{where}.sample_rate: {cfg.sample_rate} differs from the feature extractor's "
+                              f"sampling_rate {fe.sampling_rate} ({path})")
+        self.input_name: str = fe.model_input_names[0]
+        from transformers import Wav2Vec2FeatureExtractor
+
+        # Waveform extractors (wav2vec2, HuBERT, WavLM) pad to what they are asked; AST and Whisper pad or cut
+        # the features to their model's fixed length themselves.
+        self.pad_waveform = isinstance(fe, Wav2Vec2FeatureExtractor)
+        self.with_mask = self.pad_waveform and bool(fe.return_attention_mask)
+        self._empty: torch.Tensor | None = None
+
+    @property
+    def fe(self) -> Any:
+        if self._fe is None:
+            from transformers import AutoFeatureExtractor
+
+            self._fe = load_hf_processor(AutoFeatureExtractor, self.path, self.where)
+        return self._fe
+
+    def features(self, wav: torch.Tensor) -> torch.Tensor:
+        """The waveform ``[S]`` itself: the window is cut per use."""
+        return wav.float()
+
+    def extract(self, wav: torch.Tensor) -> torch.Tensor:
+        """One waveform window ``[<= n_samples]`` -> the extractor's model input for it."""
+        kwargs = {"padding": "max_length", "max_length": self.cfg.n_samples, "truncation": True} \
+            if self.pad_waveform else {}
+        out = self.fe(wav.numpy(), sampling_rate=self.fe.sampling_rate, return_tensors="pt", **kwargs)
+        x = out[self.input_name][0]
+        return torch.stack([x, out["attention_mask"][0].to(x.dtype)]) if self.with_mask else x
+
+    def transform(self, data: torch.Tensor, train: bool) -> torch.Tensor:
+        n = self.cfg.n_samples
+        if data.numel() > n:
+            start = _window_start(data.numel(), n, train)
+            data = data[start:start + n]
+        return self.extract(data)
+
+    def empty(self) -> torch.Tensor:
+        if self._empty is None:
+            self._empty = self.extract(torch.zeros(self.cfg.n_samples))
+        return self._empty
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fe": None}
+
+
 @register_modality
 class Audio(Modality):
     kind = "audio"
@@ -87,14 +238,11 @@ class Audio(Modality):
 
     def __init__(self, name: str, cfg: AudioConfig, base_dir=None):
         super().__init__(name, cfg, base_dir)
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop, n_mels=cfg.n_mels)
+        self.input: AudioInput = TOWER_TYPES[cfg.tower.type].inputs(self)
 
     def decode(self, sample: dict) -> torch.Tensor:
-        """-> log-mel ``[n_mels, frames]`` float32 of the whole clip (mono, resampled to ``sample_rate``).
-
-        The spectrogram is computed here, not in :meth:`transform`: it is deterministic, so a RAM cache of
-        decoded samples keeps it (smaller than the waveform) and later epochs only crop."""
+        """-> the whole clip (mono, resampled to ``sample_rate``) as its tower type keeps it: log-mel
+        ``[n_mels, frames]`` float32 (``vit``), the waveform ``[S]`` (``hf``)."""
         ext, data = self.find_member(sample)
         try:
             try:
@@ -114,24 +262,40 @@ class Audio(Modality):
             raise SampleError("bad_audio", "empty audio")
         if not torch.isfinite(wav).all():
             raise SampleError("bad_audio", "non-finite samples")
-        return (self.mel(wav.float()) + SILENCE).log()
+        return self.input.features(wav)
 
     def transform(self, data: torch.Tensor, train: bool) -> torch.Tensor:
-        """log-mel ``[n_mels, frames]`` -> ``[1, n_mels, n_frames]``: a window of ``seconds`` (random when
-        training, centred otherwise; short clips padded with silence), standardised per clip."""
-        n, frames = self.cfg.n_frames, data.shape[1]
-        if frames > n:
-            start = int(torch.randint(0, frames - n + 1, ())) if train else (frames - n) // 2
-            data = data[:, start:start + n]
-        elif frames < n:
-            data = F.pad(data, (0, n - frames), value=math.log(SILENCE))
-        return ((data - data.mean()) / (data.std() + 1e-5))[None]
+        return self.input.transform(data, train)
 
     def empty(self) -> torch.Tensor:
-        return torch.zeros(1, self.cfg.n_mels, self.cfg.n_frames)
+        return self.input.empty()
+
+    def save_files(self, out_dir: Path) -> dict[str, Any]:
+        """``hf``: the model's config and feature extractor go to ``<name>_hf/`` (the weights are in the saved
+        model's own file), and the saved config builds the tower from there with ``init: config``."""
+        if not isinstance(self.input, FeatureExtractorInput):
+            return super().save_files(out_dir)
+        dst = f"{self.name}_hf"
+        self.input.model_config.save_pretrained(str(out_dir / dst))
+        self.input.fe.save_pretrained(str(out_dir / dst))
+        return {"tower.path": dst, "tower.init": "config"}
 
     def build_tower(self) -> Tower:
-        return AudioTower(self.cfg)
+        return TOWER_TYPES[self.cfg.tower.type].build(self)
+
+
+def _hf_tower(mod: Audio) -> Tower:
+    tc, inputs = mod.cfg.tower, cast(FeatureExtractorInput, mod.input)
+    model = hf_encoder(inputs.path, inputs.where, tc.init, tc.strict)
+    return HFAudioTower(model, inputs.input_name, inputs.with_mask, tc.pooling)
+
+
+@dataclass(frozen=True)
+class TowerType:
+    #: The modality -> the input pipeline its decode / transform / empty run (``AudioInput``).
+    inputs: Callable[[Audio], AudioInput]
+    #: The modality -> its tower.
+    build: Callable[[Audio], Tower]
 
 
 class AudioTower(Tower):
@@ -156,3 +320,32 @@ class AudioTower(Tower):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.embed(x).flatten(2).transpose(1, 2) + self.pos
         return self.trunk(tokens)
+
+
+class HFAudioTower(HFTower):
+    """A transformers audio encoder: the feature extractor's batch (see :class:`FeatureExtractorInput`) ->
+    ``[N, hidden]``, pooled over time (over the frames of real audio where the extractor made a mask)."""
+
+    def __init__(self, model: nn.Module, input_name: str, with_mask: bool, pooling: str):
+        super().__init__(model)
+        self.input_name = input_name
+        self.with_mask = with_mask
+        self.pooling = pooling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.with_mask:
+            return pool(self.model(**{self.input_name: x}).last_hidden_state, None, self.pooling)
+        mask = x[:, 1].long()
+        hidden = self.model(**{self.input_name: x[:, 0], "attention_mask": mask}).last_hidden_state
+        # Which output frames cover real audio: the model's own mapping through its convolutions (the one its
+        # sequence-classification head pools with).
+        frames = self.model._get_feature_vector_attention_mask(hidden.shape[1], mask)
+        return pool(hidden, frames, self.pooling)
+
+
+TOWER_TYPES: dict[str, TowerType] = {
+    "vit": TowerType(inputs=lambda mod: LogMel(mod.cfg), build=lambda mod: AudioTower(mod.cfg)),
+    "hf": TowerType(inputs=lambda mod: FeatureExtractorInput(mod.cfg, mod.resolve(mod.cfg.tower.path),
+                                                             f"model.modalities.{mod.name}"),
+                    build=_hf_tower),
+}

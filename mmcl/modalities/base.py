@@ -8,6 +8,7 @@ it under ``model.modalities`` with ``kind: <name>``.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -98,6 +99,18 @@ class Modality:
         """Files this modality's config points to (e.g. a tokenizer): ``{config field: path}``.
         ``save_pretrained`` copies them beside the weights and rewrites the field to the copy's name."""
         return {}
+
+    def save_files(self, out_dir: Path) -> dict[str, Any]:
+        """Write what this modality needs besides the weights into ``out_dir`` (by default a copy of each of
+        :meth:`files`, named ``<modality>_<file name>``); returns the config fields to rewrite so that the
+        saved model reads them from there: ``{dotted field (e.g. "tower.path"): value}``."""
+        updates: dict[str, Any] = {}
+        for field_name, src in self.files().items():
+            dst = f"{self.name}_{Path(src).name}"
+            if Path(src).resolve() != (out_dir / dst).resolve():
+                shutil.copyfile(src, out_dir / dst)
+            updates[field_name] = dst
+        return updates
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **to_dict(self.cfg)}

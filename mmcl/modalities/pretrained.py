@@ -3,19 +3,24 @@
 Shared by the towers that start from Hugging Face directories or timm checkpoint files: a missing path, or a
 checkpoint whose keys do not fit the architecture, is one :class:`~mmcl.config.ConfigError` line naming the
 config field, the path and the keys (refused unless the tower's config says ``strict: false``).
+
+:func:`hf_encoder` and :class:`HFTower` turn a ``transformers`` model directory into a tower (text and audio
+use them); :func:`pool` is the tokens -> one vector pooling they share.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import torch
 from torch import nn
 
 from mmcl.config import ConfigError
+from mmcl.modalities.base import Tower
 
 #: How many key names an error lists before "... and N more".
 _SHOWN_KEYS = 5
@@ -45,6 +50,11 @@ def offline() -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _keys(names: list[str]) -> str:
     shown = ", ".join(sorted(names)[:_SHOWN_KEYS])
     more = len(names) - _SHOWN_KEYS
@@ -64,19 +74,23 @@ def check_keys(missing: list[str], unexpected: list[str], where: str, source: st
 def load_hf_model(auto_cls: Any, path: str | Path, where: str, strict: bool = True, **kwargs: Any) -> nn.Module:
     """``auto_cls.from_pretrained`` on a local directory, offline, with the loading report checked.
 
-    ``auto_cls`` is a ``transformers`` Auto class (``AutoModel``) or a concrete model class."""
+    ``auto_cls`` is a ``transformers`` Auto class (``AutoModel``) or a concrete model class. Checkpoint keys
+    outside every top-level module of the model are the task head of the checkpoint's own class (BERT's
+    pre-training ``cls.*``, an AudioSet-tuned AST's ``classifier.*``), which the encoder does not have: they are
+    dropped, not a mismatch. Unexpected keys inside the model's modules (a layer more) are."""
     directory = local_path(path, where)
     with offline():
         try:
             model, info = auto_cls.from_pretrained(str(directory), local_files_only=True,
                                                    output_loading_info=True, **kwargs)
         except (OSError, ValueError, RuntimeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"{where}: cannot load {directory} with {getattr(auto_cls, '__name__', auto_cls)}: "
-                              f"{first}") from None
+                              f"{_first_line(e)}") from None
     mismatched = [str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys", [])]
-    check_keys(list(info.get("missing_keys", [])) + mismatched, list(info.get("unexpected_keys", [])),
-               where, str(directory), type(model).__name__, strict)
+    own = {k.split(".")[0] for k in model.state_dict()}
+    unexpected = [k for k in info.get("unexpected_keys", []) if k.split(".")[0] in own]
+    check_keys(list(info.get("missing_keys", [])) + mismatched, unexpected, where, str(directory),
+               type(model).__name__, strict)
     return model
 
 
@@ -114,3 +128,89 @@ def load_state_dict_checked(module: nn.Module, path: str | Path, where: str, str
     unexpected = [k for k in state if k not in own]
     check_keys(missing, unexpected, where, str(path), type(module).__name__, strict)
     module.load_state_dict(state, strict=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# transformers directories as towers
+
+#: ``init`` of a tower read from a transformers directory: the checkpoint's weights, or only the architecture
+#: of its ``config.json`` with random weights (what a saved mmcl model uses: its weights are in its own file).
+HFInit = Literal["pretrained", "config"]
+
+
+def load_hf_config(path: str | Path, where: str) -> Any:
+    """``AutoConfig`` of a local transformers directory, offline."""
+    from transformers import AutoConfig
+
+    return load_hf_processor(AutoConfig, path, where)
+
+
+def load_hf_processor(auto_cls: Any, path: str | Path, where: str) -> Any:
+    """``auto_cls.from_pretrained`` (``AutoTokenizer``, ``AutoFeatureExtractor``, ``AutoConfig``) on a local
+    directory, offline; anything it cannot read is one line naming ``where`` and the directory."""
+    directory = local_path(path, where)
+    with offline():
+        try:
+            return auto_cls.from_pretrained(str(directory), local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{where}: cannot load {directory} with {getattr(auto_cls, '__name__', auto_cls)}: "
+                              f"{_first_line(e)}") from None
+
+
+def hf_encoder(path: str | Path, where: str, init: HFInit = "pretrained", strict: bool = True) -> nn.Module:
+    """The encoder of a local transformers model directory (``AutoModel``), with its checkpoint's weights
+    (``init: pretrained``, keys checked as :func:`load_hf_model` does) or randomly initialised from its
+    config (``init: config``). Of an encoder-decoder (Whisper, T5) only the encoder is kept."""
+    from transformers import AutoModel
+
+    if init == "pretrained":
+        model = load_hf_model(AutoModel, path, where, strict=strict)
+    else:
+        model = AutoModel.from_config(load_hf_config(path, where))
+    if model.config.is_encoder_decoder:
+        model = model.get_encoder()
+    # BERT-style models carry a pooler (dense + tanh over the first token, trained for next-sentence
+    # prediction). The tower pools the hidden states itself; an unused parameter would also break DDP, which
+    # wants a gradient for every trainable parameter. Models built with ``add_pooling_layer`` accept None.
+    if getattr(model, "pooler", None) is not None and "add_pooling_layer" in inspect.signature(type(model)).parameters:
+        model.pooler = None
+    return model
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    """``[N, L, D]`` token states -> ``[N, D]``: ``cls`` (the first token), ``mean`` (over the tokens where
+    ``mask [N, L]`` is 1, all tokens without a mask) or ``last`` (the last token where ``mask`` is 1)."""
+    if how == "cls":
+        return hidden[:, 0]
+    if mask is None:
+        mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+    if how == "last":
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (mask.long() * (positions + 1)).argmax(dim=1)  # padding on either side
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+class HFTower(Tower):
+    """A transformers encoder as a tower. Its blocks are the model's stack of transformer layers (the
+    last ``ModuleList`` of transformers' ``GradientCheckpointingLayer``: wav2vec2's convolutional feature
+    layers come before it); gradient checkpointing is the model's own. Subclasses define ``forward``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.out_dim = int(model.config.hidden_size)
+
+    def blocks(self) -> list[nn.Module]:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        stacks = [m for m in self.model.modules() if isinstance(m, nn.ModuleList) and len(m)
+                  and all(isinstance(layer, GradientCheckpointingLayer) for layer in m)]
+        return list(stacks[-1]) if stacks else []
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.activation_checkpointing_disable()

@@ -1,12 +1,20 @@
-"""Text: UTF-8 caption -> sentencepiece ids (padded to ``max_len``); :class:`TextTower` = a
-``transformers`` BERT-style encoder built from a config, with masked-mean pooling (a CLS-pooled tiny
-encoder starts with near-identical embeddings for every caption and collapses contrastive training)."""
+"""Text: UTF-8 caption -> token ids padded to ``max_len``, and the tower that encodes them. The tower's
+``type`` picks both:
+
+- ``bert`` (default): sentencepiece ids; :class:`TextTower` = a ``transformers`` BERT-style encoder built
+  from this config, with masked-mean pooling (a CLS-pooled tiny encoder starts with near-identical
+  embeddings for every caption and collapses contrastive training).
+- ``hf``: any ``transformers`` AutoModel directory on local disk (``tower.path``) with its own tokenizer
+  (``AutoTokenizer``, from the same directory unless ``tokenizer`` names another); :class:`HFTextTower`
+  pools its hidden states (``cls`` / masked ``mean`` / ``last`` non-pad token).
+"""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -14,22 +22,44 @@ from transformers import BertConfig, BertModel
 
 from mmcl.config import ConfigError
 from mmcl.modalities.base import Modality, SampleError, Tower, register_modality
+from mmcl.modalities.pretrained import HFInit, HFTower, hf_encoder, load_hf_config, load_hf_processor, pool
+
+#: The sentencepiece model a ``bert`` tower reads when ``tokenizer`` is not set.
+DEFAULT_SENTENCEPIECE = "tokenizer.model"
 
 
 @dataclass
 class TextTowerConfig:
+    #: ``bert``: a BERT-style encoder built from the fields below (random init); ``hf``: a transformers model
+    #: directory (``path``).
+    type: Literal["bert", "hf"] = "bert"
     width: int = 128
     depth: int = 2
     heads: int = 4
     mlp_ratio: float = 4.0
-    pooling: Literal["mean", "cls"] = "mean"
+    #: ``cls``: first token; ``mean``: masked mean over the tokens; ``last``: last non-pad token.
+    pooling: Literal["mean", "cls", "last"] = "mean"
     dropout: float = 0.0
+    #: ``hf``: local directory of a transformers model (``config.json`` + weights); relative to the config.
+    path: str = ""
+    #: ``hf``: refuse a checkpoint whose keys do not fit the model (missing / unexpected ones).
+    strict: bool = True
+    #: ``hf``: ``pretrained`` loads the checkpoint's weights, ``config`` only its architecture (random init).
+    init: HFInit = "pretrained"
+
+    def validate(self, where: str) -> None:
+        if self.type == "hf" and not self.path:
+            raise ConfigError(f"{where}.path: required with type 'hf' (a local transformers model directory)")
+        if self.type != "hf" and self.path:
+            raise ConfigError(f"{where}.path: only used with type 'hf' (type is {self.type!r})")
 
 
 @dataclass
 class TextConfig:
-    #: sentencepiece model file (relative paths resolve against the config's base directory).
-    tokenizer: str = "tokenizer.model"
+    #: ``bert`` tower: sentencepiece model file (default ``tokenizer.model``); ``hf`` tower: a transformers
+    #: tokenizer directory (default: the model's ``tower.path``). Relative paths resolve against the
+    #: config's base directory.
+    tokenizer: str = ""
     max_len: int = 32
     #: Captions longer than this many characters are bad samples (protects the tokenizer from junk).
     max_chars: int = 2000
@@ -70,6 +100,47 @@ class SentencePieceTokenizer:
         return {"path": self.path, "_sp": None}
 
 
+class HFTokenizer:
+    """A transformers tokenizer (``AutoTokenizer``) from a local directory: text -> the rows the model reads
+    (``input_names``: ids, attention mask and, where the tokenizer makes them, token type ids), padded on
+    the right to ``max_len``. Read once here for its sizes, then lazily again in each loader worker (the
+    pickled state leaves the tokenizer out)."""
+
+    def __init__(self, path: Path, where: str):
+        self.path = path
+        self.where = where
+        self._tok: Any = None
+        tok = self.tok
+        self.vocab_size = len(tok)
+        self.pad_id = int(tok.pad_token_id)
+        #: Rows of an encoded caption, in order.
+        self.input_names = ["input_ids", "attention_mask"] + \
+            (["token_type_ids"] if "token_type_ids" in tok.model_input_names else [])
+
+    @property
+    def tok(self) -> Any:
+        if self._tok is None:
+            from transformers import AutoTokenizer
+
+            tok = load_hf_processor(AutoTokenizer, self.path, self.where)
+            if tok.pad_token is None:
+                if tok.eos_token is None:
+                    raise ConfigError(f"{self.where}: tokenizer {self.path} has neither a pad nor an end token "
+                                      f"to pad captions with")
+                tok.pad_token = tok.eos_token  # decoder-only models: padded positions are masked out anyway
+            self._tok = tok
+        return self._tok
+
+    def encode(self, text: str, max_len: int) -> torch.Tensor:
+        """-> ``[len(input_names), max_len]`` int64."""
+        enc = self.tok(text, truncation=True, max_length=max_len, padding="max_length", padding_side="right",
+                       return_attention_mask=True, return_tensors="pt")
+        return torch.cat([enc[name] for name in self.input_names]).long()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tok": None}
+
+
 @register_modality
 class Text(Modality):
     kind = "text"
@@ -78,10 +149,32 @@ class Text(Modality):
 
     def __init__(self, name: str, cfg: TextConfig, base_dir=None):
         super().__init__(name, cfg, base_dir)
-        self.tokenizer = SentencePieceTokenizer(self.resolve(cfg.tokenizer))
+        where = f"model.modalities.{name}"
+        self.tokenizer: SentencePieceTokenizer | HFTokenizer
+        if cfg.tower.type == "hf":
+            self.model_path = self.resolve(cfg.tower.path)
+            self.model_config = load_hf_config(self.model_path, f"{where}.tower.path")
+            tokenizer_where = f"{where}.tokenizer" if cfg.tokenizer else f"{where}.tower.path"
+            self.tokenizer = HFTokenizer(self.resolve(cfg.tokenizer) if cfg.tokenizer else self.model_path,
+                                         tokenizer_where)
+            self._check_fits(where)
+        else:
+            self.tokenizer = SentencePieceTokenizer(self.resolve(cfg.tokenizer or DEFAULT_SENTENCEPIECE))
+
+    def _check_fits(self, where: str) -> None:
+        """The tokenizer's ids and ``max_len`` must exist in the model's embedding tables."""
+        config, tok = self.model_config, self.tokenizer
+        vocab = getattr(config, "vocab_size", None)
+        if vocab is not None and tok.vocab_size > vocab:
+            raise ConfigError(f"{where}.tokenizer: tokenizer {tok.path} has {tok.vocab_size} tokens but the model "
+                              f"{self.model_path} has vocab_size {vocab}")
+        positions = getattr(config, "max_position_embeddings", None)
+        if positions is not None and self.cfg.max_len > positions:
+            raise ConfigError(f"{where}.max_len: {self.cfg.max_len} exceeds the model's max_position_embeddings "
+                              f"{positions} ({self.model_path})")
 
     def decode(self, sample: dict) -> torch.Tensor:
-        """-> token ids ``[<= max_len]`` int64."""
+        """-> token ids ``[<= max_len]`` int64 (``bert``), or the padded rows ``[K, max_len]`` (``hf``)."""
         _, data = self.find_member(sample)
         try:
             text = data.decode("utf-8") if isinstance(data, bytes) else str(data)
@@ -95,21 +188,47 @@ class Text(Modality):
             raise SampleError("empty_text")
         if len(text) > self.cfg.max_chars:
             raise SampleError("long_text", f"{len(text)} characters > max_chars {self.cfg.max_chars}")
+        if isinstance(self.tokenizer, HFTokenizer):
+            return self.tokenizer.encode(text, self.cfg.max_len)
         return torch.tensor(self.tokenizer.encode(text)[: self.cfg.max_len], dtype=torch.long)
 
     def transform(self, data: torch.Tensor, train: bool) -> torch.Tensor:
-        """ids -> ``[max_len]`` padded with the pad id."""
+        """``bert``: ids -> ``[max_len]`` padded with the pad id. ``hf``: the rows ``[K, max_len]`` as they
+        are (the tokenizer padded them): ids, attention mask[, token type ids]."""
+        if isinstance(self.tokenizer, HFTokenizer):
+            return data
         out = torch.full((self.cfg.max_len,), self.tokenizer.pad_id, dtype=torch.long)
         out[: data.numel()] = data
         return out
 
     def empty(self) -> torch.Tensor:
+        if isinstance(self.tokenizer, HFTokenizer):
+            out = torch.zeros(len(self.tokenizer.input_names), self.cfg.max_len, dtype=torch.long)
+            out[0] = self.tokenizer.pad_id
+            out[1, 0] = 1  # one attended position: a row with none can make attention NaN (masked out later)
+            return out
         return torch.full((self.cfg.max_len,), self.tokenizer.pad_id, dtype=torch.long)
 
     def files(self) -> dict[str, str]:
+        if isinstance(self.tokenizer, HFTokenizer):
+            return {}
         return {"tokenizer": str(self.tokenizer.path)}
 
+    def save_files(self, out_dir: Path) -> dict[str, Any]:
+        """``hf``: the model's config and the tokenizer go to ``<name>_hf/`` (the weights are in the saved
+        model's own file), and the saved config builds the tower from there with ``init: config``."""
+        if not isinstance(self.tokenizer, HFTokenizer):
+            return super().save_files(out_dir)
+        dst = f"{self.name}_hf"
+        self.model_config.save_pretrained(str(out_dir / dst))
+        self.tokenizer.tok.save_pretrained(str(out_dir / dst))
+        return {"tokenizer": "", "tower.path": dst, "tower.init": "config"}
+
     def build_tower(self) -> Tower:
+        tc = self.cfg.tower
+        if isinstance(self.tokenizer, HFTokenizer):
+            model = hf_encoder(self.model_path, f"model.modalities.{self.name}.tower.path", tc.init, tc.strict)
+            return HFTextTower(model, self.tokenizer.input_names, tc.pooling)
         return TextTower(self.cfg, self.tokenizer.vocab_size, self.tokenizer.pad_id)
 
 
@@ -142,7 +261,19 @@ class TextTower(Tower):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         mask = (ids != self.pad_id).long()
         hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        if self.pooling == "cls":
-            return hidden[:, 0]
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return pool(hidden, mask, self.pooling)
+
+
+class HFTextTower(HFTower):
+    """``[N, K, L]`` rows named ``input_names`` (ids, attention mask[, token type ids]: see
+    :class:`HFTokenizer`) -> ``[N, hidden]``. Rows the model's ``forward`` does not take are left out."""
+
+    def __init__(self, model: nn.Module, input_names: list[str], pooling: str):
+        super().__init__(model)
+        takes = inspect.signature(model.forward).parameters
+        self.rows = [(i, name) for i, name in enumerate(input_names) if name in takes]
+        self.pooling = pooling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(**{name: x[:, i] for i, name in self.rows}).last_hidden_state
+        return pool(hidden, x[:, 1], self.pooling)
