@@ -42,6 +42,27 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+#: The field that picks one dataclass of a tagged union (e.g. ``tower: {type: timm, ...}``).
+TAG = "type"
+
+
+def _tagged_choices(args: tuple[Any, ...]) -> dict[str, type] | None:
+    """A union of dataclasses that each declare ``type: Literal["<one value>"]`` -> ``{value: dataclass}``
+    (in the union's order: the first is the default when ``type`` is left out); None for any other union."""
+    choices = {}
+    for a in args:
+        if a is type(None):
+            continue
+        if not dataclasses.is_dataclass(a):
+            return None
+        tag = typing.get_type_hints(a).get(TAG)
+        values = typing.get_args(tag) if typing.get_origin(tag) is Literal else ()
+        if len(values) != 1:
+            return None
+        choices[values[0]] = a
+    return choices or None
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert (dict -> dataclass, int -> float)."""
     origin = typing.get_origin(tp)
@@ -55,6 +76,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        tagged = _tagged_choices(args)
+        if tagged and isinstance(value, dict):
+            tag = value.get(TAG, next(iter(tagged)))
+            if tag not in tagged:
+                raise ConfigError(f"{where}.{TAG}: {tag!r} is not allowed (allowed: {', '.join(map(repr, tagged))})")
+            return from_dict(tagged[tag], value, where)
         errors = []
         for a in args:
             if a is type(None):

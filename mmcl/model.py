@@ -15,11 +15,41 @@ from torch import nn
 
 from mmcl.config import ConfigError, ModelConfig, ObjectiveConfig, from_dict, to_dict
 from mmcl.modalities import Modality, build_modality
+from mmcl.modalities.pretrained import architecture_only
 from mmcl.objectives import build_objective
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
+
+
+#: Weight files left out when a modality's directory (an HF model's config and processor) is copied into a
+#: saved model: the saved safetensors hold the tower's weights.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
+
+
+def copy_model_file(src: Path, dst: Path) -> None:
+    """Copy a file a modality names, or the top-level files of a directory it names except weights."""
+    if not src.is_dir():
+        shutil.copyfile(src, dst)
+        return
+    dst.mkdir(exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and not f.name.endswith(".index.json"):
+            shutil.copyfile(f, dst / f.name)
+
+
+def _get_field(spec: dict[str, Any], dotted: str) -> Any:
+    for key in dotted.split("."):
+        spec = spec[key]
+    return spec
+
+
+def _set_field(spec: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        spec = spec[key]
+    spec[last] = value
 
 
 class MultimodalModel(nn.Module):
@@ -78,7 +108,8 @@ class MultimodalModel(nn.Module):
         ``preprocessor_config.json`` and a ``README.md`` model card to ``save_dir``.
 
         Files a modality needs are copied in and referenced by relative name, so the directory is
-        self-contained. ``state_dict`` overrides the live weights (e.g. one gathered from ZeRO-3).
+        self-contained (a directory it names, e.g. an HF video model's, is copied without its weights).
+        ``state_dict`` overrides the live weights (e.g. one gathered from ZeRO-3).
         ``eval_results`` (a suite's results, or per-task records as :func:`mmcl.hub.read_eval_dir` returns
         them) go into the card as ``model-index`` metadata, ``train_config`` as a YAML block.
         """
@@ -89,13 +120,14 @@ class MultimodalModel(nn.Module):
         cfg = self.config_dict()
         preprocessing = {}
         for name, mod in self.modalities.items():
+            spec = cfg["model"]["modalities"][name]
             for field_name, src in mod.files().items():
                 dst = f"{name}_{Path(src).name}"
                 if Path(src).resolve() != (out / dst).resolve():
-                    shutil.copyfile(src, out / dst)
-                cfg["model"]["modalities"][name][field_name] = dst
-            spec = {k: v for k, v in mod.to_dict().items() if k != "tower"}
-            preprocessing[name] = {**spec, **{k: cfg["model"]["modalities"][name][k] for k in mod.files()}}
+                    copy_model_file(Path(src), out / dst)
+                _set_field(spec, field_name, dst)
+            preprocessing[name] = {**{k: v for k, v in mod.to_dict().items() if k != "tower"},
+                                   **{k: _get_field(spec, k) for k in mod.files()}}
         sd = state_dict if state_dict is not None else self.state_dict()
         save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(out / WEIGHTS_NAME),
                   metadata={"format": "pt", "mmcl_format": str(FORMAT_VERSION)})
@@ -129,6 +161,7 @@ class MultimodalModel(nn.Module):
         if not weights.is_file():
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path} (mmcl loads safetensors weights only)")
         check_weights(weights)
-        model = cls.from_config_dict(json.loads(config_file.read_text()), base_dir=path)
+        with architecture_only():  # every weight comes from the safetensors: no pretrained checkpoint is read
+            model = cls.from_config_dict(json.loads(config_file.read_text()), base_dir=path)
         model.load_state_dict(load_file(str(weights), device=map_location))
         return model

@@ -1,12 +1,14 @@
 """Audio: decode (torchcodec, soundfile fallback), resample to 16 kHz mono, fixed-length crop/pad,
-log-mel (torchaudio); :class:`AudioTower` = AST-style: spectrogram patches + fixed sin-cos positions +
-timm ViT blocks."""
+log-mel (torchaudio); the tower by ``tower.type``: ``patch`` (default) :class:`AudioTower` = AST-style:
+spectrogram patches + fixed sin-cos positions + timm ViT blocks; ``timm``: a timm image model on the log-mel
+with one input channel, from a local checkpoint (:class:`~mmcl.modalities.timm_towers.TimmAudioTower`)."""
 
 from __future__ import annotations
 
 import io
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -15,10 +17,12 @@ from torch import nn
 
 from mmcl.modalities.base import MissingModality, Modality, SampleError, Tower, register_modality
 from mmcl.modalities.layers import Trunk, init_linear_like_vit, patch_grid, sincos_nd
+from mmcl.modalities.timm_towers import TimmAudioTower, TimmTowerConfig
 
 
 @dataclass
 class AudioTowerConfig:
+    type: Literal["patch"] = "patch"
     width: int = 128
     depth: int = 4
     heads: int = 4
@@ -35,7 +39,7 @@ class AudioConfig:
     n_mels: int = 64
     n_fft: int = 400
     hop: int = 160
-    tower: AudioTowerConfig = field(default_factory=AudioTowerConfig)
+    tower: AudioTowerConfig | TimmTowerConfig = field(default_factory=AudioTowerConfig)
 
     @property
     def n_samples(self) -> int:
@@ -43,9 +47,9 @@ class AudioConfig:
 
     @property
     def n_frames(self) -> int:
-        """Spectrogram frames, cut down to a multiple of the patch size."""
+        """Spectrogram frames, cut down to a multiple of the patch size (``patch`` towers)."""
         frames = self.n_samples // self.hop + 1
-        return frames - frames % self.tower.patch
+        return frames - frames % self.tower.patch if isinstance(self.tower, AudioTowerConfig) else frames
 
 
 def _decode_torchcodec(data: bytes, sample_rate: int) -> torch.Tensor:
@@ -131,6 +135,11 @@ class Audio(Modality):
         return torch.zeros(1, self.cfg.n_mels, self.cfg.n_frames)
 
     def build_tower(self) -> Tower:
+        tower = self.cfg.tower
+        if isinstance(tower, TimmTowerConfig):
+            checkpoint = self.resolve(tower.checkpoint) if tower.checkpoint else None
+            return TimmAudioTower(tower, (self.cfg.n_mels, self.cfg.n_frames), checkpoint,
+                                  f"model.modalities.{self.name}.tower")
         return AudioTower(self.cfg)
 
 
