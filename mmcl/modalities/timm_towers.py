@@ -277,7 +277,7 @@ class TimmVideoTower(TimmTower):
             # Time positions: zero, so the untrained temporal part leaves the image model's features as they are.
             self.time_pos = nn.Parameter(torch.zeros(1, frames, 1, model.embed_dim))
         self.model = model
-        check_input(model, (3, size, size), where.rsplit(".", 1)[0] + ".size", f"frames of {size}x{size} px",
+        check_input(model, (3, size, size), where.rsplit(".", 1)[0] + ".size", f"{size} ({size}x{size} px frames)",
                     cfg.model + (f" built for img_size {cfg.img_size}" if cfg.img_size else ""))
         dim = model.num_features
         self.out_dim = dim
@@ -342,7 +342,7 @@ class TimmAudioTower(TimmTower):
             kwargs["img_size"] = shape
         self.model = create_timm_model(cfg, checkpoint, where, **kwargs)
         check_input(self.model, (1, *shape), where.rsplit(".", 1)[0], f"a [{shape[0]} x {shape[1]}] log-mel "
-                    f"(n_mels x frames)", cfg.model)
+                    f"(n_mels x frames; frames = seconds * sample_rate / hop + 1)", cfg.model)
         self.out_dim = self.model.num_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
