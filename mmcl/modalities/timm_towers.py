@@ -150,7 +150,7 @@ def create_timm_model(cfg: TimmTowerConfig, checkpoint: Path | None, where: str,
     try:
         model = timm.create_model(cfg.model, pretrained=False, num_classes=0, **cfg.kwargs, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
-        raise ConfigError(f"{where}: timm cannot build {cfg.model} with {cfg.kwargs or {}}: "
+        raise ConfigError(f"{where}.kwargs: timm cannot build {cfg.model} with {cfg.kwargs}: "
                           f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
     if checkpoint is not None:
         load_state_dict_checked(model, checkpoint, f"{where}.checkpoint", cfg.strict,
