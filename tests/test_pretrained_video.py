@@ -379,7 +379,7 @@ def test_bad_tower_configs(video: dict[str, Any], pattern: str) -> None:
     assert re.search(pattern, message), message
 
 
-def test_checkpoints_and_inputs_that_do_not_fit(ckpts: dict[str, Path]) -> None:
+def test_checkpoints_and_inputs_that_do_not_fit(ckpts: dict[str, Path], tmp_path: Path) -> None:
     vit3, narrow = str(ckpts["vit_depth3"]), str(ckpts["vit_narrow"])
     message = error_of({**VIT, "checkpoint": vit3})
     assert re.search(rf"^model.modalities.video.tower.checkpoint: checkpoint {re.escape(vit3)} does not fit "
@@ -408,3 +408,7 @@ def test_checkpoints_and_inputs_that_do_not_fit(ckpts: dict[str, Path]) -> None:
     assert re.search(r"^model.modalities.video.tower.pooling: 'cls' needs a model with a CLS token, VideoMAEModel "
                      r"has none \(allowed here: 'mean'\)$",
                      error_of({"type": "hf", "path": str(ckpts["videomae"]), "pooling": "cls"}))
+    bare = tmp_path / "videomae_without_processor"
+    shutil.copytree(ckpts["videomae"], bare, ignore=shutil.ignore_patterns("preprocessor_config.json"))
+    assert re.search(rf"^model.modalities.video.tower.path: cannot load {re.escape(str(bare))} with "
+                     r"AutoImageProcessor: Can't load image processor", error_of({"type": "hf", "path": str(bare)}))

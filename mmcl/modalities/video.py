@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -121,7 +121,7 @@ def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
     return x[:, :, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
 
 
-def _processor_output(processor, frames: int, height: int, width: int) -> tuple[int, ...]:
+def _processor_output(processor: Any, frames: int, height: int, width: int) -> tuple[int, ...]:
     """Shape ``[T, C, H, W]`` of what an HF image processor makes of ``frames`` frames of ``height x width``."""
     video = list(torch.zeros(frames, 3, height, width, dtype=torch.uint8))
     return tuple(processor(video, return_tensors="pt")["pixel_values"][0].shape)
