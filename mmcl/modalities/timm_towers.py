@@ -4,7 +4,7 @@
   then a temporal module: ``mean`` (average of the T frame features), ``transformer`` (a small transformer
   with learned time positions over the T frame features, mean-pooled) or ``divided`` (divided space-time
   attention as in TimeSformer: before each of a timm ViT's own blocks, attention over time among the patch
-  tokens of each spatial position).
+  tokens of each spatial position; the ViT's own forward runs it, so no timm internals are called).
 - Audio (:class:`TimmAudioTower`): the image model on the log-mel spectrogram, one input channel.
 
 The architecture comes from the timm name (``timm.create_model(name, pretrained=False, num_classes=0)``) and
@@ -26,7 +26,6 @@ from timm.layers import Attention, resample_abs_pos_embed
 from timm.models import adapt_input_conv, get_pretrained_cfg
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from mmcl.config import ConfigError
 from mmcl.modalities.base import Tower
@@ -207,37 +206,46 @@ class TimmTower(Tower):
 class TimeAttention(nn.Module):
     """Attention over time among the patch tokens of each spatial position: ``[N*T, prefix + P, D]`` -> the
     same shape, prefix (class / register) tokens untouched. The output projection starts at zero, so a new
-    block leaves the image model's features as they are until training moves it (TimeSformer's init)."""
+    block leaves the image model's features as they are until training moves it (TimeSformer's init for its
+    temporal blocks)."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, frames: int, prefix: int):
         super().__init__()
+        self.frames, self.prefix = frames, prefix
         self.norm = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads, qkv_bias=True)
         init_linear_like_vit(self)
         nn.init.zeros_(self.attn.proj.weight)
         nn.init.zeros_(self.attn.proj.bias)
 
-    def forward(self, x: torch.Tensor, frames: int, prefix: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         nt, length, dim = x.shape
-        n, p = nt // frames, length - prefix
-        patches = x[:, prefix:]
-        y = patches.reshape(n, frames, p, dim).transpose(1, 2).reshape(n * p, frames, dim)
+        n, p, t = nt // self.frames, length - self.prefix, self.frames
+        patches = x[:, self.prefix:]
+        y = patches.reshape(n, t, p, dim).transpose(1, 2).reshape(n * p, t, dim)
         y = self.attn(self.norm(y))
-        y = y.reshape(n, p, frames, dim).transpose(1, 2).reshape(nt, p, dim)
-        return torch.cat([x[:, :prefix], patches + y], dim=1)
+        y = y.reshape(n, p, t, dim).transpose(1, 2).reshape(nt, p, dim)
+        return torch.cat([x[:, :self.prefix], patches + y], dim=1)
 
 
 class DividedBlock(nn.Module):
-    """One divided space-time block: time attention, then the ViT's own block (space attention + MLP).
-    Holds the two modules the tower registers elsewhere (``time_blocks.i``, ``model.blocks.i``): it is the
-    unit of :meth:`TimmVideoTower.blocks` for locking and freezing, never registered itself."""
+    """Divided space-time attention (TimeSformer) in one block: attention over time, then the ViT's own block
+    (attention over space within each frame, MLP). It takes the ViT block's place in ``model.blocks``, so the
+    ViT's own forward (patch embedding, positions, blocks, norm, pooling) runs it on ``[N*T, ...]`` frames.
+    The first block also adds learned time positions to the patch tokens (zero at first, as TimeSformer's)."""
 
-    def __init__(self, space: nn.Module, time: TimeAttention, prefix: int):
+    def __init__(self, space: nn.Module, dim: int, heads: int, frames: int, prefix: int, time_positions: bool):
         super().__init__()
-        self.space, self.time, self.prefix = space, time, prefix
+        self.frames, self.prefix = frames, prefix
+        self.time_pos = nn.Parameter(torch.zeros(1, frames, 1, dim)) if time_positions else None
+        self.time = TimeAttention(dim, heads, frames, prefix)
+        self.space = space
 
-    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
-        return self.space(self.time(x, frames, self.prefix))
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.time_pos is not None:
+            patches = x[:, self.prefix:].unflatten(0, (-1, self.frames)) + self.time_pos
+            x = torch.cat([x[:, :self.prefix], patches.flatten(0, 1)], dim=1)
+        return self.space(self.time(x), **kwargs)
 
 
 class TemporalTransformer(nn.Module):
@@ -256,78 +264,56 @@ class TemporalTransformer(nn.Module):
 
 class TimmVideoTower(TimmTower):
     """``[N, T, 3, S, S]`` -> ``[N, D]`` (D: the image model's ``num_features``): a timm image model per
-    frame, then the temporal module of ``cfg.temporal``.
+    frame, then the temporal module of ``cfg.temporal``: the mean of the T frame features, or a
+    :class:`TemporalTransformer` over them, or (``divided``) :class:`DividedBlock` s in place of the ViT's
+    blocks and the mean of the frame features.
 
-    ``divided`` needs a timm ``VisionTransformer`` (``vit_*``, ``deit_*``, ...: patch tokens through a
-    ``blocks`` sequence, then its own pooling); other models are refused in one line. With its zero-initialised
-    time attention and time positions, it starts equal to ``mean``."""
+    ``divided`` needs a timm ``VisionTransformer`` (``vit_*``, ``deit_*``, ...: patch tokens through a ``blocks``
+    sequence whose blocks have ``attn.num_heads``); other models are refused in one line. Its parameters are
+    ``model.blocks.<i>.space.*`` (the ViT block, loaded from the checkpoint), ``model.blocks.<i>.time.*`` and
+    ``model.blocks.0.time_pos``. Its time attention starts as the identity and its time positions at zero, so
+    the untrained tower equals ``mean``."""
 
     def __init__(self, cfg: TimmVideoTowerConfig, frames: int, size: int, checkpoint: Path | None, where: str):
         super().__init__()
         self.temporal = cfg.temporal
         self.frames = frames
-        self.grad_checkpointing = False
-        kwargs = {"img_size": cfg.img_size} if cfg.img_size else {}
-        model = create_timm_model(cfg, checkpoint, where, **kwargs)
-        if cfg.temporal == "divided":
-            if not isinstance(model, VisionTransformer):
-                raise ConfigError(f"{where}.temporal: divided needs a timm VisionTransformer (vit_*, deit_*: patch "
-                                  f"tokens through its blocks), {cfg.model} is a {type(model).__name__} "
-                                  f"(allowed for it: 'mean', 'transformer')")
-            # Time positions: zero, so the untrained temporal part leaves the image model's features as they are.
-            self.time_pos = nn.Parameter(torch.zeros(1, frames, 1, model.embed_dim))
-        self.model = model
+        model = create_timm_model(cfg, checkpoint, where, **({"img_size": cfg.img_size} if cfg.img_size else {}))
         check_input(model, (3, size, size), where.rsplit(".", 1)[0] + ".size", f"{size} ({size}x{size} px frames)",
                     cfg.model + (f" built for img_size {cfg.img_size}" if cfg.img_size else ""))
         dim = model.num_features
-        self.out_dim = dim
-        if cfg.temporal == "transformer":
+        if cfg.temporal == "divided":
+            heads = [getattr(getattr(blk, "attn", None), "num_heads", None) for blk in getattr(model, "blocks", [])]
+            if not isinstance(model, VisionTransformer) or None in heads:
+                raise ConfigError(f"{where}.temporal: divided needs a timm VisionTransformer (vit_*, deit_*: patch "
+                                  f"tokens through its blocks), {cfg.model} is a {type(model).__name__} "
+                                  f"(allowed for it: 'mean', 'transformer')")
+            # After the checkpoint is loaded (its keys are the plain ViT's) and the input checked (per frame).
+            prefix = model.num_prefix_tokens
+            model.blocks = nn.Sequential(*(DividedBlock(blk, model.embed_dim, h, frames, prefix, i == 0)
+                                           for i, (blk, h) in enumerate(zip(model.blocks, heads))))
+        elif cfg.temporal == "transformer":
             if dim % cfg.temporal_heads:
                 raise ConfigError(f"{where}.temporal_heads: {cfg.temporal_heads} does not divide the feature width "
                                   f"{dim} of {cfg.model}")
             self.temporal_module = TemporalTransformer(frames, dim, cfg.temporal_depth, cfg.temporal_heads)
-        elif cfg.temporal == "divided":
-            self.time_blocks = nn.ModuleList(TimeAttention(model.embed_dim, blk.attn.num_heads)
-                                             for blk in model.blocks)
-            # Plain list: the pairs reuse modules registered above (no second copy in the state dict).
-            self._divided = [DividedBlock(s, t, model.num_prefix_tokens)
-                             for s, t in zip(model.blocks, self.time_blocks)]
+        self.model = model
+        self.out_dim = dim
 
     def blocks(self) -> list[nn.Module]:
-        if self.temporal == "divided":
-            return list(self._divided)
         extra = list(self.temporal_module.trunk.blocks) if self.temporal == "transformer" else []
         return timm_blocks(self.model) + extra
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        if self.temporal != "divided":
-            self.model.set_grad_checkpointing(enable)
+        self.model.set_grad_checkpointing(enable)
         if self.temporal == "transformer":
             self.temporal_module.trunk.grad_checkpointing = enable
 
-    def frame_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[N, T, 3, S, S]`` -> ``[N, T, D]``: the image model's pooled features of every frame."""
-        n, t = x.shape[:2]
-        return self.model(x.flatten(0, 1)).view(n, t, -1)
-
-    def _divided_forward(self, x: torch.Tensor) -> torch.Tensor:
-        vit, (n, t) = self.model, x.shape[:2]
-        tokens = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x.flatten(0, 1)))))
-        prefix = vit.num_prefix_tokens
-        patches = tokens[:, prefix:].unflatten(0, (n, t)) + self.time_pos
-        tokens = torch.cat([tokens[:, :prefix], patches.flatten(0, 1)], dim=1)
-        for blk in self._divided:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(blk, tokens, t, use_reentrant=False)
-            else:
-                tokens = blk(tokens, t)
-        return vit.forward_head(vit.norm(tokens), pre_logits=True).view(n, t, -1).mean(dim=1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.temporal == "divided":
-            return self._divided_forward(x)
-        feats = self.frame_features(x)
+        n, t = x.shape[:2]
+        if t != self.frames:
+            raise ValueError(f"expected clips of {self.frames} frames (the config's), got {t}")
+        feats = self.model(x.flatten(0, 1)).view(n, t, -1)
         return self.temporal_module(feats) if self.temporal == "transformer" else feats.mean(dim=1)
 
 
