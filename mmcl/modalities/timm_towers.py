@@ -55,8 +55,7 @@ class TimmTowerConfig:
         for key in self.kwargs:
             if key in _RESERVED_KWARGS:
                 raise ConfigError(f"{where}.kwargs.{key}: set by mmcl, not allowed here (reserved: "
-                                  f"{', '.join(_RESERVED_KWARGS)}; the frame size is the modality's size, "
-                                  f"tower.img_size builds a ViT for another)")
+                                  f"{', '.join(_RESERVED_KWARGS)}; the input's shape comes from the modality)")
 
 
 @dataclass(kw_only=True)
