@@ -1,7 +1,9 @@
 """Typed, validated configuration: model / data / objective / train / eval.
 
 Configs are plain dataclasses. ``from_dict`` checks every field against its type (``Literal`` choices
-included) and raises :class:`ConfigError` with one line naming the dotted field and what is allowed.
+included) and raises :class:`ConfigError` with one line naming the dotted field and what is allowed. A field
+typed as a union of dataclasses that each declare ``type: Literal[...]`` is a tagged union: the
+mapping's ``type`` picks the dataclass (the union's first when left out), e.g. a modality's ``tower``.
 YAML files are loaded with :func:`load_config`; ``--set a.b=value`` overrides are applied with
 :func:`apply_overrides` before validation, so a mistyped override fails exactly like a mistyped file.
 """
@@ -42,6 +44,28 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+#: The field that picks one dataclass of a tagged union (e.g. ``tower: {type: timm, ...}``).
+TAG = "type"
+
+
+def _tagged_choices(args: tuple[Any, ...]) -> dict[str, type] | None:
+    """A union of dataclasses that each declare ``type: Literal[...]`` (one or more values, no value in two of
+    them) -> ``{value: dataclass}`` (in the union's order: the first value is the default when ``type`` is
+    left out); None for any other union."""
+    choices = {}
+    for a in args:
+        if a is type(None):
+            continue
+        if not dataclasses.is_dataclass(a):
+            return None
+        tag = typing.get_type_hints(a).get(TAG)
+        values = typing.get_args(tag) if typing.get_origin(tag) is Literal else ()
+        if not values or any(v in choices for v in values):
+            return None
+        choices.update(dict.fromkeys(values, a))
+    return choices or None
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert (dict -> dataclass, int -> float)."""
     origin = typing.get_origin(tp)
@@ -55,6 +79,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        tagged = _tagged_choices(args)
+        if tagged and isinstance(value, dict):
+            tag = value.get(TAG, next(iter(tagged)))
+            if tag not in tagged:
+                raise ConfigError(f"{where}.{TAG}: {tag!r} is not allowed (allowed: {', '.join(map(repr, tagged))})")
+            return from_dict(tagged[tag], value, where)
         errors = []
         for a in args:
             if a is type(None):

@@ -210,6 +210,17 @@ def load_model(name_or_path: str | Path, map_location: str = "cpu"):
 # Publishing
 
 
+def _strings(spec: dict[str, Any]) -> list[str]:
+    """The string values of a modality's config, nested ones (``tower.path``) included."""
+    out = []
+    for value in spec.values():
+        if isinstance(value, dict):
+            out += _strings(value)
+        elif isinstance(value, str):
+            out.append(value)
+    return out
+
+
 def model_files(model_dir: str | Path) -> list[str]:
     """The files of a model directory that are published: config, safetensors weights, preprocessing
     config, model card and the files its modalities name (tokenizers, the directories of transformers towers)
@@ -223,13 +234,13 @@ def model_files(model_dir: str | Path) -> list[str]:
     config = json.loads((d / CONFIG_NAME).read_text())
     files = [CONFIG_NAME, WEIGHTS_NAME]
     for spec in config["model"]["modalities"].values():
-        values = [*spec.values(), *(spec.get("tower") or {}).values()]
-        for value in values:
-            if isinstance(value, str) and value and "/" not in value:
-                if (d / value).is_file():
-                    files.append(value)
-                elif (d / value).is_dir():  # a transformers tower's config and tokenizer / feature extractor
-                    files += sorted(str(f.relative_to(d)) for f in (d / value).rglob("*") if f.is_file())
+        for value in _strings(spec):
+            if not value or "/" in value or value in files:
+                continue
+            if (d / value).is_file():
+                files.append(value)
+            elif (d / value).is_dir():  # an HF model's config and processor, copied by save_pretrained
+                files += [f"{value}/{f.name}" for f in sorted((d / value).iterdir()) if f.is_file()]
     files += [f for f in (PREPROCESSOR_NAME, CARD_NAME) if (d / f).is_file()]
     return files
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from mmcl.config import ConfigError, ModelConfig, ObjectiveConfig, from_dict, to_dict
 from mmcl.modalities import Modality, build_modality
+from mmcl.modalities.pretrained import architecture_only
 from mmcl.objectives import build_objective
 
 CONFIG_NAME = "config.json"
@@ -21,6 +22,8 @@ WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 
 
+#: Weight files left out when a modality's directory (an HF model's config and processor) is copied into a
+#: saved model: the saved safetensors hold the tower's weights.
 class MultimodalModel(nn.Module):
     """Separate towers per modality, each followed by a linear projection to ``embed_dim``.
 
@@ -76,9 +79,10 @@ class MultimodalModel(nn.Module):
         """Write ``config.json``, ``model.safetensors``, the modalities' files (tokenizers),
         ``preprocessor_config.json`` and a ``README.md`` model card to ``save_dir``.
 
-        Files a modality needs are written in (:meth:`Modality.save_files`: tokenizers; the config, tokenizer
-        or feature extractor of a transformers tower, not its weights) and referenced by relative name, so
-        the directory is self-contained. ``state_dict`` overrides the live weights (e.g. one gathered from ZeRO-3).
+        Files a modality needs are written in (:meth:`Modality.save_files`: tokenizers; the config, tokenizer,
+        feature extractor or image processor of a transformers tower, not its weights) and referenced by
+        relative name, so the directory is self-contained. ``state_dict`` overrides the live weights (e.g. one
+        gathered from ZeRO-3).
         ``eval_results`` (a suite's results, or per-task records as :func:`mmcl.hub.read_eval_dir` returns
         them) go into the card as ``model-index`` metadata, ``train_config`` as a YAML block.
         """
@@ -131,6 +135,7 @@ class MultimodalModel(nn.Module):
         if not weights.is_file():
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path} (mmcl loads safetensors weights only)")
         check_weights(weights)
-        model = cls.from_config_dict(json.loads(config_file.read_text()), base_dir=path)
+        with architecture_only():  # every weight comes from the safetensors: no pretrained checkpoint is read
+            model = cls.from_config_dict(json.loads(config_file.read_text()), base_dir=path)
         model.load_state_dict(load_file(str(weights), device=map_location))
         return model

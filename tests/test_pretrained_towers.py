@@ -424,7 +424,7 @@ def test_unknown_tower_types_and_options(dirs: dict[str, Path]) -> None:
     assert one_line_error({"text": {"tower": {"type": "gpt"}}, "audio": audio}) == (
         "model.modalities.text.tower.type: 'gpt' is not allowed (allowed: 'bert', 'hf')")
     assert one_line_error({"text": text, "audio": {"tower": {"type": "hubert"}}}) == (
-        "model.modalities.audio.tower.type: 'hubert' is not allowed (allowed: 'vit', 'hf')")
+        "model.modalities.audio.tower.type: 'hubert' is not allowed (allowed: 'vit', 'hf', 'timm')")
     assert one_line_error({"text": text, "audio": audio_spec(dirs["whisper"], pooling="cls")}) == (
         "model.modalities.audio.tower.pooling: 'cls' needs a model with a CLS token "
         "(audio-spectrogram-transformer); whisper has none (allowed: 'mean')")

@@ -6,9 +6,11 @@ reads, and the tower:
 - ``hf``: a ``transformers`` audio encoder from a local directory (AST, the encoder of Whisper, wav2vec2,
   HuBERT, ...) fed exactly what its own feature extractor (``AutoFeatureExtractor``, same directory) makes of
   a ``seconds`` window of the waveform; :class:`HFAudioTower` pools its hidden states.
+- ``timm``: a timm image model on the same log-mel window with one input channel, from a local checkpoint
+  (:class:`~mmcl.modalities.timm_towers.TimmAudioTower`; its settings are :class:`TimmTowerConfig`).
 
 A tower type is an entry of :data:`TOWER_TYPES` (its input pipeline and its builder) plus its name in
-``AudioTowerConfig.type``.
+``AudioTowerConfig.type`` (or a config class of its own in the ``tower`` union, picked by ``type``).
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from torch import nn
 from mmcl.config import ConfigError
 from mmcl.modalities.base import MissingModality, Modality, SampleError, Tower, register_modality
 from mmcl.modalities.layers import Trunk, init_linear_like_vit, patch_grid, sincos_nd
-from mmcl.modalities.pretrained import HFInit, HFTower, hf_encoder, load_hf_config, load_hf_processor, pool
+from mmcl.modalities.pretrained import HFInit, HFTower, hf_encoder, load_hf_config, load_hf_component, pool
 
 #: transformers ``model_type`` of the audio encoders whose first token is a CLS token (``pooling: cls``).
 CLS_MODEL_TYPES = ("audio-spectrogram-transformer",)
+from mmcl.modalities.timm_towers import TimmAudioTower, TimmTowerConfig
 
 
 @dataclass
@@ -74,7 +77,7 @@ class AudioConfig:
     n_mels: int = 64
     n_fft: int = 400
     hop: int = 160
-    tower: AudioTowerConfig = field(default_factory=AudioTowerConfig)
+    tower: AudioTowerConfig | TimmTowerConfig = field(default_factory=AudioTowerConfig)
 
     @property
     def n_samples(self) -> int:
@@ -82,9 +85,9 @@ class AudioConfig:
 
     @property
     def n_frames(self) -> int:
-        """Spectrogram frames, cut down to a multiple of the patch size."""
+        """Spectrogram frames, cut down to a multiple of the patch size (``vit`` towers)."""
         frames = self.n_samples // self.hop + 1
-        return frames - frames % self.tower.patch
+        return frames - frames % self.tower.patch if isinstance(self.tower, AudioTowerConfig) else frames
 
 
 def _decode_torchcodec(data: bytes, sample_rate: int) -> torch.Tensor:
@@ -198,7 +201,7 @@ class FeatureExtractorInput:
         if self._fe is None:
             from transformers import AutoFeatureExtractor
 
-            self._fe = load_hf_processor(AutoFeatureExtractor, self.path, self.where)
+            self._fe = load_hf_component(AutoFeatureExtractor, self.path, self.where)
         return self._fe
 
     def features(self, wav: torch.Tensor) -> torch.Tensor:
@@ -298,6 +301,12 @@ class TowerType:
     build: Callable[[Audio], Tower]
 
 
+def _timm_tower(mod: Audio) -> Tower:
+    tc = cast(TimmTowerConfig, mod.cfg.tower)
+    checkpoint = mod.resolve(tc.checkpoint) if tc.checkpoint else None
+    return TimmAudioTower(tc, (mod.cfg.n_mels, mod.cfg.n_frames), checkpoint, f"model.modalities.{mod.name}.tower")
+
+
 class AudioTower(Tower):
     """``[N, 1, n_mels, n_frames]`` -> ``[N, width]``."""
 
@@ -348,4 +357,5 @@ TOWER_TYPES: dict[str, TowerType] = {
     "hf": TowerType(inputs=lambda mod: FeatureExtractorInput(mod.cfg, mod.resolve(mod.cfg.tower.path),
                                                              f"model.modalities.{mod.name}"),
                     build=_hf_tower),
+    "timm": TowerType(inputs=lambda mod: LogMel(mod.cfg), build=_timm_tower),
 }

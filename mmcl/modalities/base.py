@@ -18,6 +18,20 @@ from torch import nn
 from mmcl.config import ConfigError, from_dict, to_dict
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
+
+
+def copy_model_file(src: Path, dst: Path) -> None:
+    """Copy a file a modality names, or the top-level files of a directory it names except weights."""
+    if not src.is_dir():
+        shutil.copyfile(src, dst)
+        return
+    dst.mkdir(exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.endswith(".index.json"):
+            shutil.copyfile(f, dst / f.name)
+
+
 class SampleError(Exception):
     """A sample cannot be used. ``reason`` is the short key it is counted under (``data.skipped``)."""
 
@@ -108,7 +122,7 @@ class Modality:
         for field_name, src in self.files().items():
             dst = f"{self.name}_{Path(src).name}"
             if Path(src).resolve() != (out_dir / dst).resolve():
-                shutil.copyfile(src, out_dir / dst)
+                copy_model_file(Path(src), out_dir / dst)
             updates[field_name] = dst
         return updates
 

@@ -6,15 +6,20 @@ config field, the path and the keys (refused unless the tower's config says ``st
 
 :func:`hf_encoder` and :class:`HFTower` turn a ``transformers`` model directory into a tower (text and audio
 use them); :func:`pool` is the tokens -> one vector pooling they share.
+
+Inside :func:`architecture_only` (``MultimodalModel.from_pretrained``: the saved safetensors hold every
+weight) the loaders build the architecture alone and read no checkpoint, so a saved model loads without
+the checkpoints it started from.
 """
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -24,6 +29,23 @@ from mmcl.modalities.base import Tower
 
 #: How many key names an error lists before "... and N more".
 _SHOWN_KEYS = 5
+
+_LOAD_WEIGHTS = contextvars.ContextVar("mmcl_load_pretrained_weights", default=True)
+
+
+@contextmanager
+def architecture_only() -> Iterator[None]:
+    """Towers built inside skip their pretrained checkpoints (the caller loads all weights afterwards)."""
+    token = _LOAD_WEIGHTS.set(False)
+    try:
+        yield
+    finally:
+        _LOAD_WEIGHTS.reset(token)
+
+
+def loading_weights() -> bool:
+    """False inside :func:`architecture_only`."""
+    return _LOAD_WEIGHTS.get()
 
 
 def local_path(path: str | Path, where: str, kind: str = "directory") -> Path:
@@ -71,14 +93,33 @@ def check_keys(missing: list[str], unexpected: list[str], where: str, source: st
                           f"{'; '.join(p for p in parts if p)} (set strict: false to load anyway)")
 
 
+def load_hf_component(auto_cls: Any, path: str | Path, where: str, **kwargs: Any) -> Any:
+    """``auto_cls.from_pretrained`` on a local directory, offline, for what is not a model: a config, an image
+    processor, a feature extractor, a tokenizer. A missing or unreadable file is one line naming ``where``."""
+    directory = local_path(path, where)
+    with offline():
+        try:
+            return auto_cls.from_pretrained(str(directory), local_files_only=True, **kwargs)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{where}: cannot load {directory} with {getattr(auto_cls, '__name__', auto_cls)}: "
+                              f"{_first_line(e)}") from None
+
+
 def load_hf_model(auto_cls: Any, path: str | Path, where: str, strict: bool = True, **kwargs: Any) -> nn.Module:
     """``auto_cls.from_pretrained`` on a local directory, offline, with the loading report checked.
 
     ``auto_cls`` is a ``transformers`` Auto class (``AutoModel``) or a concrete model class. Checkpoint keys
     outside every top-level module of the model are the task head of the checkpoint's own class (BERT's
     pre-training ``cls.*``, an AudioSet-tuned AST's ``classifier.*``), which the encoder does not have: they are
-    dropped, not a mismatch. Unexpected keys inside the model's modules (a layer more) are."""
+    dropped, not a mismatch. Unexpected keys inside the model's modules (a layer more) are. Inside
+    :func:`architecture_only` the model is built from the directory's ``config.json`` alone (random weights)."""
     directory = local_path(path, where)
+    if not loading_weights():
+        from transformers import AutoConfig
+
+        config = load_hf_component(AutoConfig, directory, where)
+        build = getattr(auto_cls, "from_config", None) or auto_cls._from_config
+        return build(config, **kwargs)
     with offline():
         try:
             model, info = auto_cls.from_pretrained(str(directory), local_files_only=True,
@@ -114,10 +155,17 @@ def read_state_dict(path: str | Path, where: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_state_dict_checked(module: nn.Module, path: str | Path, where: str, strict: bool = True) -> None:
+def load_state_dict_checked(module: nn.Module, path: str | Path, where: str, strict: bool = True,
+                            adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
     """Load a checkpoint file into ``module``, refusing (``strict``) missing/unexpected keys and always
-    refusing shape mismatches, each named in one line."""
+    refusing shape mismatches, each named in one line. ``adapt`` rewrites the checkpoint's tensors first
+    (e.g. a timm classifier head dropped, RGB input weights summed to one channel). Nothing is read inside
+    :func:`architecture_only`."""
+    if not loading_weights():
+        return
     state = read_state_dict(path, where)
+    if adapt is not None:
+        state = adapt(state)
     own = module.state_dict()
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
              if k in own and own[k].shape != v.shape]
@@ -142,19 +190,7 @@ def load_hf_config(path: str | Path, where: str) -> Any:
     """``AutoConfig`` of a local transformers directory, offline."""
     from transformers import AutoConfig
 
-    return load_hf_processor(AutoConfig, path, where)
-
-
-def load_hf_processor(auto_cls: Any, path: str | Path, where: str) -> Any:
-    """``auto_cls.from_pretrained`` (``AutoTokenizer``, ``AutoFeatureExtractor``, ``AutoConfig``) on a local
-    directory, offline; anything it cannot read is one line naming ``where`` and the directory."""
-    directory = local_path(path, where)
-    with offline():
-        try:
-            return auto_cls.from_pretrained(str(directory), local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{where}: cannot load {directory} with {getattr(auto_cls, '__name__', auto_cls)}: "
-                              f"{_first_line(e)}") from None
+    return load_hf_component(AutoConfig, path, where)
 
 
 def hf_encoder(path: str | Path, where: str, init: HFInit = "pretrained", strict: bool = True) -> nn.Module:

@@ -22,7 +22,7 @@ from transformers import BertConfig, BertModel
 
 from mmcl.config import ConfigError
 from mmcl.modalities.base import Modality, SampleError, Tower, register_modality
-from mmcl.modalities.pretrained import HFInit, HFTower, hf_encoder, load_hf_config, load_hf_processor, pool
+from mmcl.modalities.pretrained import HFInit, HFTower, hf_encoder, load_hf_config, load_hf_component, pool
 
 #: The sentencepiece model a ``bert`` tower reads when ``tokenizer`` is not set.
 DEFAULT_SENTENCEPIECE = "tokenizer.model"
@@ -122,7 +122,7 @@ class HFTokenizer:
         if self._tok is None:
             from transformers import AutoTokenizer
 
-            tok = load_hf_processor(AutoTokenizer, self.path, self.where)
+            tok = load_hf_component(AutoTokenizer, self.path, self.where)
             if tok.pad_token is None:
                 if tok.eos_token is None:
                     raise ConfigError(f"{self.where}: tokenizer {self.path} has neither a pad nor an end token "
