@@ -1,6 +1,5 @@
 """Issue #3, the higher-order advantage shown on data: on data where every pair of modalities is independent
-but the three together are not, pairwise CLIP stays at chance while Symile (both sets) and GRAM (XOR) learn
-the relation.
+but the three together are not, pairwise CLIP stays at chance while Symile and GRAM learn the relation.
 
 * Symile's XOR set (``world="xor"``): query (a, b) jointly, retrieve c; accuracy of c's bit (chance 0.5).
 * The joint world: query (video, text) jointly, retrieve the audio; accuracy of its pitch, i.e. of which
@@ -193,12 +192,8 @@ def joint_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-# GRAM is not in this list: on the joint world it stays at chance (README, "Higher-order objectives": the
-# volume of (video, text, audio) sees only the three cosines, and "the caption names the left object" is a
-# different relation for every colour pair, which no fixed audio direction inside the (video, text) plane
-# can express exactly).
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["clip", "symile"])
+@pytest.mark.parametrize("objective", OBJECTIVES)
 def test_joint_world_named_object_needs_a_higher_order_objective(joint_data: Path, tmp_path: Path,
                                                                  objective: str):
     start = time.perf_counter()
