@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from mmcl.modalities.base import MissingModality, Modality, SampleError, Tower, register_modality
-from mmcl.modalities.layers import Trunk, init_linear_like_vit, patch_grid, sincos_nd
+from mmcl.modalities.base import MissingModality, Modality, SampleError, TokenEmbedder, Tower, register_modality
+from mmcl.modalities.layers import PatchTokens, Trunk, init_linear_like_vit, patch_grid, sincos_nd
 
 
 @dataclass
@@ -132,6 +132,12 @@ class Audio(Modality):
 
     def build_tower(self) -> Tower:
         return AudioTower(self.cfg)
+
+    def build_token_embedder(self, width: int) -> TokenEmbedder:
+        """Shared-trunk tokens: the tower's spectrogram patches (``tower.patch``), ``width`` wide."""
+        p = self.cfg.tower.patch
+        grid = (patch_grid(self.cfg.n_mels, p, "audio.n_mels"), self.cfg.n_frames // p)
+        return PatchTokens(nn.Conv2d(1, width, kernel_size=p, stride=p), grid, width)
 
 
 class AudioTower(Tower):

@@ -13,7 +13,8 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from mmcl.config import ConfigError
-from mmcl.modalities.base import Modality, SampleError, Tower, register_modality
+from mmcl.modalities.base import Modality, SampleError, TokenEmbedder, Tower, register_modality
+from mmcl.modalities.layers import IdTokens
 
 
 @dataclass
@@ -34,6 +35,15 @@ class TextConfig:
     #: Captions longer than this many characters are bad samples (protects the tokenizer from junk).
     max_chars: int = 2000
     tower: TextTowerConfig = field(default_factory=TextTowerConfig)
+    #: Rows of the token embedding table; 0: the tokenizer's vocabulary. With ``tokenizer: ""`` the model builds
+    #: without a tokenizer file (the named configs small and base: BERT's 30522 rows, pad id 0); reading text
+    #: then needs a tokenizer whose ids fit (``--set model.modalities.text.tokenizer=FILE``).
+    vocab_size: int = 0
+
+    def validate(self, where: str) -> None:
+        if self.vocab_size < 0 or not (self.tokenizer or self.vocab_size):
+            raise ConfigError(f"{where}.vocab_size: must be > 0 without a tokenizer, >= 0 with one; "
+                              f"got {self.vocab_size}")
 
 
 class SentencePieceTokenizer:
@@ -53,6 +63,10 @@ class SentencePieceTokenizer:
 
             self._sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
         return self._sp
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_id if self.tokenizer else 0
 
     @property
     def vocab_size(self) -> int:
@@ -78,7 +92,7 @@ class Text(Modality):
 
     def __init__(self, name: str, cfg: TextConfig, base_dir=None):
         super().__init__(name, cfg, base_dir)
-        self.tokenizer = SentencePieceTokenizer(self.resolve(cfg.tokenizer))
+        self.tokenizer = SentencePieceTokenizer(self.resolve(cfg.tokenizer)) if cfg.tokenizer else None
 
     def decode(self, sample: dict) -> torch.Tensor:
         """-> token ids ``[<= max_len]`` int64."""
@@ -90,6 +104,8 @@ class Text(Modality):
         return self.tokenize(text)
 
     def tokenize(self, text: str) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise ConfigError(f"model.modalities.{self.name}.tokenizer: not set; reading text needs one")
         text = text.strip()
         if not text:
             raise SampleError("empty_text")
@@ -99,18 +115,36 @@ class Text(Modality):
 
     def transform(self, data: torch.Tensor, train: bool) -> torch.Tensor:
         """ids -> ``[max_len]`` padded with the pad id."""
-        out = torch.full((self.cfg.max_len,), self.tokenizer.pad_id, dtype=torch.long)
+        out = torch.full((self.cfg.max_len,), self.pad_id, dtype=torch.long)
         out[: data.numel()] = data
         return out
 
     def empty(self) -> torch.Tensor:
-        return torch.full((self.cfg.max_len,), self.tokenizer.pad_id, dtype=torch.long)
+        return torch.full((self.cfg.max_len,), self.pad_id, dtype=torch.long)
 
     def files(self) -> dict[str, str]:
-        return {"tokenizer": str(self.tokenizer.path)}
+        return {"tokenizer": str(self.tokenizer.path)} if self.tokenizer else {}
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_id if self.tokenizer else 0
+
+    @property
+    def vocab_size(self) -> int:
+        """The embedding table's rows: ``vocab_size``, else the tokenizer's (which must fit in it)."""
+        if not self.cfg.vocab_size:
+            return self.tokenizer.vocab_size
+        if self.tokenizer and self.tokenizer.vocab_size > self.cfg.vocab_size:
+            raise ConfigError(f"model.modalities.{self.name}.vocab_size: {self.cfg.vocab_size} is smaller than "
+                              f"the tokenizer's vocabulary ({self.tokenizer.vocab_size}, {self.tokenizer.path})")
+        return self.cfg.vocab_size
 
     def build_tower(self) -> Tower:
-        return TextTower(self.cfg, self.tokenizer.vocab_size, self.tokenizer.pad_id)
+        return TextTower(self.cfg, self.vocab_size, self.pad_id)
+
+    def build_token_embedder(self, width: int) -> TokenEmbedder:
+        """Shared-trunk tokens: the ids embedded with learned positions, ``width`` wide; padding masked."""
+        return IdTokens(self.vocab_size, self.cfg.max_len, width, self.pad_id)
 
 
 class TextTower(Tower):

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.config import ConfigError
-from mmcl.modalities.base import Modality, SampleError, Tower, register_modality
-from mmcl.modalities.layers import Trunk, init_linear_like_vit, patch_grid, sincos_nd
+from mmcl.modalities.base import Modality, SampleError, TokenEmbedder, Tower, register_modality
+from mmcl.modalities.layers import PatchTokens, Trunk, init_linear_like_vit, patch_grid, sincos_nd, tubelet_stem
 
 
 @dataclass
@@ -134,6 +134,12 @@ class Video(Modality):
 
     def build_tower(self) -> Tower:
         return VideoTower(self.cfg)
+
+    def build_token_embedder(self, width: int) -> TokenEmbedder:
+        """Shared-trunk tokens: the tower's tubelets (``tower.patch``, ``tubelet``, ``stem``), ``width`` wide."""
+        tc, n, where = self.cfg.tower, self.cfg.size // self.cfg.tower.patch, f"model.modalities.{self.name}.tower"
+        stem = tubelet_stem(width, tc.patch, tc.tubelet, tc.stem, tc.stem_channels, where)
+        return PatchTokens(stem, (self.cfg.frames // tc.tubelet, n, n), width, time_first=True)
 
 
 class VideoTower(Tower):
