@@ -1,7 +1,8 @@
 """The shared transformer trunk (mmcl/shared.py): its tokenisers reproduce the separate towers' embeddings,
 masking equals encoding the unpadded sequence with timm's blocks directly, gradient checkpointing changes
-nothing, save/load round-trips, bad configs fail in one line, and the demo recipe and a 4-modality world
-train with it under ``train.towers`` controls (a locked tokeniser, a locked trunk but its last block)."""
+nothing, save/load round-trips, bad configs fail in one line, the demo recipe and a 4-modality world train
+with it under ``train.towers`` controls (a locked tokeniser, a locked trunk but its last block), and (slow)
+two ranks under DDP and ZeRO-3 train it like one process."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
+from test_distributed import Runs, check_like_one_process, tiny_config
+from test_named_models import vit_block
 from test_vector import ONE_HOT_DIM, four_modal_data, one_hot  # noqa: F401  (four_modal_data: a fixture)
 
 from mmcl.config import Config, ConfigError, ModelConfig, ObjectiveConfig, from_dict, load_config
@@ -52,12 +56,6 @@ def batch(model: MultimodalModel, n: int) -> dict[str, torch.Tensor]:
     ids[0, 5:] = t.pad_id  # one short caption
     return {"video": torch.randn(n, v.cfg.frames, 3, v.cfg.size, v.cfg.size, generator=g),
             "audio": torch.randn(n, 1, a.cfg.n_mels, a.cfg.n_frames, generator=g), "text": ids}
-
-
-def vit_block(w: int, mlp_ratio: float = 4.0) -> int:
-    """Parameters of a timm ViT block of width ``w``: 2 LayerNorms, qkv and output projections, the MLP."""
-    h = int(w * mlp_ratio)
-    return 2 * 2 * w + (3 * w * w + 3 * w) + (w * w + w) + (w * h + h) + (h * w + w)
 
 
 @pytest.mark.parametrize("stem", ["patch", "conv"])
@@ -271,3 +269,17 @@ def test_four_modalities_share_the_trunk_with_every_objective(four_modal_data: P
     tokens, valid = model.towers["labels"](torch.from_numpy(one_hot({"colour": "red", "shape": "cross",
                                                                       "direction": "up"}))[None])
     assert tokens.shape == (1, 2, WIDTH) and valid is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "zero3"])
+def test_two_ranks_train_the_shared_trunk_like_one_process(tmp_path_factory: pytest.TempPathFactory, mode: str):
+    """The equivalence of tests/test_distributed.py with a shared trunk (the trunk runs once per modality in
+    each forward: DDP's and ZeRO-3's hooks see its parameters used three times per step)."""
+    root = tmp_path_factory.getbasetemp() / "equivalence_shared"
+    root.mkdir(exist_ok=True)
+    if not (root / "config.yaml").is_file():
+        cfg = tiny_config(root / "data")
+        cfg["model"]["shared_trunk"] = {"width": WIDTH, "depth": 2, "heads": 2}
+        (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    check_like_one_process(Runs(root), "torchrun", mode)
