@@ -1,6 +1,7 @@
 """The named model configs (configs/models): small and base have exactly the parameters their architecture
 implies (counted here from the config alone), counts taken on the meta device equal those of the real model,
-and ``mmcl models`` lists every config with its counts per tower."""
+``mmcl models`` lists every config with its counts per tower, and text's ``vocab_size`` (which lets small
+and base build without a tokenizer file) sizes the table or fails in one line."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 import yaml
 
 from mmcl.cli import main as mmcl_main
-from mmcl.config import CONFIG_DIR, ModelConfig, from_dict
+from mmcl.config import CONFIG_DIR, ConfigError, ModelConfig, from_dict
 from mmcl.model import MultimodalModel
 
 NAMED = sorted(f.stem for f in (CONFIG_DIR / "models").glob("*.yaml"))
@@ -111,3 +112,41 @@ def test_small_and_base_build_for_real_and_encode(name: str):
     for z in emb.values():
         assert z.shape == (1, spec["embed_dim"]) and torch.isfinite(z).all()
         torch.testing.assert_close(z.norm(dim=-1), torch.ones(1))
+
+
+def text_spec(**text: Any) -> dict[str, Any]:
+    return {"embed_dim": 8, "modalities": {
+        "vector": {"kind": "vector", "dim": 3},
+        "text": {"max_len": 8, "tower": {"width": 16, "depth": 1, "heads": 2}, **text}}}
+
+
+def test_text_table_sized_by_vocab_size(synthetic_data: Path, tmp_path: Path):
+    """``vocab_size`` sizes the table: without a tokenizer (pad id 0; reading text is then a one-line error,
+    the model saves and loads without one), or above a tokenizer's vocabulary (whose pad id it keeps)."""
+    model = MultimodalModel(from_dict(ModelConfig, text_spec(tokenizer="", vocab_size=500), "model"))
+    assert model.towers["text"].encoder.embeddings.word_embeddings.weight.shape == (500, 16)
+    assert model.modalities["text"].pad_id == 0
+    assert torch.equal(model.modalities["text"].empty(), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ConfigError) as e:
+        model.modalities["text"].tokenize("a red square")
+    assert str(e.value) == "model.modalities.text.tokenizer: not set; reading text needs one"
+    loaded = MultimodalModel.from_pretrained(model.save_pretrained(tmp_path / "m"))
+    ids = torch.tensor([[5, 7, 0, 0, 0, 0, 0, 0]])
+    with torch.no_grad():
+        assert torch.equal(loaded.encode({"text": ids})["text"], model.encode({"text": ids})["text"])
+    tokenizer = str(synthetic_data / "tokenizer.model")
+    model = MultimodalModel(from_dict(ModelConfig, text_spec(tokenizer=tokenizer, vocab_size=500), "model"))
+    assert model.towers["text"].encoder.embeddings.word_embeddings.weight.shape == (500, 16)
+    assert model.modalities["text"].pad_id == model.modalities["text"].tokenizer.pad_id
+
+
+@pytest.mark.parametrize("text, message", [
+    ({"tokenizer": ""}, "model.modalities.text.vocab_size: must be > 0 without a tokenizer, >= 0 with one; got 0"),
+    ({"vocab_size": -1}, "model.modalities.text.vocab_size: must be > 0 without a tokenizer, >= 0 with one; got -1"),
+    ({"vocab_size": 10}, "model.modalities.text.vocab_size: 10 is smaller than the tokenizer's vocabulary (95, "),
+])
+def test_bad_text_vocab_size_is_one_line(synthetic_data: Path, text: dict[str, Any], message: str):
+    spec = text_spec(**{"tokenizer": str(synthetic_data / "tokenizer.model"), **text})
+    with pytest.raises(ConfigError) as e:
+        MultimodalModel(from_dict(ModelConfig, spec, "model"))
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
