@@ -76,8 +76,7 @@ class MultimodalModel(nn.Module):
         for name, x in inputs.items():
             if name not in self.modalities:
                 raise KeyError(f"model has no modality {name!r} (has: {', '.join(self.modalities)})")
-            features = self.towers[name](x) if self.model_cfg.shared_trunk is None \
-                else encode_shared(self.towers, name, x)
+            features = encode_shared(self.towers, name, x) if self.model_cfg.shared_trunk else self.towers[name](x)
             z = self.heads[name](features)
             out[name] = F.normalize(z, dim=-1) if normalize else z
         return out

@@ -46,7 +46,6 @@ class SharedTrunk(nn.Module):
         for p in self.modality_embed.values():
             nn.init.trunc_normal_(p, std=0.02)
         self.encoder = Trunk(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.drop_path)
-        self.out_dim = cfg.width
 
     def blocks(self) -> list[nn.Module]:
         return list(self.encoder.blocks)

@@ -53,7 +53,7 @@ class TokenEmbedder(nn.Module):
     trunk adds the modality embedding); ``valid`` marks the tokens to attend to and pool (``None``: all)."""
 
     def blocks(self) -> list[nn.Module]:
-        """None: the repeated blocks are the shared trunk's (``train.towers.trunk``)."""
+        """None of its own: the repeated blocks are the shared trunk's (``train.towers.trunk``)."""
         return []
 
 

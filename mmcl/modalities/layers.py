@@ -89,7 +89,6 @@ def init_linear_like_vit(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # Tokenisers for a shared trunk
 

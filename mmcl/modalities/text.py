@@ -65,10 +65,6 @@ class SentencePieceTokenizer:
         return self._sp
 
     @property
-    def pad_id(self) -> int:
-        return self.tokenizer.pad_id if self.tokenizer else 0
-
-    @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
