@@ -41,10 +41,13 @@ class SharedTrunk(nn.Module):
 
     def __init__(self, cfg: SharedTrunkConfig, modalities: list[str]):
         super().__init__()
-        # Registered before the blocks: ``frozen_blocks`` freezes them with the first blocks, like a stem.
-        self.modality_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(cfg.width)) for m in modalities})
-        for p in self.modality_embed.values():
-            nn.init.trunc_normal_(p, std=0.02)
+        #: Row of each modality in ``modality_embed``.
+        self.order = {m: i for i, m in enumerate(modalities)}
+        # One parameter of the trunk itself (not a ParameterDict, whose forward never runs): DeepSpeed ZeRO-3
+        # gathers a module's own parameters before its forward. Registered before the blocks, so
+        # ``frozen_blocks`` freezes it with the first blocks, like a stem.
+        self.modality_embed = nn.Parameter(torch.zeros(len(modalities), cfg.width))
+        nn.init.trunc_normal_(self.modality_embed, std=0.02)
         self.encoder = Trunk(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.drop_path)
 
     def blocks(self) -> list[nn.Module]:
@@ -55,7 +58,7 @@ class SharedTrunk(nn.Module):
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor | None, modality: str) -> torch.Tensor:
         """``tokens [N, L, width]``, ``valid [N, L]`` bool or None (all valid) -> ``[N, width]``."""
-        return self.encoder(tokens + self.modality_embed[modality], valid)
+        return self.encoder(tokens + self.modality_embed[self.order[modality]], valid)
 
 
 def build_shared_towers(modalities: dict[str, Modality], cfg: SharedTrunkConfig) -> nn.ModuleDict:

@@ -91,7 +91,7 @@ def test_padding_is_hidden_from_attention_and_pooling(model: MultimodalModel):
     assert (padded[0] == text.pad_id).any()
     with torch.no_grad():
         got = encode_shared(model.towers, "text", padded)
-        x = model.towers["text"](ids[None])[0] + trunk.modality_embed["text"]
+        x = model.towers["text"](ids[None])[0] + trunk.modality_embed[trunk.order["text"]]
         for blk in trunk.encoder.blocks:
             x = blk(x)
         want = trunk.encoder.norm(x).mean(dim=1)
@@ -136,7 +136,7 @@ def test_save_load_roundtrip(model: MultimodalModel, tmp_path: Path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"]["shared_trunk"] == {"width": WIDTH, "depth": 2, "heads": 2, "mlp_ratio": 4.0, "drop_path": 0.0}
     keys = load_file(str(out / "model.safetensors")).keys()
-    assert {"towers.trunk.modality_embed.video", "towers.trunk.encoder.blocks.1.mlp.fc2.weight",
+    assert {"towers.trunk.modality_embed", "towers.trunk.encoder.blocks.1.mlp.fc2.weight",
             "towers.text.embed.weight", "towers.video.embed.weight"} <= keys
     loaded = MultimodalModel.from_pretrained(out)
     x = batch(model, 3)
@@ -265,7 +265,8 @@ def test_four_modalities_share_the_trunk_with_every_objective(four_modal_data: P
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
     model = MultimodalModel.from_pretrained(tmp_path / "final")
-    assert set(model.towers[TRUNK].modality_embed) == {"video", "audio", "text", "labels"}
+    assert list(model.towers[TRUNK].order) == ["video", "audio", "text", "labels"]
+    assert model.towers[TRUNK].modality_embed.shape == (4, WIDTH)
     tokens, valid = model.towers["labels"](torch.from_numpy(one_hot({"colour": "red", "shape": "cross",
                                                                       "direction": "up"}))[None])
     assert tokens.shape == (1, 2, WIDTH) and valid is None
