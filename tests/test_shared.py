@@ -176,8 +176,10 @@ def test_modality_without_a_tokeniser_is_one_line():
     with pytest.raises(ConfigError) as e:
         build_shared_towers({"depth": Depth("depth", None)}, from_dict(ModelConfig, {"embed_dim": 8, "modalities": {
             "a": {}}, "shared_trunk": {"width": 8, "depth": 1, "heads": 1}}).shared_trunk)
-    assert str(e.value) == ("model.shared_trunk: modality 'depth' (kind 'depthmap') has no tokeniser for a shared "
-                            "trunk (kinds that have one: audio, text, vector, video)")
+    message, kinds = str(e.value).split(" (kinds that have one: ")
+    assert message == "model.shared_trunk: modality 'depth' (kind 'depthmap') has no tokeniser for a shared trunk"
+    # Other test modules may register kinds of their own.
+    assert {"audio", "text", "vector", "video"} <= set(kinds.rstrip(")").split(", ")) and "depthmap" not in kinds
 
 
 @pytest.mark.parametrize("controls, message", [
