@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_push(sub)
     _add_shards(sub)
     _add_demo(sub)
-    sub.add_parser("models", help="list the named model configs")
+    sub.add_parser("models", help="list the named model configs with their parameters per tower")
     return parser
 
 
