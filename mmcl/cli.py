@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from mmcl.config import CONFIG_DIR, ConfigError
+from mmcl.config import CONFIG_DIR, ConfigError, ModelConfig, from_dict, named_model
 
 
 def _add_train(sub) -> None:
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_push(sub)
     _add_shards(sub)
     _add_demo(sub)
-    sub.add_parser("models", help="list the named model configs")
+    sub.add_parser("models", help="list the named model configs with their parameters per tower")
     return parser
 
 
@@ -244,12 +244,21 @@ def _shards_build(args) -> int:
 
 
 def cmd_models(args) -> int:
-    import yaml
+    """Each named model config with its parameters per tower (built on the meta device: no memory, instant).
+    A config whose files are missing (a tokenizer under data/) says so instead."""
+    from mmcl.model import MultimodalModel
 
+    print("named model configs (configs/models), parameters per tower (towers: the modalities', or with a shared "
+          "trunk their tokenisers and trunk)")
     for f in sorted((CONFIG_DIR / "models").glob("*.yaml")):
-        spec = yaml.safe_load(f.read_text())
-        towers = ", ".join(f"{n}: {m.get('kind', n)}" for n, m in spec.get("modalities", {}).items())
-        print(f"{f.stem:<10} embed_dim={spec.get('embed_dim')}  {towers}")
+        try:
+            model = MultimodalModel(from_dict(ModelConfig, named_model(f.stem), "model"), device="meta")
+        except ConfigError as e:
+            print(f"{f.stem:<12} not built here: {e}")
+            continue
+        counts = model.parameter_counts()
+        parts = "  ".join(f"{name} {n:,}" for name, n in counts.items() if name not in ("objective", "total"))
+        print(f"{f.stem:<12} {counts['total'] / 1e6:8.2f}M  embed_dim {model.model_cfg.embed_dim:<4}  {parts}")
     return 0
 
 

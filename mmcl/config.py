@@ -85,14 +85,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if tag not in tagged:
                 raise ConfigError(f"{where}.{TAG}: {tag!r} is not allowed (allowed: {', '.join(map(repr, tagged))})")
             return from_dict(tagged[tag], value, where)
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error names the exact field (e.g. a dataclass's)
+            return _coerce(value, options[0], where)
+        for a in options:
             try:
                 return _coerce(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{where}: {value!r} is not a {_type_name(tp)}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -174,6 +174,29 @@ def _positive(where: str, **values: float) -> None:
 
 
 @dataclass
+class SharedTrunkConfig:
+    """One transformer trunk shared by every modality (VATT-style, ``mmcl/shared.py``): each modality's
+    tokeniser turns its input into ``width``-wide tokens, a learned modality embedding is added, the same
+    ``depth`` timm ViT blocks encode them and the modality's valid tokens are mean-pooled."""
+
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    #: Stochastic depth, rising linearly to this rate over the blocks.
+    drop_path: float = 0.0
+
+    def validate(self, where: str) -> None:
+        _positive(where, width=self.width, depth=self.depth, heads=self.heads, mlp_ratio=self.mlp_ratio)
+        if self.width % self.heads:
+            raise ConfigError(f"{where}.width: {self.width} is not a multiple of heads {self.heads}")
+        if self.width % 2:  # sin-cos positions of the patch tokenisers split the channels in sin/cos halves
+            raise ConfigError(f"{where}.width: must be even, got {self.width}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"{where}.drop_path: must be in [0, 1), got {self.drop_path}")
+
+
+@dataclass
 class ModelConfig:
     """Towers and heads. ``modalities`` maps a modality name to its own config (see ``mmcl.modalities``):
     decoding/transform settings plus the tower that encodes it; ``kind`` picks the registered modality
@@ -181,8 +204,9 @@ class ModelConfig:
 
     embed_dim: int = 128
     modalities: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: Use one shared transformer trunk for all modalities instead of separate towers.
-    shared_trunk: dict[str, Any] | None = None
+    #: One shared transformer trunk for all modalities instead of separate towers (each modality's ``tower``
+    #: settings then only shape its tokeniser: patch, tubelet, stem).
+    shared_trunk: SharedTrunkConfig | None = None
 
     def validate(self, where: str) -> None:
         _positive(where, embed_dim=self.embed_dim)
@@ -261,7 +285,8 @@ class TrainConfig:
     log_keys: bool = False
     checkpoint_every: int = 0
     keep_last: int = 2
-    #: Per-tower controls: {modality: {lock: bool, unlocked_blocks: int, lr: float, grad_checkpointing: bool}}
+    #: Per-tower controls: {modality: {lock: bool, unlocked_blocks: int, frozen_blocks: int, lr: float,
+    #: grad_checkpointing: bool}}; with a shared trunk, {modality: its tokeniser, trunk: the shared blocks}.
     towers: dict[str, dict[str, Any]] = field(default_factory=dict)
     progress: bool = True
     #: Torch intra-op threads (0: leave torch's default).

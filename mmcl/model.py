@@ -4,6 +4,7 @@ temperature), with the ``save_pretrained`` / ``from_pretrained`` contract of Hug
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from mmcl.config import ConfigError, ModelConfig, ObjectiveConfig, from_dict, to
 from mmcl.modalities import Modality, build_modality
 from mmcl.modalities.pretrained import architecture_only
 from mmcl.objectives import build_objective
+from mmcl.shared import build_shared_towers, encode_shared
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -25,14 +27,18 @@ FORMAT_VERSION = 1
 #: Weight files left out when a modality's directory (an HF model's config and processor) is copied into a
 #: saved model: the saved safetensors hold the tower's weights.
 class MultimodalModel(nn.Module):
-    """Separate towers per modality, each followed by a linear projection to ``embed_dim``.
+    """Separate towers per modality, or one shared trunk behind per-modality tokenisers
+    (``model.shared_trunk``, :mod:`mmcl.shared`), each modality followed by a linear projection to
+    ``embed_dim``. ``towers`` holds what ``train.towers`` controls: the towers, or the tokenisers and ``trunk``.
 
     ``encode`` returns L2-normalised ``[N, embed_dim]`` embeddings per modality; ``forward`` returns the
     objective's scalar loss for a batch.
     """
 
     def __init__(self, model_cfg: ModelConfig, objective_cfg: ObjectiveConfig | None = None,
-                 base_dir: str | Path | None = None):
+                 base_dir: str | Path | None = None, device: str | torch.device | None = None):
+        """``device``: where the parameters are made (``"meta"``: shapes only, no memory or time: how
+        :meth:`parameter_counts` of a config is taken); the modalities' data side is built on the CPU."""
         super().__init__()
         self.model_cfg = model_cfg
         self.objective_cfg = objective_cfg or ObjectiveConfig()
@@ -41,23 +47,39 @@ class MultimodalModel(nn.Module):
         }
         if len(self.modalities) < 2:
             raise ConfigError("model.modalities: at least two modalities are required")
-        self.towers = nn.ModuleDict({name: m.build_tower() for name, m in self.modalities.items()})
-        self.heads = nn.ModuleDict({
-            name: nn.Linear(tower.out_dim, model_cfg.embed_dim, bias=False) for name, tower in self.towers.items()
-        })
-        self.objective = build_objective(self.objective_cfg, list(self.modalities), model_cfg.embed_dim)
+        with torch.device(device) if device is not None else nullcontext():
+            if model_cfg.shared_trunk is None:
+                self.towers = nn.ModuleDict({name: m.build_tower() for name, m in self.modalities.items()})
+                widths = {name: tower.out_dim for name, tower in self.towers.items()}
+            else:
+                self.towers = build_shared_towers(self.modalities, model_cfg.shared_trunk)
+                widths = dict.fromkeys(self.modalities, model_cfg.shared_trunk.width)
+            self.heads = nn.ModuleDict({
+                name: nn.Linear(width, model_cfg.embed_dim, bias=False) for name, width in widths.items()
+            })
+            self.objective = build_objective(self.objective_cfg, list(self.modalities), model_cfg.embed_dim)
 
     @property
     def modality_names(self) -> list[str]:
         return list(self.modalities)
 
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per part: ``{tower name: n, ..., "heads": n, "objective": n, "total": n}`` (the tower
+        names are the modalities, plus ``trunk`` with a shared trunk)."""
+        counts = {name: sum(p.numel() for p in tower.parameters()) for name, tower in self.towers.items()}
+        counts["heads"] = sum(p.numel() for p in self.heads.parameters())
+        counts["objective"] = sum(p.numel() for p in self.objective.parameters())
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
+
     def encode(self, inputs: dict[str, torch.Tensor], normalize: bool = True) -> dict[str, torch.Tensor]:
         """``{modality: batch input}`` (any subset) -> ``{modality: [N, embed_dim]}``."""
         out = {}
         for name, x in inputs.items():
-            if name not in self.towers:
-                raise KeyError(f"model has no modality {name!r} (has: {', '.join(self.towers)})")
-            z = self.heads[name](self.towers[name](x))
+            if name not in self.modalities:
+                raise KeyError(f"model has no modality {name!r} (has: {', '.join(self.modalities)})")
+            features = encode_shared(self.towers, name, x) if self.model_cfg.shared_trunk else self.towers[name](x)
+            z = self.heads[name](features)
             out[name] = F.normalize(z, dim=-1) if normalize else z
         return out
 

@@ -142,6 +142,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_two_ranks_train_like_one_process(runs: Runs, launcher: str, mode: str) -> None:
+    check_like_one_process(runs, launcher, mode)
+
+
+def check_like_one_process(runs: Runs, launcher: str, mode: str) -> None:
+    """``launcher`` with ``mode`` on 2 ranks: the single process's global batches, losses and weights."""
     ref_dir, out = runs.single(), runs.get(launcher, mode)
     assert world_size(ref_dir) == 1
     assert world_size(out) == WORLD, f"{launcher} {mode} did not start {WORLD} ranks"

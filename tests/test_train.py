@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_distributed import read_log, tiny_config
+from test_named_models import vit_block
+from test_shared import report_counts
 
 from mmcl.cli import main as mmcl_main
 from mmcl.config import Config, ConfigError, load_config
@@ -25,7 +27,14 @@ from mmcl.train.checkpoint import (
     resolve_resume,
     write_state,
 )
-from mmcl.train.loop import deepspeed_config, seed_everything, train
+from mmcl.train.loop import (
+    apply_tower_controls,
+    deepspeed_config,
+    param_groups,
+    parameter_report,
+    seed_everything,
+    train,
+)
 
 STEPS = 4
 BATCH = 8
@@ -105,6 +114,31 @@ def test_locked_and_frozen_towers_stay_put(synthetic_data: Path, tmp_path: Path)
     assert not any(v for k, v in audio.items() if ".blocks.0." not in k), audio
     assert all(v for k, v in audio.items() if ".blocks.0." in k), audio
     assert all(moved("heads.").values())
+
+
+def test_parameter_report_and_lrs_follow_the_controls(synthetic_data: Path) -> None:
+    """The start-of-run report's trainable / frozen counts per tower, from the architecture (width 32 towers:
+    video 2 blocks behind a 2 x 12 x 12 tubelet stem, audio 1 block behind 16 x 16 patches), and the
+    optimizer's per-tower lrs (a head follows its tower)."""
+    cfg = make_config(synthetic_data, "train.towers.text.lock=true", "train.towers.video.frozen_blocks=1",
+                      "train.towers.video.lr=1e-4", "train.towers.audio.lock=true",
+                      "train.towers.audio.unlocked_blocks=1", "train.towers.audio.lr=2e-3")
+    model = MultimodalModel(cfg.model, cfg.objective)
+    lrs = apply_tower_controls(model, cfg.train.towers)
+    counts = report_counts(parameter_report(model))
+    w, block = 32, vit_block(32)
+    stem = {"video": 3 * 2 * 12 * 12 * w + w, "audio": 16 * 16 * w + w}
+    assert counts["tower:video"] == (block + 2 * w, stem["video"] + block)  # trainable: block 1, final norm
+    assert counts["tower:audio"] == (block, stem["audio"] + 2 * w)  # trainable: its last (only) block
+    text = sum(p.numel() for p in model.towers["text"].parameters())
+    assert counts["tower:text"] == (0, text) and text > 0
+    assert counts["head:text"] == (w * 16, 0) and counts["objective"] == (1, 0)
+    by_param = {id(p): g["lr"] for g in param_groups(model, cfg, lrs) for p in g["params"]}
+    lr_of = {name: by_param.get(id(p)) for name, p in model.named_parameters()}
+    assert lr_of["towers.video.trunk.blocks.1.attn.qkv.weight"] == lr_of["heads.video.weight"] == 1e-4
+    assert lr_of["towers.audio.trunk.blocks.0.mlp.fc1.weight"] == lr_of["heads.audio.weight"] == 2e-3
+    assert lr_of["heads.text.weight"] == lr_of["objective.logit_scale"] == cfg.train.lr
+    assert lr_of["towers.video.trunk.blocks.0.attn.qkv.weight"] is None  # frozen: not optimised
 
 
 def test_resume_from_a_checkpoint_is_exact(baseline: Path, synthetic_data: Path, tmp_path: Path) -> None:

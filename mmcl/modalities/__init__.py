@@ -4,6 +4,7 @@ from mmcl.modalities.base import (
     MissingModality,
     Modality,
     SampleError,
+    TokenEmbedder,
     Tower,
     available_modalities,
     build_modality,
@@ -11,5 +12,5 @@ from mmcl.modalities.base import (
 )
 from mmcl.modalities import audio, text, vector, video  # noqa: F401  (registration side effect)
 
-__all__ = ["Modality", "Tower", "SampleError", "MissingModality", "register_modality", "build_modality",
-           "available_modalities"]
+__all__ = ["Modality", "Tower", "TokenEmbedder", "SampleError", "MissingModality", "register_modality",
+           "build_modality", "available_modalities"]

@@ -27,13 +27,13 @@ import torchaudio
 from torch import nn
 
 from mmcl.config import ConfigError
-from mmcl.modalities.base import MissingModality, Modality, SampleError, Tower, register_modality
-from mmcl.modalities.layers import Trunk, init_linear_like_vit, patch_grid, sincos_nd
-from mmcl.modalities.pretrained import HFInit, HFTower, hf_encoder, load_hf_config, load_hf_component, pool
+from mmcl.modalities.base import MissingModality, Modality, SampleError, TokenEmbedder, Tower, register_modality
+from mmcl.modalities.layers import PatchTokens, Trunk, init_linear_like_vit, patch_grid, sincos_nd
+from mmcl.modalities.pretrained import HFInit, HFTower, hf_encoder, load_hf_component, load_hf_config, pool
+from mmcl.modalities.timm_towers import TimmAudioTower, TimmTowerConfig
 
 #: transformers ``model_type`` of the audio encoders whose first token is a CLS token (``pooling: cls``).
 CLS_MODEL_TYPES = ("audio-spectrogram-transformer",)
-from mmcl.modalities.timm_towers import TimmAudioTower, TimmTowerConfig
 
 
 @dataclass
@@ -285,6 +285,16 @@ class Audio(Modality):
 
     def build_tower(self) -> Tower:
         return TOWER_TYPES[self.cfg.tower.type].build(self)
+
+    def build_token_embedder(self, width: int) -> TokenEmbedder:
+        """Shared-trunk tokens: the tower's spectrogram patches (``tower.patch``), ``width`` wide."""
+        if self.cfg.tower.type != "vit":
+            raise ConfigError(f"model.modalities.{self.name}.tower.type: a shared trunk embeds spectrogram "
+                              f"patches itself; {self.cfg.tower.type!r} towers are not available with "
+                              f"model.shared_trunk (allowed: 'vit')")
+        p = self.cfg.tower.patch
+        grid = (patch_grid(self.cfg.n_mels, p, "audio.n_mels"), self.cfg.n_frames // p)
+        return PatchTokens(nn.Conv2d(1, width, kernel_size=p, stride=p), grid, width)
 
 
 def _hf_tower(mod: Audio) -> Tower:

@@ -62,6 +62,16 @@ class Tower(nn.Module):
         self.grad_checkpointing = enable
 
 
+class TokenEmbedder(nn.Module):
+    """A modality's tokeniser for a shared trunk (``model.shared_trunk``, :mod:`mmcl.shared`): modality input
+    batch -> ``(tokens [N, L, width], valid [N, L] bool or None)``. The tokens carry their positions (the
+    trunk adds the modality embedding); ``valid`` marks the tokens to attend to and pool (``None``: all)."""
+
+    def blocks(self) -> list[nn.Module]:
+        """None of its own: the repeated blocks are the shared trunk's (``train.towers.trunk``)."""
+        return []
+
+
 class Modality:
     """Base class of a registered modality. Subclasses set ``kind``, ``Config`` and ``members``."""
 
@@ -108,6 +118,13 @@ class Modality:
     # -- model side ------------------------------------------------------------------------------------
     def build_tower(self) -> Tower:
         raise NotImplementedError
+
+    def build_token_embedder(self, width: int) -> TokenEmbedder:
+        """This modality's tokeniser for a shared trunk of ``width`` channels (a modality that can share a
+        trunk overrides this)."""
+        able = sorted(k for k, c in _REGISTRY.items() if c.build_token_embedder is not Modality.build_token_embedder)
+        raise ConfigError(f"model.shared_trunk: modality {self.name!r} (kind {self.kind!r}) has no tokeniser for "
+                          f"a shared trunk (kinds that have one: {', '.join(able)})")
 
     def files(self) -> dict[str, str]:
         """Files this modality's config points to (e.g. a tokenizer): ``{config field: path}``.

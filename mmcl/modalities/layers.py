@@ -1,5 +1,6 @@
-"""Small layers shared by the patch-based towers (video, audio): fixed sin-cos positions and a timm
-transformer trunk with optional gradient checkpointing."""
+"""Small layers shared by the towers (video, audio): fixed sin-cos positions and a timm transformer trunk with
+optional gradient checkpointing; and the tokenisers of a shared trunk (:mod:`mmcl.shared`): patch tokens of
+a grid (video, audio) and token ids (text)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from mmcl.config import ConfigError
+from mmcl.modalities.base import TokenEmbedder
 
 
 def sincos_1d(n: int, dim: int) -> torch.Tensor:
@@ -43,15 +47,26 @@ class Trunk(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.grad_checkpointing = False
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``[N, L, width]`` -> pooled ``[N, width]``."""
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N, L, width]`` -> pooled ``[N, width]``: the mean over every token, or over the ``valid`` ones
+        (``[N, L]`` bool), which are then also the only ones attended to."""
         x = tokens
+        kwargs = {}
+        if valid is not None:
+            # A row with no valid token (a missing modality's placeholder) uses all of its tokens: its output
+            # stays finite (attention over no key is NaN) and is masked out downstream.
+            valid = valid | ~valid.any(dim=1, keepdim=True)
+            kwargs["attn_mask"] = valid[:, None, None, :]
         for blk in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
+                x = checkpoint(blk, x, use_reentrant=False, **kwargs)
             else:
-                x = blk(x)
-        return self.norm(x).mean(dim=1)
+                x = blk(x, **kwargs)
+        x = self.norm(x)
+        if valid is None:
+            return x.mean(dim=1)
+        w = valid.unsqueeze(-1).to(x.dtype)
+        return (x * w).sum(dim=1) / w.sum(dim=1)
 
 
 def patch_grid(size: int, patch: int, name: str) -> int:
@@ -73,3 +88,56 @@ def init_linear_like_vit(module: nn.Module) -> None:
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenisers for a shared trunk
+
+
+def tubelet_stem(width: int, patch: int, tubelet: int, stem: str, stem_channels: int, where: str) -> nn.Module:
+    """``[N, 3, T, S, S]`` -> ``[N, width, T / tubelet, S / patch, S / patch]``: one linear tubelet projection
+    (``stem: patch``), or a 3x3 stride-2 convolution per frame then the projection of ``patch / 2`` cells
+    (``stem: conv``); the same layers as :class:`mmcl.modalities.video.VideoTower`'s embedding."""
+    if stem == "patch":
+        return nn.Conv3d(3, width, kernel_size=(tubelet, patch, patch), stride=(tubelet, patch, patch))
+    if patch % 2:
+        raise ConfigError(f"{where}.patch: the conv stem needs an even patch, got {patch}")
+    half = patch // 2
+    return nn.Sequential(
+        nn.Conv3d(3, stem_channels, kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
+        nn.GELU(),
+        nn.Conv3d(stem_channels, width, kernel_size=(tubelet, half, half), stride=(tubelet, half, half)),
+    )
+
+
+class PatchTokens(TokenEmbedder):
+    """A grid input -> ``[N, L, width]`` patch tokens plus fixed sin-cos positions over the patch ``grid``
+    (every token valid). ``embed`` maps ``[N, C, *size]`` to ``[N, width, *grid]``; ``time_first``: batches
+    come as ``[N, T, C, H, W]`` (video) and are fed to it as ``[N, C, T, H, W]``."""
+
+    def __init__(self, embed: nn.Module, grid: tuple[int, ...], width: int, time_first: bool = False):
+        super().__init__()
+        self.embed = embed
+        self.time_first = time_first
+        self.register_buffer("pos", sincos_nd(grid, width)[None], persistent=False)
+        init_linear_like_vit(self)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if self.time_first:
+            x = x.transpose(1, 2)
+        return self.embed(x).flatten(2).transpose(1, 2) + self.pos, None
+
+
+class IdTokens(TokenEmbedder):
+    """Token ids ``[N, L]`` (``L <= max_len``) -> embeddings plus learned positions ``[N, L, width]``, valid
+    where the id is not ``pad_id``."""
+
+    def __init__(self, vocab_size: int, max_len: int, width: int, pad_id: int):
+        super().__init__()
+        self.pad_id = pad_id
+        self.embed = nn.Embedding(vocab_size, width)
+        self.pos = nn.Parameter(torch.zeros(max_len, width))
+        nn.init.trunc_normal_(self.embed.weight, std=0.02)
+        nn.init.trunc_normal_(self.pos, std=0.02)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embed(ids) + self.pos[: ids.shape[1]], ids != self.pad_id

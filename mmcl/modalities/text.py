@@ -21,10 +21,11 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from mmcl.config import ConfigError
-from mmcl.modalities.base import Modality, SampleError, Tower, register_modality
-from mmcl.modalities.pretrained import HFInit, HFTower, hf_encoder, load_hf_config, load_hf_component, pool
+from mmcl.modalities.base import Modality, SampleError, TokenEmbedder, Tower, register_modality
+from mmcl.modalities.layers import IdTokens
+from mmcl.modalities.pretrained import HFInit, HFTower, hf_encoder, load_hf_component, load_hf_config, pool
 
-#: The sentencepiece model a ``bert`` tower reads when ``tokenizer`` is not set.
+#: The sentencepiece model a ``bert`` tower reads when neither ``tokenizer`` nor ``vocab_size`` is set.
 DEFAULT_SENTENCEPIECE = "tokenizer.model"
 
 
@@ -64,6 +65,14 @@ class TextConfig:
     #: Captions longer than this many characters are bad samples (protects the tokenizer from junk).
     max_chars: int = 2000
     tower: TextTowerConfig = field(default_factory=TextTowerConfig)
+    #: Rows of the token embedding table (``bert`` towers); 0: the tokenizer's vocabulary. With ``tokenizer: ""``
+    #: and ``vocab_size > 0`` the model builds without a tokenizer file (the named configs small and base: BERT's 30522 rows, pad id 0); reading text
+    #: then needs a tokenizer whose ids fit (``--set model.modalities.text.tokenizer=FILE``).
+    vocab_size: int = 0
+
+    def validate(self, where: str) -> None:
+        if self.vocab_size < 0:
+            raise ConfigError(f"{where}.vocab_size: must be >= 0, got {self.vocab_size}")
 
 
 class SentencePieceTokenizer:
@@ -150,7 +159,7 @@ class Text(Modality):
     def __init__(self, name: str, cfg: TextConfig, base_dir=None):
         super().__init__(name, cfg, base_dir)
         where = f"model.modalities.{name}"
-        self.tokenizer: SentencePieceTokenizer | HFTokenizer
+        self.tokenizer: SentencePieceTokenizer | HFTokenizer | None
         if cfg.tower.type == "hf":
             self.model_path = self.resolve(cfg.tower.path)
             self.model_config = load_hf_config(self.model_path, f"{where}.tower.path")
@@ -158,8 +167,10 @@ class Text(Modality):
             self.tokenizer = HFTokenizer(self.resolve(cfg.tokenizer) if cfg.tokenizer else self.model_path,
                                          tokenizer_where)
             self._check_fits(where)
-        else:
+        elif cfg.tokenizer or not cfg.vocab_size:
             self.tokenizer = SentencePieceTokenizer(self.resolve(cfg.tokenizer or DEFAULT_SENTENCEPIECE))
+        else:  # built from ``vocab_size`` alone (named configs): reading text needs a tokenizer set later
+            self.tokenizer = None
 
     def _check_fits(self, where: str) -> None:
         """The tokenizer's ids and ``max_len`` must exist in the model's embedding tables."""
@@ -183,6 +194,8 @@ class Text(Modality):
         return self.tokenize(text)
 
     def tokenize(self, text: str) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise ConfigError(f"model.modalities.{self.name}.tokenizer: not set; reading text needs one")
         text = text.strip()
         if not text:
             raise SampleError("empty_text")
@@ -197,7 +210,7 @@ class Text(Modality):
         are (the tokenizer padded them): ids, attention mask[, token type ids]."""
         if isinstance(self.tokenizer, HFTokenizer):
             return data
-        out = torch.full((self.cfg.max_len,), self.tokenizer.pad_id, dtype=torch.long)
+        out = torch.full((self.cfg.max_len,), self.pad_id, dtype=torch.long)
         out[: data.numel()] = data
         return out
 
@@ -207,12 +220,26 @@ class Text(Modality):
             out[0] = self.tokenizer.pad_id
             out[1, 0] = 1  # one attended position: a row with none can make attention NaN (masked out later)
             return out
-        return torch.full((self.cfg.max_len,), self.tokenizer.pad_id, dtype=torch.long)
+        return torch.full((self.cfg.max_len,), self.pad_id, dtype=torch.long)
 
     def files(self) -> dict[str, str]:
-        if isinstance(self.tokenizer, HFTokenizer):
+        if self.tokenizer is None or isinstance(self.tokenizer, HFTokenizer):
             return {}
         return {"tokenizer": str(self.tokenizer.path)}
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_id if self.tokenizer else 0
+
+    @property
+    def vocab_size(self) -> int:
+        """The embedding table's rows: ``vocab_size``, else the tokenizer's (which must fit in it)."""
+        if not self.cfg.vocab_size:
+            return self.tokenizer.vocab_size
+        if self.tokenizer and self.tokenizer.vocab_size > self.cfg.vocab_size:
+            raise ConfigError(f"model.modalities.{self.name}.vocab_size: {self.cfg.vocab_size} is smaller than "
+                              f"the tokenizer's vocabulary ({self.tokenizer.vocab_size}, {self.tokenizer.path})")
+        return self.cfg.vocab_size
 
     def save_files(self, out_dir: Path) -> dict[str, Any]:
         """``hf``: the model's config and the tokenizer go to ``<name>_hf/`` (the weights are in the saved
@@ -229,7 +256,14 @@ class Text(Modality):
         if isinstance(self.tokenizer, HFTokenizer):
             model = hf_encoder(self.model_path, f"model.modalities.{self.name}.tower.path", tc.init, tc.strict)
             return HFTextTower(model, self.tokenizer.input_names, tc.pooling)
-        return TextTower(self.cfg, self.tokenizer.vocab_size, self.tokenizer.pad_id)
+        return TextTower(self.cfg, self.vocab_size, self.pad_id)
+
+    def build_token_embedder(self, width: int) -> TokenEmbedder:
+        """Shared-trunk tokens: the ids embedded with learned positions, ``width`` wide; padding masked."""
+        if isinstance(self.tokenizer, HFTokenizer):
+            raise ConfigError(f"model.modalities.{self.name}.tower.type: a shared trunk embeds token ids itself; "
+                              f"'hf' towers are not available with model.shared_trunk (allowed: 'bert')")
+        return IdTokens(self.vocab_size, self.cfg.max_len, width, self.pad_id)
 
 
 class TextTower(Tower):

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from mmcl.config import ConfigError
-from mmcl.modalities.base import MissingModality, Modality, SampleError, Tower, register_modality
+from mmcl.modalities.base import MissingModality, Modality, SampleError, TokenEmbedder, Tower, register_modality
+from mmcl.modalities.layers import init_linear_like_vit
 
 #: Activations a :class:`VectorTower` can use between its layers.
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -36,12 +37,17 @@ class VectorTowerConfig:
     #: model's projection head makes the whole encoder linear.
     depth: int = 2
     activation: Literal["gelu", "relu", "silu", "tanh"] = "gelu"
+    #: With a shared trunk (``model.shared_trunk``): the tokens one linear map makes of the vector (the MLP
+    #: settings above are then unused).
+    tokens: int = 1
 
     def validate(self, where: str) -> None:
         if self.hidden <= 0:
             raise ConfigError(f"{where}.hidden: must be > 0, got {self.hidden}")
         if self.depth < 0:
             raise ConfigError(f"{where}.depth: must be >= 0, got {self.depth}")
+        if self.tokens <= 0:
+            raise ConfigError(f"{where}.tokens: must be > 0, got {self.tokens}")
 
 
 @dataclass
@@ -129,6 +135,9 @@ class Vector(Modality):
     def build_tower(self) -> Tower:
         return VectorTower(self.cfg.dim, self.cfg.tower)
 
+    def build_token_embedder(self, width: int) -> TokenEmbedder:
+        return VectorTokens(self.cfg.dim, width, self.cfg.tower.tokens)
+
 
 class VectorTower(Tower):
     """MLP ``[N, dim] -> [N, out_dim]``: ``depth`` x (Linear -> activation); ``out_dim`` is ``hidden``, or
@@ -151,3 +160,17 @@ class VectorTower(Tower):
         for layer in self.layers:
             x = layer(x)
         return x
+
+
+class VectorTokens(TokenEmbedder):
+    """Shared-trunk tokens of a vector: ``[N, dim]`` -> ``[N, tokens, width]``, one linear map whose output is
+    cut into ``tokens`` pieces (each piece has its own weights, so the tokens need no positions)."""
+
+    def __init__(self, dim: int, width: int, tokens: int):
+        super().__init__()
+        self.tokens, self.width = tokens, width
+        self.proj = nn.Linear(dim, tokens * width)
+        init_linear_like_vit(self)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.proj(x).view(x.shape[0], self.tokens, self.width), None

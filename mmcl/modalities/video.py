@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.config import ConfigError
-from mmcl.modalities.base import Modality, SampleError, Tower, register_modality
-from mmcl.modalities.layers import Trunk, init_linear_like_vit, patch_grid, sincos_nd
+from mmcl.modalities.base import Modality, SampleError, TokenEmbedder, Tower, register_modality
+from mmcl.modalities.layers import PatchTokens, Trunk, init_linear_like_vit, patch_grid, sincos_nd, tubelet_stem
 from mmcl.modalities.pretrained import load_hf_component, load_hf_model, local_path
 from mmcl.modalities.timm_towers import TimmVideoTower, TimmVideoTowerConfig, timm_pretrained_cfg
 
@@ -219,6 +219,16 @@ class Video(Modality):
         if isinstance(tower, HFVideoTowerConfig):
             return HFVideoTower(tower, self.hf_path, where)
         return VideoTower(self.cfg)
+
+    def build_token_embedder(self, width: int) -> TokenEmbedder:
+        """Shared-trunk tokens: the tower's tubelets (``tower.patch``, ``tubelet``, ``stem``), ``width`` wide."""
+        if self.cfg.tower.type != "tubelet":
+            raise ConfigError(f"model.modalities.{self.name}.tower.type: a shared trunk embeds tubelets itself; "
+                              f"{self.cfg.tower.type!r} towers are not available with model.shared_trunk "
+                              f"(allowed: 'tubelet')")
+        tc, n, where = self.cfg.tower, self.cfg.size // self.cfg.tower.patch, f"model.modalities.{self.name}.tower"
+        stem = tubelet_stem(width, tc.patch, tc.tubelet, tc.stem, tc.stem_channels, where)
+        return PatchTokens(stem, (self.cfg.frames // tc.tubelet, n, n), width, time_first=True)
 
 
 class VideoTower(Tower):

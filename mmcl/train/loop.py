@@ -41,6 +41,7 @@ from tqdm import tqdm
 from mmcl.config import Config, ConfigError, save_config, to_dict
 from mmcl.data.shards import Loader, build_loader, expand_shards
 from mmcl.model import MultimodalModel
+from mmcl.shared import TRUNK
 from mmcl.train.checkpoint import (
     checkpoint_tmp_dir,
     commit_checkpoint,
@@ -70,11 +71,12 @@ def seed_everything(seed: int) -> None:
 def apply_tower_controls(model: MultimodalModel, controls: dict[str, dict[str, Any]]) -> dict[str, float]:
     """Per tower: ``lock`` (LiT: the whole tower frozen, ``unlocked_blocks`` of its last blocks trainable
     again), ``frozen_blocks: N`` (the first N blocks frozen, with the stem registered before them: patch or
-    token embedding and positions), ``grad_checkpointing`` and ``lr``. Returns the per-tower lrs."""
+    token embedding and positions), ``grad_checkpointing`` and ``lr``. Returns the per-tower lrs. With a
+    shared trunk the towers are the modalities' tokenisers (no blocks) and ``trunk`` (see mmcl.shared)."""
     lrs = {}
     for name, ctl in controls.items():
         if name not in model.towers:
-            raise ConfigError(f"train.towers.{name}: no such modality (allowed: {', '.join(model.towers)})")
+            raise ConfigError(f"train.towers.{name}: no such tower (allowed: {', '.join(model.towers)})")
         unknown = sorted(set(ctl) - TOWER_CONTROLS)
         if unknown:
             raise ConfigError(f"train.towers.{name}.{unknown[0]}: unknown field "
@@ -97,6 +99,10 @@ def apply_tower_controls(model: MultimodalModel, controls: dict[str, dict[str, A
         if "frozen_blocks" in ctl:
             freeze_first_blocks(tower, blocks, int(ctl["frozen_blocks"]), f"train.towers.{name}.frozen_blocks")
         if ctl.get("grad_checkpointing"):
+            if not blocks:
+                hint = f" (the shared blocks are train.towers.{TRUNK})" if model.model_cfg.shared_trunk else ""
+                raise ConfigError(f"train.towers.{name}.grad_checkpointing: the tower has no blocks to "
+                                  f"checkpoint{hint}")
             tower.set_grad_checkpointing(True)
         if "lr" in ctl:
             lrs[name] = float(ctl["lr"])
