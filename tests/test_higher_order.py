@@ -174,15 +174,20 @@ def xor_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _prove(recipe: str, data: Path, out: Path, objective: str, task: str, *extra: str) -> None:
+    """Train ``recipe`` with ``objective`` and check the accuracy of ``task`` (retrieval attribute match)."""
+    start = time.perf_counter()
+    summary = _train(recipe, data, out, objective, *extra)
+    accuracy = summary["retrieval"][task]["R@1_attribute_match"]
+    print(f"{recipe} {objective}: {task} accuracy {accuracy:.3f}, {summary['train']['steps']} steps, "
+          f"{time.perf_counter() - start:.0f} s")
+    _check(objective, accuracy)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_xor_third_modality_needs_a_higher_order_objective(xor_data: Path, tmp_path: Path, objective: str):
-    start = time.perf_counter()
-    summary = _train("xor", xor_data, tmp_path, objective)
-    accuracy = summary["retrieval"]["a+b->c"]["R@1_attribute_match"]
-    print(f"xor {objective}: (a, b) -> c accuracy {accuracy:.3f}, {summary['train']['steps']} steps, "
-          f"{time.perf_counter() - start:.0f} s")
-    _check(objective, accuracy)
+    _prove("xor", xor_data, tmp_path, objective, "a+b->c")
 
 
 @pytest.fixture(scope="module")
@@ -196,10 +201,5 @@ def joint_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_joint_world_named_object_needs_a_higher_order_objective(joint_data: Path, tmp_path: Path,
                                                                  objective: str):
-    start = time.perf_counter()
-    summary = _train("joint", joint_data, tmp_path, objective,
-                     f"model.modalities.text.tokenizer={joint_data / 'tokenizer.model'}")
-    accuracy = summary["retrieval"]["video+text->audio"]["R@1_attribute_match"]
-    print(f"joint {objective}: (video, text) -> audio pitch accuracy {accuracy:.3f}, "
-          f"{summary['train']['steps']} steps, {time.perf_counter() - start:.0f} s")
-    _check(objective, accuracy)
+    _prove("joint", joint_data, tmp_path, objective, "video+text->audio",
+           f"model.modalities.text.tokenizer={joint_data / 'tokenizer.model'}")
