@@ -29,7 +29,7 @@ from torch import nn
 from mmcl.config import ConfigError
 from mmcl.modalities.base import MissingModality, Modality, SampleError, TokenEmbedder, Tower, register_modality
 from mmcl.modalities.layers import PatchTokens, Trunk, init_linear_like_vit, patch_grid, sincos_nd
-from mmcl.modalities.pretrained import HFInit, HFTower, hf_encoder, load_hf_component, load_hf_config, pool
+from mmcl.modalities.pretrained import HFTower, HFTowerFields, hf_encoder, load_hf_component, load_hf_config, pool
 from mmcl.modalities.timm_towers import TimmAudioTower, TimmTowerConfig
 
 #: transformers ``model_type`` of the audio encoders whose first token is a CLS token (``pooling: cls``).
@@ -37,7 +37,7 @@ CLS_MODEL_TYPES = ("audio-spectrogram-transformer",)
 
 
 @dataclass
-class AudioTowerConfig:
+class AudioTowerConfig(HFTowerFields):
     #: ``vit``: the AST-style tower on log-mel built from the fields below; ``hf``: a transformers audio
     #: encoder directory (``path``) with its own feature extractor.
     type: Literal["vit", "hf"] = "vit"
@@ -51,12 +51,6 @@ class AudioTowerConfig:
     #: ``mean`` over time (over the real frames where the extractor marks padding); ``cls``: the first token
     #: of a model that has one (AST). The ``vit`` tower mean-pools.
     pooling: Literal["mean", "cls"] = "mean"
-    #: ``hf``: local directory of a transformers model + its feature extractor; relative to the config.
-    path: str = ""
-    #: ``hf``: refuse a checkpoint whose keys do not fit the model (missing / unexpected ones).
-    strict: bool = True
-    #: ``hf``: ``pretrained`` loads the checkpoint's weights, ``config`` only its architecture (random init).
-    init: HFInit = "pretrained"
 
     def validate(self, where: str) -> None:
         if self.type == "hf" and not self.path:

@@ -18,6 +18,7 @@ import contextvars
 import inspect
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
@@ -184,6 +185,19 @@ def load_state_dict_checked(module: nn.Module, path: str | Path, where: str, str
 #: ``init`` of a tower read from a transformers directory: the checkpoint's weights, or only the architecture
 #: of its ``config.json`` with random weights (what a saved mmcl model uses: its weights are in its own file).
 HFInit = Literal["pretrained", "config"]
+
+
+@dataclass
+class HFTowerFields:
+    """The fields of a tower config that can read a transformers directory (``type: hf``)."""
+
+    #: ``hf``: local directory of a transformers model (``config.json`` + weights, and its tokenizer or feature
+    #: extractor); relative to the config.
+    path: str = ""
+    #: ``hf``: refuse a checkpoint whose keys do not fit the model (missing / unexpected ones).
+    strict: bool = True
+    #: ``hf``: ``pretrained`` loads the checkpoint's weights, ``config`` only its architecture (random init).
+    init: HFInit = "pretrained"
 
 
 def load_hf_config(path: str | Path, where: str) -> Any:

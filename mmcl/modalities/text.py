@@ -23,14 +23,14 @@ from transformers import BertConfig, BertModel
 from mmcl.config import ConfigError
 from mmcl.modalities.base import Modality, SampleError, TokenEmbedder, Tower, register_modality
 from mmcl.modalities.layers import IdTokens
-from mmcl.modalities.pretrained import HFInit, HFTower, hf_encoder, load_hf_component, load_hf_config, pool
+from mmcl.modalities.pretrained import HFTower, HFTowerFields, hf_encoder, load_hf_component, load_hf_config, pool
 
 #: The sentencepiece model a ``bert`` tower reads when neither ``tokenizer`` nor ``vocab_size`` is set.
 DEFAULT_SENTENCEPIECE = "tokenizer.model"
 
 
 @dataclass
-class TextTowerConfig:
+class TextTowerConfig(HFTowerFields):
     #: ``bert``: a BERT-style encoder built from the fields below (random init); ``hf``: a transformers model
     #: directory (``path``).
     type: Literal["bert", "hf"] = "bert"
@@ -41,12 +41,6 @@ class TextTowerConfig:
     #: ``cls``: first token; ``mean``: masked mean over the tokens; ``last``: last non-pad token.
     pooling: Literal["mean", "cls", "last"] = "mean"
     dropout: float = 0.0
-    #: ``hf``: local directory of a transformers model (``config.json`` + weights); relative to the config.
-    path: str = ""
-    #: ``hf``: refuse a checkpoint whose keys do not fit the model (missing / unexpected ones).
-    strict: bool = True
-    #: ``hf``: ``pretrained`` loads the checkpoint's weights, ``config`` only its architecture (random init).
-    init: HFInit = "pretrained"
 
     def validate(self, where: str) -> None:
         if self.type == "hf" and not self.path:
