@@ -16,10 +16,13 @@ A batch is a dict::
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import multiprocessing as mp
+import os
 import random
+import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,20 +45,94 @@ def _is_local(url: str) -> bool:
     return not (url.startswith("pipe:") or "://" in url)
 
 
-def expand_shards(spec: str) -> list[str]:
-    """Brace-expand a shard spec (``a-{000..009}.tar``, ``::``-separated lists, ``pipe:`` URLs).
+#: File names the loader reads as tar shards (webdataset decompresses the compressed ones).
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+#: Specs already resolved in this process (their list is logged once).
+_logged_specs: set[str] = set()
 
-    Local paths must exist; an empty list is an error.
+
+def _local_path(url: str) -> str:
+    return url[len("file:"):] if url.startswith("file:") else url
+
+
+def _shards_in_dir(folder: Path) -> list[str]:
+    shards = sorted(str(p) for p in folder.iterdir() if p.is_file() and p.name.endswith(TAR_SUFFIXES))
+    if not shards:
+        raise DataError(f"no shards ({', '.join(TAR_SUFFIXES)} files) in directory {folder}")
+    return shards
+
+
+def _shards_in_list(path: Path) -> list[str]:
+    """One shard per line (blank lines and ``#`` comments skipped), relative paths from the list's folder."""
+    urls: list[str] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: neither a tar shard nor a UTF-8 list of shards") from None
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        for url in wds.shardlists.expand_urls(line):
+            local = _local_path(url)
+            if _is_local(local) and not Path(local).is_absolute():
+                url = str(path.parent / local)
+            urls.extend(_resolve_part(url, in_list=f"{path}:{number}"))
+    if not urls:
+        raise DataError(f"shard list {path} names no shards")
+    return urls
+
+
+def _resolve_part(url: str, in_list: str = "") -> list[str]:
+    """One brace-expanded part of a spec -> its shard URLs (a glob, a directory or a list file expanded)."""
+    if not _is_local(url):
+        return [url]
+    path = _local_path(url)
+    where = f" (listed at {in_list})" if in_list else ""
+    if any(c in path for c in "*?["):
+        matches = sorted(p for p in glob.glob(os.path.expanduser(path), recursive=True) if Path(p).is_file())
+        if not matches:
+            raise DataError(f"shard pattern {path} matches no files{where}")
+        return matches
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return _shards_in_dir(p)
+    if not p.is_file():
+        raise DataError(f"shard not found: {path}{where}")
+    if p.name.endswith(TAR_SUFFIXES) or tarfile.is_tarfile(p):
+        return [url]
+    if in_list:
+        raise DataError(f"{in_list}: {path} is a list of shards; lists cannot name other lists")
+    return _shards_in_list(p)
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Resolve a shard spec to the list of shard URLs the loader reads.
+
+    ``spec`` is one or more parts separated by ``::``; each is brace-expanded (``a-{000000..000009}.tar``,
+    ``{a,b}``) and each result is then
+
+    - a URL (``pipe:COMMAND``, ``s3://...``): kept as it is;
+    - a shell-style glob (``data/*.tar``, ``data/**/train-*.tar``; quote it so the shell leaves it): the
+      matching files, sorted;
+    - a directory: its ``.tar`` / ``.tar.gz`` / ``.tgz`` files, sorted (``sizes.json`` there gives epochs a
+      known length);
+    - a file that is not a tar: a list of shards, one per line (any of the forms above except another
+      list; blank lines and ``#`` comments skipped; relative paths start from the list's folder);
+    - otherwise a local shard, which must exist.
+
+    An empty result is an error. The resolved list is logged once per spec and process.
     """
     if not spec or not spec.strip():
         raise DataError("no shards given (empty shard spec)")
-    urls = wds.shardlists.expand_urls(spec)
+    urls = [shard for part in wds.shardlists.expand_urls(spec.strip()) for shard in _resolve_part(part)]
     if not urls:
         raise DataError(f"shard spec {spec!r} expands to no shards")
-    for url in urls:
-        path = url[len("file:"):] if url.startswith("file:") else url
-        if _is_local(path) and not Path(path).is_file():
-            raise DataError(f"shard not found: {path}")
+    if spec not in _logged_specs:
+        _logged_specs.add(spec)
+        shown = ", ".join(urls) if len(urls) <= 4 else f"{urls[0]}, {urls[1]}, ..., {urls[-1]}"
+        log.info("shards %s: %d shard(s): %s", spec, len(urls), shown)
+        log.debug("shards %s: %s", spec, urls)
     return urls
 
 
