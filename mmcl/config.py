@@ -390,21 +390,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 base: dict | None = None) -> Config:
     """Load a YAML config (or start from ``base``), apply ``key=value`` overrides, validate.
 
-    ``model`` may name a model config (``model: tiny`` or ``--set model=small``); overrides of its fields
-    (``--set model.embed_dim=256``) apply on top of it.
+    ``model`` may name a model config (``model: tiny`` or ``--set model=small``). A named model is the base
+    that field overrides refine, so it replaces the model first, wherever it stands in ``overrides``; the
+    field overrides (``--set model.embed_dim=256``) then apply in order, the last one winning. A caller's
+    fixed paths placed before the user's overrides (the demo's tokenizer) thus survive ``--set model=NAME``.
     """
     data: dict = copy.deepcopy(base) if base else {}
     if path is not None:
         data.update(_read_yaml(resolve_config_path(path)))
     if isinstance(data.get("model"), str):
         data["model"] = named_model(data["model"])
+    fields = []
     for text in overrides or []:
         keys, value = parse_override(text)
         if keys == ["model"] and isinstance(value, str):
             data["model"] = named_model(value)
         else:
-            data = apply_overrides(data, [text])
-    return from_dict(Config, data)
+            fields.append(text)
+    return from_dict(Config, apply_overrides(data, fields))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
