@@ -124,6 +124,19 @@ def _add_shards_build(ss) -> None:
     b.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def _add_tokenizer(sub) -> None:
+    p = sub.add_parser("tokenizer", help="train a sentencepiece tokenizer on the captions of shards",
+                       description="Stream the txt captions of the shards into sentencepiece and write the model "
+                                   "(<pad> = 0, <unk> = 1, as the text modality reads it). Point "
+                                   "model.modalities.text.tokenizer at the file.")
+    p.add_argument("--shards", required=True, help="shard spec: brace range, quoted glob, directory or list file")
+    p.add_argument("--out", required=True, help="model file to write, e.g. data/mine/tokenizer.model")
+    p.add_argument("--vocab-size", type=int, default=8000, help="most pieces (a small corpus yields fewer; "
+                                                                "default: 8000)")
+    p.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram", help="default: unigram")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="synthesise data, train, evaluate: the embedded default")
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
@@ -142,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_push(sub)
     _add_shards(sub)
+    _add_tokenizer(sub)
     _add_demo(sub)
     sub.add_parser("models", help="list the named model configs with their parameters per tower")
     return parser
@@ -243,6 +257,15 @@ def _shards_build(args) -> int:
     return 0
 
 
+def cmd_tokenizer(args) -> int:
+    from data_tools.tokenizer import format_summary, tokenizer_from_shards
+
+    summary = tokenizer_from_shards(args.shards, args.out, vocab_size=args.vocab_size, model_type=args.model_type,
+                                    progress=args.progress)
+    print(format_summary(summary))
+    return 0
+
+
 def cmd_models(args) -> int:
     """Each named model config with its parameters per tower (built on the meta device: no memory, instant).
     A config whose files are missing (a tokenizer under data/) says so instead."""
@@ -283,7 +306,7 @@ def _print_results(results: dict) -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "push": cmd_push, "shards": cmd_shards, "models": cmd_models,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "tokenizer": cmd_tokenizer}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,7 +55,7 @@ import multiprocessing
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -541,22 +541,24 @@ def write_split(
 
 
 def train_tokenizer(
-    captions: list[str], path: str | os.PathLike, vocab_size: int = 256, required_chars: str = CAPTION_ALPHABET
+    captions: Iterable[str], path: str | os.PathLike, vocab_size: int = 256, required_chars: str = CAPTION_ALPHABET,
+    model_type: str = "unigram", character_coverage: float = 1.0, max_sentences: int = 0
 ) -> Path:
-    """Train a sentencepiece unigram model on ``captions`` in-process and write it to ``path``.
+    """Train a sentencepiece model (``unigram`` or ``bpe``) on ``captions`` in-process and write it to ``path``.
 
     Ids: ``<pad>`` = :data:`PAD_ID` (0), ``<unk>`` = :data:`UNK_ID` (1), no bos / eos pieces.
     ``vocab_size`` is an upper bound: a small corpus yields fewer pieces. Every character of
     ``required_chars`` gets a piece even when ``captions`` lack it (default: all characters this world's
-    captions use), so held-out captions never map to ``<unk>``.
+    captions use), so held-out captions never map to ``<unk>``. ``captions`` may be a stream (it is read
+    once); with ``max_sentences > 0`` sentencepiece keeps a uniform sample of that many.
     """
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(captions),
         model_writer=model,
         vocab_size=vocab_size,
-        model_type="unigram",
-        character_coverage=1.0,
+        model_type=model_type,
+        character_coverage=character_coverage,
         required_chars=required_chars,
         pad_id=PAD_ID,
         unk_id=UNK_ID,
@@ -565,6 +567,7 @@ def train_tokenizer(
         hard_vocab_limit=False,
         num_threads=1,
         minloglevel=2,
+        **({"input_sentence_size": max_sentences} if max_sentences > 0 else {}),
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
