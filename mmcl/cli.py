@@ -11,6 +11,9 @@ from pathlib import Path
 
 from mmcl.config import CONFIG_DIR, ConfigError, ModelConfig, from_dict, named_model
 
+#: The suite ``mmcl train --eval-data`` runs when the config names none: retrieval, which needs no labels.
+DEFAULT_EVAL_SUITE = "retrieval"
+
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model from a config")
@@ -19,6 +22,10 @@ def _add_train(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.lr=1e-4 (repeatable)")
     p.add_argument("--resume", help="'latest' or a checkpoint directory")
+    p.add_argument("--data", help="training shards (sets data.train): a brace range, a quoted glob, a directory "
+                                  "of shards or a text file listing them")
+    p.add_argument("--eval-data", help="held-out shards (sets data.test); a config without an eval suite then "
+                                       f"ends with the retrieval suite ({DEFAULT_EVAL_SUITE}) on them")
 
 
 def _add_eval(sub) -> None:
@@ -137,6 +144,17 @@ def _add_tokenizer(sub) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def _add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="check this machine (and a config) before a long run",
+                       description="Versions of torch / CUDA / torchcodec / FFmpeg / PyAV / soundfile / DeepSpeed, "
+                                   "whether each decoder decodes a clip made on the spot, DeepSpeed's buildable ops, "
+                                   "the devices; with --config, whether its model files exist and its shards "
+                                   "resolve. Exit 1 with one line per problem.")
+    p.add_argument("--config", help="training YAML, or a name under configs/train (e.g. own_data)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, as mmcl train --set (repeatable)")
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="synthesise data, train, evaluate: the embedded default")
     p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
@@ -156,16 +174,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_push(sub)
     _add_shards(sub)
     _add_tokenizer(sub)
+    _add_doctor(sub)
     _add_demo(sub)
     sub.add_parser("models", help="list the named model configs with their parameters per tower")
     return parser
 
 
+def train_overrides(config: str, data: str | None, eval_data: str | None, overrides: list[str]) -> list[str]:
+    """``--data`` / ``--eval-data`` as overrides of data.train / data.test, placed before the user's ``--set``
+    (which win); ``--eval-data`` with a config naming no eval suite also picks :data:`DEFAULT_EVAL_SUITE`."""
+    from mmcl.config import load_config
+
+    shortcuts = [f"data.train={json.dumps(data)}"] if data else []
+    if eval_data:
+        shortcuts.append(f"data.test={json.dumps(eval_data)}")
+        if not load_config(config).eval.suite:
+            shortcuts.append(f"eval.suite={DEFAULT_EVAL_SUITE}")
+    return shortcuts + list(overrides)
+
+
 def cmd_train(args) -> int:
     from mmcl.config import load_config
+    from mmcl.doctor import suite_reads_test
     from mmcl.train.loop import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, train_overrides(args.config, args.data, args.eval_data, args.overrides))
+    if suite_reads_test(cfg) and not cfg.data.test:
+        raise ConfigError(f"eval.suite: {cfg.eval.suite} evaluates data.test, which is empty (give --eval-data SPEC, "
+                          f"or --set eval.suite='')")
     summary = train(cfg, args.out, resume=args.resume)
     _print_results(summary)
     return 0
@@ -266,6 +302,19 @@ def cmd_tokenizer(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from mmcl.doctor import format_checks, run_doctor
+
+    if args.overrides and not args.config:
+        raise ConfigError("--set: needs --config")
+    checks = run_doctor(args.config, args.overrides)
+    print(format_checks(checks))
+    problems = [c.problem for c in checks if c.problem]
+    for problem in problems:
+        print(f"mmcl doctor: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def cmd_models(args) -> int:
     """Each named model config with its parameters per tower (built on the meta device: no memory, instant).
     A config whose files are missing (a tokenizer under data/) says so instead."""
@@ -306,7 +355,7 @@ def _print_results(results: dict) -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "push": cmd_push, "shards": cmd_shards, "models": cmd_models,
-            "demo": cmd_demo, "tokenizer": cmd_tokenizer}
+            "demo": cmd_demo, "tokenizer": cmd_tokenizer, "doctor": cmd_doctor}
 
 
 def main(argv: list[str] | None = None) -> int:

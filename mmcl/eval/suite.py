@@ -523,7 +523,7 @@ def run_suite(model, suite: SuiteConfig, test_spec: str = "", workers: int = 0,
                          unit="task"):
             spec, train_spec = specs[task.name]
             out = _run_task(model, task, encoded[spec], encoded.get(train_spec), spec, train_spec)
-            results.setdefault(task.type, {})[task.name] = out.metrics
+            results.setdefault(task.type, {})[task.name] = defined_metrics(out.metrics)
             outputs[task.name] = out
     finally:
         model.train(was_training)
@@ -540,6 +540,14 @@ def run_suite(model, suite: SuiteConfig, test_spec: str = "", workers: int = 0,
     return results
 
 
+def defined_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` without ``acc5`` where it is undefined (below 5 classes every class is in the top 5):
+    results and reports leave the key out rather than write NaN, which is not JSON."""
+    if metrics.get("n_classes", 5) < 5:
+        return {k: v for k, v in metrics.items() if k != "acc5"}
+    return metrics
+
+
 def flat_metrics(results: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
     """``{"eval/<task type>/<task>/<metric>": value}`` for every numeric metric (the training log's form)."""
     return {f"{prefix}/{kind}/{task}/{m}": float(v) for kind in TASK_TYPES
@@ -553,27 +561,32 @@ def flat_metrics(results: dict[str, Any], prefix: str = "eval") -> dict[str, flo
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.3f}"
+        return "—" if math.isnan(v) else f"{v:.3f}"
     return str(v)
 
 
+def _classification_row(name: str, m: dict[str, Any]) -> str:
+    """``| name | acc1 | chance | acc5 | mean per-class recall | n | classes`` (chance: 1 / classes; acc5 "—"
+    below 5 classes)."""
+    return (f"| {name} | {_fmt(m['acc1'])} | {_fmt(1.0 / m['n_classes'])} | {_fmt(m.get('acc5', math.nan))} "
+            f"| {_fmt(m['mean_per_class_recall'])} | {m['n']} | {m['n_classes']}")
+
+
 def results_table(results: dict[str, Any]) -> str:
-    """A markdown table of every task's metrics."""
+    """A markdown table of every task's metrics; classification tables give the chance level (1 / classes)
+    beside acc1 and "—" for acc5 below 5 classes."""
     sections = []
     zs = results.get("zeroshot_classification", {})
     if zs:
-        lines = ["| zero-shot task | acc1 | acc5 | mean per-class recall | n | classes |", "|---|---|---|---|---|---|"]
-        for name, m in zs.items():
-            lines.append(f"| {name} | {_fmt(m['acc1'])} | {_fmt(m['acc5'])} | {_fmt(m['mean_per_class_recall'])} "
-                         f"| {m['n']} | {m['n_classes']} |")
+        lines = ["| zero-shot task | acc1 | chance | acc5 | mean per-class recall | n | classes |",
+                 "|---|---|---|---|---|---|---|"]
+        lines += [f"{_classification_row(name, m)} |" for name, m in zs.items()]
         sections.append(lines)
     lp = results.get("linear_probe", {})
     if lp:
-        lines = ["| linear probe | acc1 | acc5 | mean per-class recall | n | classes | train | weight decay |",
-                 "|---|---|---|---|---|---|---|---|"]
-        for name, m in lp.items():
-            lines.append(f"| {name} | {_fmt(m['acc1'])} | {_fmt(m['acc5'])} | {_fmt(m['mean_per_class_recall'])} "
-                         f"| {m['n']} | {m['n_classes']} | {m['n_train']} | {m['weight_decay']:g} |")
+        lines = ["| linear probe | acc1 | chance | acc5 | mean per-class recall | n | classes | train | weight decay |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"{_classification_row(name, m)} | {m['n_train']} | {m['weight_decay']:g} |" for name, m in lp.items()]
         sections.append(lines)
     rt = results.get("retrieval", {})
     if rt:
