@@ -326,7 +326,7 @@ class Config:
 def resolve_config_path(path: str | Path, kind: str = "train") -> Path:
     """``path`` as given, or a named config under ``configs/<kind>/`` (``demo`` -> configs/train/demo.yaml)."""
     p = Path(path)
-    if p.exists():
+    if p.is_file():
         return p
     named = CONFIG_DIR / kind / (p.name if p.suffix else f"{p.name}.yaml")
     if named.exists():
