@@ -8,9 +8,9 @@ file written on the spot), never their metadata alone.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import io
-import logging
 import os
 import platform
 import shutil
@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import mmcl
-
-log = logging.getLogger(__name__)
 
 #: Fields of a model config that name a local file or directory (tokenizers, checkpoints, model folders).
 PATH_FIELDS = ("tokenizer", "path", "checkpoint")
@@ -172,20 +170,17 @@ def _decoder_checks() -> list[Check]:
     av_version = _version("av")
     pyav_ok = False
     if av_version:
-        import av
-
         pyav_ok, pyav = _try(pyav_video) if clip else (False, no_clip)
-        libav = ".".join(map(str, av.library_versions.get("libavcodec", ())))
+        libav = _try(lambda: ".".join(map(str, importlib.import_module("av").library_versions["libavcodec"])))[1]
         checks.append(Check("PyAV", f"{av_version} (libavcodec {libav}); video: {'decodes ' if pyav_ok else ''}{pyav}"))
     else:
         checks.append(Check("PyAV", "not installed"))
     sf_version = _version("soundfile")
     sf_ok = False
     if sf_version:
-        import soundfile
-
         sf_ok, sf = _try(soundfile_audio)
-        checks.append(Check("soundfile", f"{sf_version} (libsndfile {soundfile.__libsndfile_version__}); "
+        libsndfile = _try(lambda: importlib.import_module("soundfile").__libsndfile_version__)[1]
+        checks.append(Check("soundfile", f"{sf_version} (libsndfile {libsndfile}); "
                                          f"{audio_fmt}: {'decodes ' if sf_ok else ''}{sf}"))
     else:
         checks.append(Check("soundfile", "not installed"))
@@ -212,7 +207,6 @@ def _deepspeed_check() -> Check:
         return Check("DeepSpeed", "not installed (train.deepspeed configs cannot run)")
 
     def ops() -> str:
-        logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
         from deepspeed.accelerator import get_accelerator
         from deepspeed.env_report import probe_is_compatible
         from deepspeed.ops.op_builder.all_ops import ALL_OPS
