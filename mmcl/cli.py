@@ -1,4 +1,4 @@
-"""``mmcl train | eval | push | shards | models | demo``."""
+"""``mmcl train | eval | push | shards | tokenizer | doctor | models | demo``."""
 
 from __future__ import annotations
 
