@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from mmcl.config import CONFIG_DIR, ConfigError, ModelConfig, from_dict, named_model
+from mmcl.errors import HubError, MmclError
 
 
 def _add_train(sub) -> None:
@@ -172,7 +173,8 @@ def cmd_eval(args) -> int:
 
 def cmd_push(args) -> int:
     import yaml
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError
 
     from mmcl.hub import push_to_hub, read_eval_dir
 
@@ -186,10 +188,10 @@ def cmd_push(args) -> int:
     try:
         url = push_to_hub(model_dir, args.repo_id, private=args.private, records=records, train_config=config,
                           commit_message=args.message)
-    except (HfHubHTTPError, ConnectionError) as e:
+    except (HTTPError, ConnectionError) as e:  # HTTPError: the transport's (refused, timed out) and the Hub's answers
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"mmcl push: error: {args.repo_id}: {first}", file=sys.stderr)
-        return 1
+        where = "" if isinstance(e, HfHubHTTPError) else f"cannot reach {constants.ENDPOINT}: "
+        raise HubError(f"{args.repo_id}: {where}{first}") from None
     print(f"pushed {model_dir} to {args.repo_id}: {url}")
     return 0
 
@@ -293,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.cmd](args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"mmcl {args.cmd}: error: {e}", file=sys.stderr)
+    except (MmclError, FileNotFoundError) as e:
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        print(f"mmcl {args.cmd}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -34,16 +34,13 @@ from mmcl.eval.linear_probe import DEFAULT_WEIGHT_DECAYS, linear_probe
 from mmcl.eval.metrics import confusion_matrix, recall_curve
 from mmcl.eval.retrieval import retrieval
 from mmcl.eval.zeroshot import encode_texts, model_device, zeroshot_classification
+from mmcl.errors import DataError, EvalError
 
 log = logging.getLogger(__name__)
 
 TASK_TYPES = ("zeroshot_classification", "retrieval", "linear_probe")
 #: Longest K of the recall@K curve.
 CURVE_MAX_K = 50
-
-
-class EvalError(ConfigError):
-    """A suite cannot run on this model or data (one-line message naming the task)."""
 
 
 @dataclass
@@ -462,7 +459,7 @@ def _resolve_spec(spec: str, test_spec: str, task: TaskConfig, workers: int, pro
                 built[spec] = shards_from_manifest(spec, workers=workers, progress=progress)
             return built[spec][0]
         expand_shards(spec)  # a missing shard fails here, before anything is encoded
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         raise EvalError(f"task {task.name}: {e}") from None
     return spec
 
