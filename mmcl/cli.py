@@ -72,12 +72,15 @@ def _add_shards(sub) -> None:
     i.add_argument("shards", help="brace-expanded shard spec, e.g. data/shard-{000000..000009}.tar")
     i.add_argument("--samples", type=int, default=3, help="samples to show (default: 3)")
     i.add_argument("--json", action="store_true", help="print the full result as JSON")
-    v = ss.add_parser("validate", help="decode every sample with the training decoders; exit 1 if any is bad")
+    v = ss.add_parser("validate", help="read every sample as the training loader does; exit 1 if any is bad")
     v.add_argument("shards", help="brace-expanded shard spec")
     v.add_argument("--model", default="tiny", help="model config whose modalities decode (name or YAML; default: tiny)")
     v.add_argument("--tokenizer", help="sentencepiece model for the text modality (default: tokenizer.model "
                                        "beside the shards, else a throwaway one)")
     v.add_argument("--workers", type=int, default=0, help="processes, one shard each at a time (default: 0)")
+    v.add_argument("--on-missing", choices=["skip", "mask"], default="skip",
+                   help="a sample lacking a modality is bad (skip, as data.on_missing: skip) or good while it has "
+                        "one (mask) (default: skip)")
     v.add_argument("--json", action="store_true", help="print the full result as JSON")
 
 
@@ -216,7 +219,8 @@ def cmd_shards(args) -> int:
     elif args.shards_cmd == "validate":
         from data_tools.check import format_validation, validate_shards
 
-        result = validate_shards(args.shards, model=args.model, tokenizer=args.tokenizer, workers=args.workers)
+        result = validate_shards(args.shards, model=args.model, tokenizer=args.tokenizer, workers=args.workers,
+                                 on_missing=args.on_missing)
         print(json.dumps(result, indent=1) if args.json else format_validation(result))
         return 1 if result["bad"] else 0
     return 0

@@ -78,7 +78,8 @@ def dataset_size(urls: list[str]) -> int | None:
     return total
 
 
-#: ``report(reason, detail, key)``: where :func:`read_samples` sends a problem (``key`` None: the shard's).
+#: ``report(reason, detail, key)``: where :func:`read_samples` sends a problem of its shard (``key`` None:
+#: the shard's own; ``detail`` does not repeat the shard's URL).
 Report = Callable[[str, str, "str | None"], None]
 
 
@@ -99,7 +100,7 @@ def read_samples(url: str, report: Report, read: Callable[[str], bool] | None = 
     try:
         stream = wds.gopen(url)
     except Exception as e:  # whatever the opener raises (missing file, failed command, network)
-        report("unreadable_shard", f"{url}: {type(e).__name__}: {e}", None)
+        report("unreadable_shard", f"{type(e).__name__}: {e}", None)
         return
     current: dict[str, Any] | None = None
     seen: set[str] = set()
@@ -120,20 +121,34 @@ def read_samples(url: str, report: Report, read: Callable[[str], bool] | None = 
                 ext = ext.lower()
                 if ext in seen:
                     if not bad:
-                        report("duplicate_member", f"{ext} twice in {url}", key)
+                        report("duplicate_member", f"{ext} twice", key)
                     bad = True
                 seen.add(ext)
                 if not bad and (read is None or read(ext)):
                     current[ext] = tar.extractfile(member).read()
     except Exception as e:  # whatever breaks a tar stream (tarfile, a compressor, a pipe) ends the shard
         cut = f" (sample {current['__key__']} cut)" if current is not None and not bad else ""
-        report("corrupt_tar", f"{url}: {type(e).__name__}: {str(e)[:200]}{cut}", None)
+        report("corrupt_tar", f"{type(e).__name__}: {str(e)[:200]}{cut}", None)
         return
     finally:
         with contextlib.suppress(Exception):
             stream.close()
     if current is not None and not bad:
         yield current
+
+
+def parse_meta(raw: dict[str, Any]) -> dict[str, Any]:
+    """The ``json`` member of a raw sample as a dict (``{}`` without one); ``SampleError("bad_json")`` when it
+    is not a UTF-8 JSON object."""
+    if raw.get("json") is None:
+        return {}
+    try:
+        meta = json.loads(raw["json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SampleError("bad_json", str(e)) from None
+    if not isinstance(meta, dict):
+        raise SampleError("bad_json", f"not a JSON object: {type(meta).__name__}")
+    return meta
 
 
 class SampleDecoder:
@@ -146,7 +161,7 @@ class SampleDecoder:
         processors: ``{name: processor}`` (``find_member`` / ``decode`` / ``transform`` / ``empty``).
         on_missing: a sample lacking a modality is skipped (``skip``, counted ``missing_<name>``) or keeps it
             masked (``mask``; a sample with none is ``no_modality``).
-        with_meta: also parse the ``json`` member (``bad_json`` when it does not parse).
+        with_meta: also parse the ``json`` member (:func:`parse_meta`).
     """
 
     def __init__(self, processors: dict[str, Any], on_missing: Literal["skip", "mask"] = "skip",
@@ -176,10 +191,7 @@ class SampleDecoder:
         if not any(present.values()):
             raise SampleError("no_modality", "none of: " + ", ".join(self.processors))
         if self.with_meta:
-            try:
-                decoded["__meta__"] = json.loads(raw["json"]) if raw.get("json") is not None else {}
-            except (ValueError, UnicodeDecodeError) as e:
-                raise SampleError("bad_json", str(e)) from None
+            decoded["__meta__"] = parse_meta(raw)
         return decoded, present
 
     def transform(self, decoded: dict[str, Any], present: dict[str, bool], train: bool) -> dict[str, torch.Tensor]:
@@ -203,7 +215,7 @@ class SampleDecoder:
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
     """Run the per-sample data work on one intra-op thread, as DataLoader workers do: on tensors this
     small, thread hand-offs cost more than they save (10-40x slower on a busy 2-core machine). The
     caller's setting (the model's, between batches) is restored."""
@@ -292,7 +304,10 @@ class ShardStream(IterableDataset):
             rank, _, worker, _ = wds.utils.pytorch_worker_info()
             rng = random.Random(hash((self.seed, epoch, rank, worker)))
             urls = (rng.choice(urls) for _ in iter(int, 1))
-        return (sample for url in urls for sample in read_samples(url, self._skip))
+        return (sample for url in urls for sample in self._read(url))
+
+    def _read(self, url: str) -> Iterator[dict]:
+        return read_samples(url, lambda reason, detail, key: self._skip(reason, f"{url}: {detail}", key))
 
     def _decoded_samples(self, epoch: int) -> Iterator[tuple[str, dict, dict]]:
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
@@ -347,7 +362,7 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         batches = self._batches()
         while True:
-            with _one_thread():
+            with one_thread():
                 batch = next(batches, None)
             if batch is None:
                 return
