@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from mmcl import errors
+from mmcl.cli import main as mmcl_main
 from mmcl.config import Config, ConfigError, load_config, to_dict
+from mmcl.data.shards import DataError
+from mmcl.eval.suite import EvalError
+from mmcl.hub import HubError
+
+#: A saved model of the test fixtures (only read here).
+SAVED_MODEL = Path(__file__).resolve().parent / "fixtures" / "compat_v1" / "towers"
 
 
 def test_demo_config_loads_with_named_model():
@@ -67,3 +76,28 @@ def test_cli_missing_shards_is_one_line(tmp_path):
 def test_cli_models_lists_named_configs():
     r = run_cli("models")
     assert r.returncode == 0 and "tiny" in r.stdout
+
+
+def test_error_kinds_are_their_own_classes_under_one_base():
+    assert (ConfigError, DataError, EvalError, HubError) == (errors.ConfigError, errors.DataError, errors.EvalError,
+                                                             errors.HubError)
+    kinds = [ConfigError, DataError, EvalError, HubError]
+    for kind in kinds:
+        assert issubclass(kind, errors.MmclError)
+        assert not any(issubclass(kind, other) for other in kinds if other is not kind), kind
+    assert issubclass(ConfigError, ValueError)  # as before: code catching a bad value keeps catching it
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--config", "demo", "--out", "{tmp}/run", "--set", "objective.mode=star"],
+     "mmcl train: error: objective.mode: 'star' is not allowed (allowed: 'all_pairs', 'anchor')"),  # ConfigError
+    (["shards", "validate", "{tmp}/none-{{0..1}}.tar"], "mmcl shards: error: shard not found: {tmp}/none-0.tar"),
+    (["eval", "--suite", "synthetic", "--model", str(SAVED_MODEL), "--out", "{tmp}/eval"],
+     "mmcl eval: error: task video->direction: data is 'test' but no held-out shards were given"),  # EvalError
+    (["eval", "--suite", "synthetic", "--model", "{tmp}", "--out", "{tmp}/eval"],
+     "mmcl eval: error: {tmp}: not a model directory (no config.json)"),  # HubError
+])
+def test_cli_maps_each_error_kind_to_one_line(argv, message, tmp_path, capsys):
+    assert mmcl_main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message.format(tmp=tmp_path)) and "\n" not in err, err

@@ -80,7 +80,7 @@ def dataset_size(urls: list[str]) -> int | None:
 
 #: ``report(reason, detail, key)``: where :func:`read_samples` sends a problem of its shard (``key`` None:
 #: the shard's own; ``detail`` does not repeat the shard's URL).
-Report = Callable[[str, str, "str | None"], None]
+Report = Callable[[str, str, str | None], None]
 
 
 def read_samples(url: str, report: Report, read: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:
