@@ -24,31 +24,12 @@ from typing import Any, Literal
 import yaml
 
 from mmcl.config import CONFIG_DIR, ConfigError
-from mmcl.data.shards import SampleDecoder, expand_shards, one_thread, read_samples
+from mmcl.data.shards import SampleDecoder, declared_sizes, expand_shards, one_thread, read_samples
 
 #: Members by the modality they carry (as the training modalities read them).
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
 AUDIO_EXTS = ("flac", "wav", "mp3", "ogg", "m4a")
 TEXT_EXTS = ("txt", "text", "caption")
-
-
-def _declared_sizes(urls: list[str]) -> dict[str, int | None]:
-    """``{url: count in the sizes.json beside it}`` (None where there is none)."""
-    out: dict[str, int | None] = {}
-    cache: dict[Path, dict[str, int]] = {}
-    for url in urls:
-        p = Path(url)
-        if url.startswith("pipe:") or "://" in url:
-            out[url] = None
-            continue
-        sizes = p.parent / "sizes.json"
-        if sizes not in cache:
-            try:
-                cache[sizes] = json.loads(sizes.read_text()) if sizes.is_file() else {}
-            except ValueError:
-                cache[sizes] = {}
-        out[url] = cache[sizes].get(p.name)
-    return out
 
 
 def _has_audio_track(data: bytes) -> bool:
@@ -80,7 +61,7 @@ def inspect_shards(spec: str, n_samples: int = 3) -> dict[str, Any]:
     """Counts, member sizes, modality presence, durations, caption lengths, ``sizes.json`` agreement and the
     first ``n_samples`` samples of the shards of ``spec`` (media are not decoded)."""
     urls = expand_shards(spec)
-    declared = _declared_sizes(urls)
+    declared = declared_sizes(urls)
     members, member_bytes, modalities = Counter(), Counter(), Counter()
     durations: list[float] = []
     caption_chars: list[float] = []
@@ -288,7 +269,7 @@ def validate_shards(spec: str, model: str = "tiny", tokenizer: str | None = None
                 checks = list(pool.map(_validate_shard, urls, [specs] * len(urls), [on_missing] * len(urls)))
         else:
             checks = [_validate_shard(url, specs, on_missing) for url in urls]
-    declared = _declared_sizes(urls)
+    declared = declared_sizes(urls)
     bad = [b for c in checks for b in c.bad]
     seen: dict[str, str] = {}
     for c in checks:

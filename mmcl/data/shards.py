@@ -59,23 +59,31 @@ def expand_shards(spec: str) -> list[str]:
     return urls
 
 
-def dataset_size(urls: list[str]) -> int | None:
-    """Number of samples from ``sizes.json`` beside the shards (None when unknown)."""
-    total = 0
-    sizes_cache: dict[Path, dict] = {}
+def declared_sizes(urls: list[str]) -> dict[str, int | None]:
+    """``{url: number of samples the sizes.json beside it lists}`` (None where unknown: a remote shard, no
+    readable ``sizes.json``, or the shard not in it)."""
+    out: dict[str, int | None] = {}
+    cache: dict[Path, dict[str, int]] = {}
     for url in urls:
         if not _is_local(url):
-            return None
+            out[url] = None
+            continue
         p = Path(url)
-        sizes_file = p.parent / "sizes.json"
-        if sizes_file not in sizes_cache:
-            if not sizes_file.is_file():
-                return None
-            sizes_cache[sizes_file] = json.loads(sizes_file.read_text())
-        if p.name not in sizes_cache[sizes_file]:
-            return None
-        total += int(sizes_cache[sizes_file][p.name])
-    return total
+        sizes = p.parent / "sizes.json"
+        if sizes not in cache:
+            try:
+                cache[sizes] = json.loads(sizes.read_text()) if sizes.is_file() else {}
+            except ValueError:
+                cache[sizes] = {}
+        count = cache[sizes].get(p.name)
+        out[url] = int(count) if count is not None else None
+    return out
+
+
+def dataset_size(urls: list[str]) -> int | None:
+    """Number of samples from ``sizes.json`` beside the shards (None when unknown for any of them)."""
+    sizes = declared_sizes(urls).values()
+    return None if None in sizes else sum(sizes)
 
 
 #: ``report(reason, detail, key)``: where :func:`read_samples` sends a problem of its shard (``key`` None:
