@@ -34,7 +34,8 @@ from mmcl.config import Config, load_config
 from mmcl.data.shards import build_loader
 from mmcl.data.synthetic import synth
 from mmcl.model import MultimodalModel
-from mmcl.train.loop import lr_lambda, seed_everything, train
+from mmcl.train.loop import seed_everything, train
+from mmcl.train.optim import apply_tower_controls, build_optimizer, build_scheduler
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny.yaml"
 
@@ -73,11 +74,8 @@ def hand_loop(cfg: Config) -> tuple[list[float], float]:
     model = MultimodalModel(cfg.model, cfg.objective).to(device)
     loader = build_loader(cfg.data.train, model.modalities, cfg.data.batch_size, train=True, workers=0,
                           shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed, cache=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                  eps=cfg.train.eps, weight_decay=cfg.train.weight_decay)
-    steps_per_epoch = -(-loader.size // cfg.data.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.epochs * steps_per_epoch, cfg.train.schedule))
+    optimizer = build_optimizer(model, cfg, apply_tower_controls(model, cfg.train.towers))
+    scheduler = build_scheduler(optimizer, cfg, cfg.train.epochs * -(-loader.size // cfg.data.batch_size))
     model.train()
     times, total = [], 0
     for epoch in range(cfg.train.epochs):
@@ -86,7 +84,7 @@ def hand_loop(cfg: Config) -> tuple[list[float], float]:
         for batch in loader:
             inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
             present = {k: v.to(device) for k, v in batch["present"].items()}
-            loss = model(inputs, present)
+            loss = model.objective(model(inputs), present)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
             optimizer.step()

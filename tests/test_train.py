@@ -27,14 +27,9 @@ from mmcl.train.checkpoint import (
     resolve_resume,
     write_state,
 )
-from mmcl.train.loop import (
-    apply_tower_controls,
-    deepspeed_config,
-    param_groups,
-    parameter_report,
-    seed_everything,
-    train,
-)
+from mmcl.train.loop import seed_everything, train
+from mmcl.train.optim import apply_tower_controls, param_groups, parameter_report
+from mmcl.train.zero import deepspeed_config
 
 STEPS = 4
 BATCH = 8
