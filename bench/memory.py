@@ -4,8 +4,9 @@ one rank against several.
     python bench/memory.py [--stages 1 2 3] [--ranks 2] [--width 512] [--data DIR] [--set KEY=VALUE ...]
 
 Every (stage, ranks) pair is a real ``torchrun`` launch of this file (gloo on CPU) that builds the model and
-the DeepSpeed engine as the training loop does (``make_accelerator``, ``configs/deepspeed/zero<stage>.json``,
-``accelerator.prepare``) and trains two steps of two accumulated micro-batches (the loop's DeepSpeed step).
+the DeepSpeed engine with the training loop's functions (``make_engine`` on
+``configs/deepspeed/zero<stage>.json``, ``build_optimizer``, ``engine.prepare``) and trains two steps of two
+accumulated micro-batches (``engine.backward`` of each, then ``engine.step()``).
 After every backward of the second step (optimizer state alive, gradients accumulating: within the
 accumulation ZeRO-1 still holds whole gradients, ZeRO-2/3 their partitions) it adds up the bytes of every
 distinct tensor storage alive in the process; the peak counts. What was alive before the model was built

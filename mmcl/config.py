@@ -5,7 +5,9 @@ included) and raises :class:`ConfigError` with one line naming the dotted field 
 typed as a union of dataclasses that each declare their tag field as a ``Literal`` is a tagged union: the
 mapping's tag picks the dataclass (the union's first when left out). The tag field is ``type`` (e.g. a
 modality's ``tower: {type: timm}``) unless the members name another in ``TAG_FIELD`` (the objective's
-``name``).
+``name``). Members that set ``SWITCH_KEEPS_OPTIONS`` ignore the fields of the union's other members, so
+that one override of the tag (``--set objective.name=gram``) switches a recipe's member and keeps the
+options the two share; a field no member has is still an error.
 YAML files are loaded with :func:`load_config`; ``--set a.b=value`` overrides are applied with
 :func:`apply_overrides` before validation, so a mistyped override fails exactly like a mistyped file.
 """
@@ -51,7 +53,7 @@ def _type_name(tp: Any) -> str:
 TAG = "type"
 
 
-def tag_field(cls: type) -> str:
+def _tag_field(cls: type) -> str:
     return getattr(cls, "TAG_FIELD", TAG)
 
 
@@ -63,11 +65,11 @@ def _tagged_choices(args: tuple[Any, ...]) -> tuple[str, dict[str, type]] | None
     members = [a for a in args if a is not type(None)]
     if not members or not all(dataclasses.is_dataclass(a) for a in members):
         return None
-    name = tag_field(members[0])
+    name = _tag_field(members[0])
     for a in members:
         tag = typing.get_type_hints(a).get(name)
         values = typing.get_args(tag) if typing.get_origin(tag) is Literal else ()
-        if tag_field(a) != name or not values or any(v in choices for v in values):
+        if _tag_field(a) != name or not values or any(v in choices for v in values):
             return None
         choices.update(dict.fromkeys(values, a))
     return name, choices
@@ -174,9 +176,10 @@ def from_dict(cls: Any, data: dict | None, where: str = "") -> Any:
 
 
 def to_dict(obj: Any) -> Any:
-    """Plain-data view of a config (dataclasses -> dicts), suitable for YAML/JSON."""
+    """Plain-data view of a config (dataclasses -> dicts, a tagged union's tag first), suitable for YAML/JSON."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        names = sorted((f.name for f in dataclasses.fields(obj)), key=lambda n: n != getattr(obj, "TAG_FIELD", None))
+        return {n: to_dict(getattr(obj, n)) for n in names}
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -31,7 +31,7 @@ from torch.autograd.function import once_differentiable
 
 from mmcl.config import SymileConfig
 from mmcl.objectives import gather
-from mmcl.objectives.base import (Batch, Objective, ce_rows, check_embeddings, check_present, check_score_inputs,
+from mmcl.objectives.base import (Batch, Objective, check_embeddings, check_present, check_score_inputs,
                                   check_shapes, common_options, local_form, mean_terms, mean_valid,
                                   register_objective)
 from mmcl.objectives.pairwise import clip_rows
