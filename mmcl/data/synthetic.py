@@ -117,7 +117,13 @@ UNK_ID = 1
 
 _SHARD_DIGITS = 6
 _HIGHEST_PARTIAL_HZ = 7000.0
-_X264_OPTIONS = {"crf": "20", "preset": "veryfast"}
+# asm=0: x264's C code only. Its AVX-512 macroblock-tree step (mbtree_propagate_list_internal_avx512) adds
+# 8 macroblocks per iteration into the reference costs with no mask for the lanes past the row, so at widths
+# that are not a multiple of 128 px (8 macroblocks; ours is 64) it folds in whatever memory follows the row, and
+# the same frames gave different bytes from call to call. Its other SIMD paths are deterministic but not
+# bit-exact with each other (SSE4.2 and up choose differently from C), so the bytes would also follow the CPU.
+# The C path has no run-time CPU dispatch: the same frames give the same bytes on every x86-64 CPU.
+_X264_OPTIONS = {"crf": "20", "preset": "veryfast", "x264-params": "asm=0"}
 
 _GRID_Y, _GRID_X = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
 _TIME = np.arange(N_SAMPLES, dtype=np.float32) / np.float32(SAMPLE_RATE)
@@ -411,7 +417,8 @@ def generate_sample(seed: int, world: str = "simple", xor_p: float = 1.0) -> dic
 def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
     """Encode uint8 RGB frames ``[T, H, W, 3]`` (H, W even) as H.264 yuv420p in an mp4, in memory.
 
-    Single-threaded libx264 (``crf 20``, ``preset veryfast``): the same frames give the same bytes.
+    Single-threaded libx264 (``crf 20``, ``preset veryfast``) without its SIMD code: the same frames give the
+    same bytes, in any process and on any x86-64 CPU.
     """
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
