@@ -133,10 +133,6 @@ _FADE = np.minimum(1.0, np.minimum(_TIME, _TIME[::-1]) / 0.01).astype(np.float32
 # Video
 
 
-# Signed distance (px, negative inside) of each shape with half-size ``r``, from the offsets ``dx``, ``dy``
-# of pixels to the shape's centre (y grows downwards; any shapes that broadcast, e.g. [T, 1, W] and [T, H, 1]).
-
-
 def _circle(dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     return np.sqrt(dx * dx + dy * dy) - r
 
@@ -157,6 +153,8 @@ def _cross(dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     return np.minimum(np.maximum(ax - r, ay - w), np.maximum(ax - w, ay - r))
 
 
+#: Signed distance (px, negative inside) of each shape with half-size ``r``, from the offsets ``dx``, ``dy``
+#: of pixels to the shape's centre (y grows downwards; any shapes that broadcast, e.g. [T, 1, W] and [T, H, 1]).
 _SIGNED_DISTANCE: dict[str, Callable[[np.ndarray, np.ndarray, float], np.ndarray]] = {
     "circle": _circle,
     "square": _square,
@@ -382,14 +380,14 @@ _WORLD_MAKERS: dict[str, Callable[[np.random.Generator, WorldParams], dict[str, 
 }
 
 
-def _check_world(world: str, params: WorldParams = WorldParams()) -> None:
+def _check_world(world: str, params: WorldParams) -> None:
     if world not in _WORLD_MAKERS:
         raise ValueError(f"unknown world {world!r} (known: {', '.join(WORLDS)})")
     if not 0.0 <= params.xor_p <= 1.0:
         raise ValueError(f"xor_p must be in [0, 1], got {params.xor_p}")
 
 
-def _check_split_args(world: str, counts: dict[str, int], per_shard: int, params: WorldParams = WorldParams()) -> None:
+def _check_split_args(world: str, counts: dict[str, int], per_shard: int, params: WorldParams) -> None:
     """Reject an unknown world, bad world parameters or a split with no sample before anything is written."""
     _check_world(world, params)
     for name, value in {**counts, "per_shard": per_shard}.items():
@@ -504,8 +502,7 @@ def _generate(jobs: list[tuple[str, int, str, WorldParams]], workers: int) -> It
 
 
 def _write_split(
-    out_dir: Path, split: str, n: int, seed: int, world: str, per_shard: int, workers: int,
-    params: WorldParams = WorldParams(),
+    out_dir: Path, split: str, n: int, seed: int, world: str, per_shard: int, workers: int, params: WorldParams
 ) -> tuple[list[Path], list[str]]:
     """Write the shards of one split; return their paths and the captions in sample order (none for a
     world without captions)."""
