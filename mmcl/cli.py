@@ -8,8 +8,9 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from mmcl.config import CONFIG_DIR, ConfigError, ModelConfig, from_dict, named_model
+from mmcl.config import CONFIG_DIR, ConfigError, ModelConfig, apply_overrides, from_dict, named_model, parse_override
 from mmcl.errors import HubError, MmclError
 
 
@@ -136,6 +137,16 @@ def _add_demo(sub) -> None:
                    help="override a field of configs/train/demo.yaml")
 
 
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the named model configs with their parameters per tower",
+                       description="Build every named model config (configs/models) on the meta device and print "
+                                   "its parameters per tower. A config that does not build is one line on stderr "
+                                   "and the exit status is 1.")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="override a field in every named config that has the field's parent, e.g. --set "
+                        "model.modalities.text.tokenizer=data/mine/tokenizer.model (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmcl", description="audio-visual-text contrastive pretraining")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -147,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_push(sub)
     _add_shards(sub)
     _add_demo(sub)
-    sub.add_parser("models", help="list the named model configs with their parameters per tower")
+    _add_models(sub)
     return parser
 
 
@@ -249,23 +260,50 @@ def _shards_build(args) -> int:
     return 0
 
 
+def named_model_specs(overrides: list[str]) -> dict[str, dict]:
+    """``{name: model block}`` of every named config (configs/models), each ``model.KEY=VALUE`` override
+    applied to the configs that have the key's parent (``model.modalities.text.tokenizer=F`` reaches the
+    configs with a text modality, ``model.embed_dim=64`` all of them)."""
+    specs = {f.stem: named_model(f.stem) for f in sorted((CONFIG_DIR / "models").glob("*.yaml"))}
+    for text in overrides:
+        keys, _ = parse_override(text)
+        if keys[0] != "model" or len(keys) < 2:
+            raise ConfigError(f"override {text!r}: mmcl models takes model fields (model.KEY=VALUE)")
+        reached = []
+        for name, spec in specs.items():
+            node: Any = spec
+            for key in keys[1:-1]:
+                node = node.get(key) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                specs[name] = apply_overrides(spec, [text[len("model."):]])
+                reached.append(name)
+        if not reached:
+            raise ConfigError(f"override {text!r}: no named config has {'.'.join(keys[:-1])}")
+    return specs
+
+
 def cmd_models(args) -> int:
     """Each named model config with its parameters per tower (built on the meta device: no memory, instant).
-    A config whose files are missing (a tokenizer under data/) says so instead."""
+    A config that does not build (e.g. a tokenizer file under data/ not written yet) is one line on stderr,
+    and the exit status is then 1."""
     from mmcl.model import MultimodalModel
 
+    specs = named_model_specs(args.overrides)
     print("named model configs (configs/models), parameters per tower (towers: the modalities', or with a shared "
           "trunk their tokenisers and trunk)")
-    for f in sorted((CONFIG_DIR / "models").glob("*.yaml")):
+    failed = 0
+    for name, spec in specs.items():
         try:
-            model = MultimodalModel(from_dict(ModelConfig, named_model(f.stem), "model"), device="meta")
-        except ConfigError as e:
-            print(f"{f.stem:<12} not built here: {e}")
+            model = MultimodalModel(from_dict(ModelConfig, spec, "model"), device="meta")
+        except Exception as e:  # whatever stops a config from building is reported on its line
+            reason = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+            print(f"mmcl models: {name}: does not build: {reason}", file=sys.stderr)
+            failed += 1
             continue
         counts = model.parameter_counts()
-        parts = "  ".join(f"{name} {n:,}" for name, n in counts.items() if name not in ("objective", "total"))
-        print(f"{f.stem:<12} {counts['total'] / 1e6:8.2f}M  embed_dim {model.model_cfg.embed_dim:<4}  {parts}")
-    return 0
+        parts = "  ".join(f"{part} {n:,}" for part, n in counts.items() if part not in ("objective", "total"))
+        print(f"{name:<12} {counts['total'] / 1e6:8.2f}M  embed_dim {model.model_cfg.embed_dim:<4}  {parts}")
+    return 1 if failed else 0
 
 
 def cmd_demo(args) -> int:

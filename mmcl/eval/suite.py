@@ -399,13 +399,6 @@ def _retrieval(model, task: TaskConfig, data: dict[str, Any], spec: str) -> Task
     return TaskOutput(metrics, curve=recall_curve(scores, positives, min(scores.shape[1], CURVE_MAX_K)))
 
 
-def run_task(model, task: TaskConfig, data: dict[str, Any], train: dict[str, Any] | None = None,
-             spec: str = "", train_spec: str = "") -> dict[str, float]:
-    """One task on an encoded dataset (and, for a linear probe, the encoded training split) -> its
-    metrics."""
-    return _run_task(model, task, data, train, spec, train_spec).metrics
-
-
 def dataset_name(task: TaskConfig, spec: str) -> str:
     """The task's ``dataset``, else the file names of its data without their folders (reports and model
     cards name a dataset; they do not publish local paths)."""
@@ -416,9 +409,9 @@ def dataset_name(task: TaskConfig, spec: str) -> str:
     return "::".join(Path(part).name for part in spec.split("::"))
 
 
-def _run_task(model, task: TaskConfig, data: dict[str, Any], train: dict[str, Any] | None = None,
-              spec: str = "", train_spec: str = "") -> TaskOutput:
-    spec = spec or task.data
+def _run_task(model, task: TaskConfig, data: dict[str, Any], train: dict[str, Any] | None, spec: str,
+              train_spec: str) -> TaskOutput:
+    """One task on its encoded dataset (and, for a linear probe, its encoded training split)."""
     if task.type == "retrieval":
         out = _retrieval(model, task, data, spec)
         out.dataset = dataset_name(task, spec)
@@ -430,7 +423,6 @@ def _run_task(model, task: TaskConfig, data: dict[str, Any], train: dict[str, An
     else:
         if train is None:
             raise EvalError(f"task {task.name}: a linear probe needs its encoded training split")
-        train_spec = train_spec or task.train_data
         train_idx = _kept(task, train, task.query, train_spec)
         classnames = _classnames(task, _labels(task, [(train["keys"][i], train["meta"][i])
                                                       for i in train_idx.tolist()], train_spec))
