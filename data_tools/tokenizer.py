@@ -1,7 +1,7 @@
 """``mmcl tokenizer``: a sentencepiece tokenizer trained on the captions (``txt`` members) of shards.
 
-The captions are streamed shard by shard through the shard reader of ``mmcl shards inspect``; only the
-caption text is kept (sentencepiece needs it in memory; ``max_sentences`` bounds it on large corpora).
+The captions are streamed shard by shard through the loader's tar reader (:func:`mmcl.data.shards.read_samples`,
+media members skipped over unread); only the caption text is kept (sentencepiece needs it in memory; ``max_sentences`` bounds it on large corpora).
 The model has the ids the text modality expects: ``<pad>`` = 0, ``<unk>`` = 1, no bos / eos.
 """
 
@@ -15,9 +15,10 @@ from typing import Any, Literal
 import sentencepiece as spm
 from tqdm import tqdm
 
-from data_tools.check import TEXT_EXTS, ShardError, shard_samples
-from mmcl.data.shards import DataError, dataset_size, expand_shards
+from data_tools.check import TEXT_EXTS
+from mmcl.data.shards import dataset_size, expand_shards, read_samples
 from mmcl.data.synthetic import UNK_ID, train_tokenizer
+from mmcl.errors import DataError
 
 #: Caption characters kept when training: the rarest 0.05 % map to ``<unk>`` (sentencepiece's default for
 #: large alphabets such as CJK; with a Latin alphabet every character stays).
@@ -42,20 +43,24 @@ class _Captions:
                    disable=not self.progress)
         try:
             for url in self.urls:
-                try:
-                    for sample in shard_samples(url):
-                        self.samples += 1
-                        bar.update(1)
-                        text = self._caption(sample)
-                        if text:
-                            self.captions += 1
-                            self.chars.update(text)
-                            bar.set_postfix(captions=self.captions, refresh=False)
-                            yield text
-                except ShardError as e:
-                    raise DataError(f"{url}: {e}") from None
+                for sample in read_samples(url, lambda *problem, url=url: self._report(url, *problem),
+                                           read=lambda ext: ext in TEXT_EXTS):
+                    self.samples += 1
+                    bar.update(1)
+                    text = self._caption(sample)
+                    if text:
+                        self.captions += 1
+                        self.chars.update(text)
+                        bar.set_postfix(captions=self.captions, refresh=False)
+                        yield text
         finally:
             bar.close()
+
+    def _report(self, url: str, reason: str, detail: str, key: str | None) -> None:
+        """A shard that cannot be read to its end stops the command; a sample the reader drops (a member
+        twice) is only left out."""
+        if key is None:
+            raise DataError(f"{url}: {reason}: {detail}")
 
     def _caption(self, sample: dict[str, Any]) -> str:
         raw = next((sample[ext] for ext in TEXT_EXTS if ext in sample), None)

@@ -255,12 +255,13 @@ def suite_reads_test(cfg: Any) -> bool:
 def config_checks(config: str, overrides: list[str] | None = None) -> list[Check]:
     """A training config: it loads, the files its model names exist (relative to the working directory,
     as a run reads them), its shards resolve, its eval suite and DeepSpeed file are there."""
-    from mmcl.config import ConfigError, load_config, to_dict
+    from mmcl.config import load_config, to_dict
     from mmcl.data.shards import dataset_size, expand_shards
+    from mmcl.errors import MmclError
 
     try:
         cfg = load_config(config, overrides)
-    except ConfigError as e:
+    except MmclError as e:
         return [Check("config", config, f"config {config}: {e}")]
     checks = [Check("config", f"{config} loads ({len(cfg.model.modalities)} modalities: "
                               f"{', '.join(cfg.model.modalities)}; objective {cfg.objective.name})")]
@@ -273,7 +274,7 @@ def config_checks(config: str, overrides: list[str] | None = None) -> list[Check
             continue
         try:
             urls = expand_shards(spec)
-        except ConfigError as e:
+        except MmclError as e:
             checks.append(Check(field, spec, f"{field}: {e}"))
             continue
         size = dataset_size(urls)
@@ -287,7 +288,7 @@ def config_checks(config: str, overrides: list[str] | None = None) -> list[Check
                 checks.append(Check("eval.suite", "no held-out data",
                                     f"eval.suite: {cfg.eval.suite} evaluates data.test, which is empty "
                                     f"(mmcl train --eval-data SPEC, or --set eval.suite='')"))
-        except ConfigError as e:
+        except MmclError as e:
             checks.append(Check("eval.suite", cfg.eval.suite, f"eval.suite: {e}"))
     if cfg.train.deepspeed:
         p = Path(cfg.train.deepspeed)

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from mmcl.config import ConfigError
+from mmcl.errors import HubError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -32,10 +32,6 @@ _TASKS = {
     "retrieval": ("retrieval", "Retrieval"),
     "linear_probe": ("linear-probe-classification", "Linear probe"),
 }
-
-
-class HubError(ConfigError):
-    """A model directory or Hub repo cannot be loaded or published (one-line message)."""
 
 
 # ----------------------------------------------------------------------------------------------------

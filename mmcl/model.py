@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmcl.config import ConfigError, ModelConfig, ObjectiveConfig, from_dict, to_dict
+from mmcl.config import (FORMAT_VERSION, ClipConfig, ConfigError, ModelConfig, ObjectiveConfig, from_dict, to_dict,
+                         upgrade_config)
 from mmcl.modalities import Modality, build_modality
 from mmcl.modalities.pretrained import architecture_only
 from mmcl.objectives import build_objective
@@ -21,7 +22,6 @@ from mmcl.shared import build_shared_towers, encode_shared
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
 
 
 #: Weight files left out when a modality's directory (an HF model's config and processor) is copied into a
@@ -31,8 +31,9 @@ class MultimodalModel(nn.Module):
     (``model.shared_trunk``, :mod:`mmcl.shared`), each modality followed by a linear projection to
     ``embed_dim``. ``towers`` holds what ``train.towers`` controls: the towers, or the tokenisers and ``trunk``.
 
-    ``encode`` returns L2-normalised ``[N, embed_dim]`` embeddings per modality; ``forward`` returns the
-    objective's scalar loss for a batch.
+    ``encode`` returns L2-normalised ``[N, embed_dim]`` embeddings per modality, and so does ``forward``
+    (the training step runs it through the distributed wrapper); the trainer computes the loss with
+    ``model.objective(emb, present)``.
     """
 
     def __init__(self, model_cfg: ModelConfig, objective_cfg: ObjectiveConfig | None = None,
@@ -41,7 +42,7 @@ class MultimodalModel(nn.Module):
         :meth:`parameter_counts` of a config is taken); the modalities' data side is built on the CPU."""
         super().__init__()
         self.model_cfg = model_cfg
-        self.objective_cfg = objective_cfg or ObjectiveConfig()
+        self.objective_cfg = objective_cfg or ClipConfig()
         self.modalities: dict[str, Modality] = {
             name: build_modality(name, spec, base_dir) for name, spec in model_cfg.modalities.items()
         }
@@ -83,12 +84,9 @@ class MultimodalModel(nn.Module):
             out[name] = F.normalize(z, dim=-1) if normalize else z
         return out
 
-    def forward(self, inputs: dict[str, torch.Tensor], present: dict[str, torch.Tensor] | None = None,
-                embeddings_only: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
-        """One batch -> scalar loss (or, with ``embeddings_only``, the normalised embeddings: the training
-        loop's gradient accumulation encodes micro-batches through the distributed wrapper this way)."""
-        emb = self.encode(inputs)
-        return emb if embeddings_only else self.objective(emb, present)
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One batch ``{modality: input}`` -> L2-normalised embeddings ``{modality: [N, embed_dim]}``."""
+        return self.encode(inputs)
 
     # -- persistence -------------------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
@@ -158,6 +156,6 @@ class MultimodalModel(nn.Module):
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path} (mmcl loads safetensors weights only)")
         check_weights(weights)
         with architecture_only():  # every weight comes from the safetensors: no pretrained checkpoint is read
-            model = cls.from_config_dict(json.loads(config_file.read_text()), base_dir=path)
+            model = cls.from_config_dict(upgrade_config(json.loads(config_file.read_text())), base_dir=path)
         model.load_state_dict(load_file(str(weights), device=map_location))
         return model

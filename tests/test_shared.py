@@ -19,13 +19,14 @@ from test_distributed import Runs, check_like_one_process, tiny_config
 from test_named_models import vit_block
 from test_vector import ONE_HOT_DIM, four_modal_data, one_hot  # noqa: F401  (four_modal_data: a fixture)
 
-from mmcl.config import Config, ConfigError, ModelConfig, ObjectiveConfig, from_dict, load_config
+from mmcl.config import ClipConfig, Config, ConfigError, ModelConfig, from_dict, load_config
 from mmcl.model import MultimodalModel
 from mmcl.modalities import Modality
 from mmcl.modalities.audio import Audio, AudioConfig
 from mmcl.modalities.video import Video, VideoConfig
 from mmcl.shared import TRUNK, build_shared_towers, encode_shared
-from mmcl.train.loop import apply_tower_controls, param_groups, parameter_report, seed_everything, train
+from mmcl.train.loop import seed_everything, train
+from mmcl.train.optim import apply_tower_controls, param_groups, parameter_report
 
 WIDTH = 32
 
@@ -41,7 +42,7 @@ def shared_spec(data: Path, **trunk: Any) -> dict[str, Any]:
 
 def build(spec: dict[str, Any]) -> MultimodalModel:
     torch.manual_seed(0)
-    return MultimodalModel(from_dict(ModelConfig, spec, "model"), ObjectiveConfig())
+    return MultimodalModel(from_dict(ModelConfig, spec, "model"), ClipConfig())
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,7 @@ def test_grad_checkpointing_of_the_trunk_changes_nothing(synthetic_data: Path):
 
     def grads() -> dict[str, torch.Tensor]:
         model.zero_grad()
-        model(x).backward()
+        model.objective(model(x)).backward()
         return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
     plain = grads()
