@@ -113,7 +113,7 @@ def main() -> None:
         model = MultimodalModel(cfg.model, cfg.objective)
         n_params = sum(p.numel() for p in model.parameters())
         accelerator = make_accelerator(cfg, model)
-        stream = build_loader(train_spec, model.modalities, args.batch, train=True, resample=True, shuffle_buffer=0)
+        stream = build_loader(train_spec, model.processors, args.batch, train=True, resample=True, shuffle_buffer=0)
         group = to_device([next(iter(stream))], accelerator.device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg, {}), lr=cfg.train.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.steps,

@@ -65,7 +65,7 @@ def hand_loop(cfg: Config) -> list[float]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seed_everything(cfg.train.seed)
     model = MultimodalModel(cfg.model, cfg.objective).to(device)
-    loader = build_loader(cfg.data.train, model.modalities, cfg.data.batch_size, train=True, workers=0,
+    loader = build_loader(cfg.data.train, model.processors, cfg.data.batch_size, train=True, workers=0,
                           shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed, cache=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                                   eps=cfg.train.eps, weight_decay=cfg.train.weight_decay)

@@ -264,10 +264,10 @@ def _modalities(specs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The training modalities of ``specs``, built once per process."""
     key = json.dumps(specs, sort_keys=True)
     if key not in _MODALITIES:
-        from mmcl.modalities import build_modality
+        from mmcl.modalities import build_processor
 
         _MODALITIES.clear()
-        _MODALITIES[key] = {name: build_modality(name, spec) for name, spec in specs.items()}
+        _MODALITIES[key] = {name: build_processor(name, spec) for name, spec in specs.items()}
     return _MODALITIES[key]
 
 

@@ -2,7 +2,7 @@
 
 ``webdataset`` does the reading (shard lists, ``pipe:`` URLs, tar members, the shuffle buffer); this
 module adds what it does not: grouping members into samples that never lets a partial or duplicated
-sample through, decoding through the registered modalities with every bad sample skipped
+sample through, decoding through the modalities' processors with every bad sample skipped
 and *counted by reason* (counts travel with the batches out of the loader workers, so none is lost),
 deterministic per-epoch shard order (same on every rank), splitting by rank and worker with a clear
 error when there are too few shards, and an optional RAM cache of decoded samples for small datasets.
@@ -29,7 +29,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from mmcl.config import ConfigError
-from mmcl.modalities.base import MissingModality, Modality, SampleError
+from mmcl.modalities.base import MissingModality, Processor, SampleError
 
 log = logging.getLogger(__name__)
 
@@ -111,20 +111,20 @@ class ShardStream(IterableDataset):
 
     Args:
         urls: expanded shard list (see :func:`expand_shards`).
-        modalities: ``{name: Modality}`` to decode; a sample must provide each (or, with
-            ``on_missing="mask"``, at least one) of them.
+        processors: ``{modality: Processor}`` to decode with (e.g. ``model.processors``); a sample must
+            provide each (or, with ``on_missing="mask"``, at least one) of them.
         batch_size: samples per batch; the last batch of a worker may be smaller.
         train: shuffle shards and samples and allow augmentation.
         split_by_node: give each rank its own shards (training); off for eval on one rank.
     """
 
-    def __init__(self, urls: list[str], modalities: dict[str, Modality], batch_size: int, *,
+    def __init__(self, urls: list[str], processors: dict[str, Processor], batch_size: int, *,
                  train: bool = True, shuffle_buffer: int = 1000, shard_shuffle: bool = True,
                  resample: bool = False, seed: int = 0, on_missing: str = "skip", cache: bool = False,
                  split_by_node: bool = True, with_meta: bool = False):
         super().__init__()
         self.urls = list(urls)
-        self.modalities = modalities
+        self.processors = processors
         self.batch_size = batch_size
         self.train = train
         self.shuffle_buffer = shuffle_buffer if train else 0
@@ -216,7 +216,7 @@ class ShardStream(IterableDataset):
     def _decode(self, raw: dict) -> tuple[dict, dict] | None:
         key = raw.get("__key__", "?")
         decoded, present = {}, {}
-        for name, mod in self.modalities.items():
+        for name, mod in self.processors.items():
             try:
                 decoded[name] = mod.decode(raw)
                 present[name] = True
@@ -270,7 +270,7 @@ class ShardStream(IterableDataset):
         batch: dict[str, Any] = {"keys": [k for k, _, _ in items], "inputs": {}, "present": {}}
         if self.with_meta:
             batch["meta"] = [d["__meta__"] for _, d, _ in items]
-        for name, mod in self.modalities.items():
+        for name, mod in self.processors.items():
             tensors = [mod.transform(d[name], self.train) if p[name] else mod.empty() for _, d, p in items]
             batch["inputs"][name] = mod.collate(tensors)
             batch["present"][name] = torch.tensor([p[name] for _, _, p in items], dtype=torch.bool)
@@ -340,11 +340,11 @@ def check_shard_split(urls: list[str], world: int, workers: int, resample: bool)
                         f"or set data.resample=true)")
 
 
-def build_loader(spec: str, modalities: dict[str, Modality], batch_size: int, *, train: bool, workers: int = 0,
+def build_loader(spec: str, processors: dict[str, Processor], batch_size: int, *, train: bool, workers: int = 0,
                  world: int = 1, **kwargs: Any) -> Loader:
     """Expand ``spec``, check it can be split over ``world`` ranks x ``workers``, and build the loader."""
     urls = expand_shards(spec)
     if train:
         check_shard_split(urls, world, workers, kwargs.get("resample", False))
-    stream = ShardStream(urls, modalities, batch_size, train=train, split_by_node=train, **kwargs)
+    stream = ShardStream(urls, processors, batch_size, train=train, split_by_node=train, **kwargs)
     return Loader(stream, workers)
