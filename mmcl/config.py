@@ -3,7 +3,8 @@
 Configs are plain dataclasses. ``from_dict`` checks every field against its type (``Literal`` choices
 included) and raises :class:`ConfigError` with one line naming the dotted field and what is allowed. A field
 typed as a union of dataclasses that each declare ``type: Literal[...]`` is a tagged union: the
-mapping's ``type`` picks the dataclass (the union's first when left out), e.g. a modality's ``tower``.
+mapping's ``type`` picks the dataclass (the union's first when left out); a modality's ``tower`` is picked
+the same way from the tower registry (``mmcl.modalities.base``).
 YAML files are loaded with :func:`load_config`; ``--set a.b=value`` overrides are applied with
 :func:`apply_overrides` before validation, so a mistyped override fails exactly like a mistyped file.
 """

@@ -1,5 +1,5 @@
-"""The shared transformer trunk (mmcl/shared.py): its tokenisers reproduce the separate towers' embeddings,
-masking equals encoding the unpadded sequence with timm's blocks directly, gradient checkpointing changes
+"""The shared transformer trunk (mmcl/shared.py), one trunk behind the token embedders the separate towers are
+made of: masking equals encoding the unpadded sequence with timm's blocks directly, gradient checkpointing changes
 nothing, save/load round-trips, bad configs fail in one line, the demo recipe and a 4-modality world train
 with it under ``train.towers`` controls (a locked tokeniser, a locked trunk but its last block), and (slow)
 two ranks under DDP and ZeRO-3 train it like one process."""

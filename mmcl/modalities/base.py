@@ -133,14 +133,15 @@ class Processor:
         return torch.stack(items)
 
     def files(self) -> dict[str, str]:
-        """Files this processor's config points to (e.g. a tokenizer): ``{config field: path}``.
-        :meth:`save` copies them beside the weights."""
-        return {}
+        """Files this processor's config points to (e.g. a tokenizer): ``{config field: path}``, by default its
+        input's (``input.files()``). :meth:`save` copies them beside the weights."""
+        files = getattr(self.input, "files", None)
+        return files() if files is not None else {}
 
     def save(self, out_dir: Path) -> dict[str, Any]:
-        """Write the files this processor reads into ``out_dir`` (by default a copy of each of :meth:`files`,
-        named ``<modality>_<file name>``, or the input's own ``save``); returns the config fields to rewrite so
-        that the saved model reads them from there: ``{dotted field (e.g. "tower.path"): value}``."""
+        """Write the files this processor reads into ``out_dir`` (the input's own ``save``, else a copy of each
+        of :meth:`files`, named ``<modality>_<file name>``); returns the config fields to rewrite so that the
+        saved model reads them from there: ``{dotted field (e.g. "tower.path"): value}``."""
         save = getattr(self.input, "save", None)
         if save is not None:
             return save(out_dir, self.name)

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from mmcl.config import ConfigError, TrunkFields
-from mmcl.modalities.base import Processor, SampleError, Tower, copy_model_file, register_processor, register_tower
+from mmcl.modalities.base import Processor, SampleError, Tower, register_processor, register_tower
 from mmcl.modalities.layers import IdTokens
 from mmcl.modalities.pretrained import HFTower, HFTowerFields, hf_encoder, load_hf_component, load_hf_config, pool
 
@@ -107,11 +107,8 @@ class SentencePieceTokenizer:
     def empty(self, max_len: int) -> torch.Tensor:
         return torch.full((max_len,), self.pad_id, dtype=torch.long)
 
-    def save(self, out_dir: Path, name: str) -> dict[str, Any]:
-        dst = f"{name}_{self.path.name}"
-        if self.path.resolve() != (out_dir / dst).resolve():
-            copy_model_file(self.path, out_dir / dst)
-        return {"tokenizer": dst}
+    def files(self) -> dict[str, str]:
+        return {"tokenizer": str(self.path)}
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "_sp": None}

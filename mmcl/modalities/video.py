@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.config import ConfigError, TrunkFields
-from mmcl.modalities.base import Processor, SampleError, Tower, copy_model_file, register_processor, register_tower
+from mmcl.modalities.base import Processor, SampleError, Tower, register_processor, register_tower
 from mmcl.modalities.layers import PatchTokens, TokenTower, Trunk, patch_grid, tubelet_stem
 from mmcl.modalities.pretrained import load_hf_component, load_hf_model, local_path
 from mmcl.modalities.timm_towers import TimmVideoTower, TimmVideoTowerConfig, timm_pretrained_cfg
@@ -178,11 +178,9 @@ class HFImageProcessorFrames:
     def transform(self, frames: torch.Tensor) -> torch.Tensor:
         return self.processor(list(frames), return_tensors="pt")["pixel_values"][0]
 
-    def save(self, out_dir: Path, name: str) -> dict[str, Any]:
-        dst = f"{name}_{self.path.name}"
-        if self.path.resolve() != (out_dir / dst).resolve():
-            copy_model_file(self.path, out_dir / dst)
-        return {"tower.path": dst}
+    def files(self) -> dict[str, str]:
+        """The model's directory: its config and image processor are copied on save (not its weights)."""
+        return {"tower.path": str(self.path)}
 
 
 @register_processor
