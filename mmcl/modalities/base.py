@@ -15,6 +15,7 @@ The data side and the model side of a modality are apart:
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +196,8 @@ def register_tower(kind: str, name: str, *, config: type, build: Callable[[Any, 
                    embedder: Callable[[Any, int], TokenEmbedder] | None = None) -> TowerType:
     """Register tower type ``name`` for modality ``kind``. The first one registered for a kind is its default
     (``tower.type`` left out)."""
+    if TAG not in {f.name for f in dataclasses.fields(config)}:
+        raise ValueError(f"tower type {name!r} of modality kind {kind!r}: its config needs a {TAG!r} field")
     types = _TOWERS.setdefault(kind, {})
     if name in types:
         raise ValueError(f"tower type {name!r} of modality kind {kind!r} registered twice")
@@ -213,9 +216,11 @@ def tower_type(kind: str, name: str) -> TowerType:
 def parse_tower(kind: str, spec: Any, where: str) -> Any:
     """``tower`` of a modality config (a mapping whose ``type`` picks a registered tower type) -> its config."""
     types = _TOWERS.get(kind, {})
+    if not types:
+        raise ConfigError(f"{where}: modality kind {kind!r} has no registered tower type")
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: expected a mapping, got {spec!r}")
-    name = spec.get(TAG, next(iter(types), None))
+    name = spec.get(TAG, next(iter(types)))
     if name not in types:
         raise ConfigError(f"{where}.{TAG}: {name!r} is not allowed (allowed: {', '.join(map(repr, types))})")
     return from_dict(types[name].config, spec, where)
