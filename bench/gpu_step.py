@@ -5,9 +5,10 @@
 Refuses in one line (exit 2) without a CUDA GPU. The model is the named config (``configs/models/*.yaml``)
 with the most parameters unless ``--model`` names one. The batch is real: a synthetic dataset for the
 model's modalities is written to a temporary directory and one batch of ``--batch`` samples is decoded and
-reused every step (decoding is not what is measured). The step is the training loop's own
-(``train_step`` + ``update`` of ``mmcl.train.loop`` through accelerate with bf16 autocast: AdamW, clip-grad,
-logit-scale clamp). FLOPs per step are counted once with ``torch.utils.flop_counter.FlopCounterMode``
+reused every step (decoding is not what is measured). The step is the training loop's own, built with the
+trainer's functions: ``make_engine`` (accelerate with bf16 autocast), ``build_optimizer`` (AdamW over the
+trainer's parameter groups), ``build_scheduler``, ``ForwardBackward`` then ``engine.step()`` (clip-grad,
+optimizer step, logit-scale clamp) and the schedule's step. FLOPs per step are counted once with ``torch.utils.flop_counter.FlopCounterMode``
 (forward and backward); MFU = achieved FLOP/s / the GPU's dense bf16 peak (a table of known GPUs, or
 ``--peak-tflops``).
 """
@@ -91,16 +92,10 @@ def main() -> None:
     from mmcl.config import load_config
     from mmcl.data.shards import build_loader
     from mmcl.model import MultimodalModel
-    from mmcl.train.loop import (
-        ObjectiveGradScale,
-        lr_lambda,
-        make_accelerator,
-        param_groups,
-        seed_everything,
-        to_device,
-        train_step,
-        update,
-    )
+    from mmcl.train.engine import make_engine
+    from mmcl.train.loop import seed_everything
+    from mmcl.train.optim import build_optimizer, build_scheduler
+    from mmcl.train.step import ForwardBackward, to_device
 
     name = args.model or largest_named_model()
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,26 +107,25 @@ def main() -> None:
         seed_everything(cfg.train.seed)
         model = MultimodalModel(cfg.model, cfg.objective)
         n_params = sum(p.numel() for p in model.parameters())
-        accelerator = make_accelerator(cfg, model)
+        engine = make_engine(cfg, model)
         stream = build_loader(train_spec, model.processors, args.batch, train=True, resample=True, shuffle_buffer=0)
-        group = to_device([next(iter(stream))], accelerator.device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg, {}), lr=cfg.train.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.steps,
-                                                                       cfg.train.schedule))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    inner = accelerator.unwrap_model(model)
-    scale = ObjectiveGradScale(inner.objective)
-    model.train()
+        group = to_device([next(iter(stream))], engine.device)
+    optimizer = build_optimizer(model, cfg, {})
+    scheduler = build_scheduler(optimizer, cfg, cfg.train.steps)
+    engine.prepare(model, optimizer)
+    forward_backward = ForwardBackward(engine)
+    engine.model.train()
 
     def step() -> None:
-        train_step(accelerator, model, inner, group, scale)
-        update(accelerator, model, inner, optimizer, scheduler, cfg.train.clip_grad)
+        forward_backward(group)
+        engine.step()
+        scheduler.step()
 
     for _ in range(args.warmup):
         step()
     with FlopCounterMode(display=False) as counter:
-        train_step(accelerator, model, inner, group, scale)
-    optimizer.zero_grad(set_to_none=True)
+        forward_backward(group)
+    engine.optimizer.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
     torch.cuda.synchronize()
     start = time.perf_counter()

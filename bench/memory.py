@@ -4,8 +4,9 @@ one rank against several.
     python bench/memory.py [--stages 1 2 3] [--ranks 2] [--width 512] [--data DIR] [--set KEY=VALUE ...]
 
 Every (stage, ranks) pair is a real ``torchrun`` launch of this file (gloo on CPU) that builds the model and
-the DeepSpeed engine as the training loop does (``make_accelerator``, ``configs/deepspeed/zero<stage>.json``,
-``accelerator.prepare``) and trains two steps of two accumulated micro-batches (the loop's DeepSpeed step).
+the DeepSpeed engine with the training loop's functions (``make_engine`` on
+``configs/deepspeed/zero<stage>.json``, ``build_optimizer``, ``engine.prepare``) and trains two steps of two
+accumulated micro-batches (``engine.backward`` of each, then ``engine.step()``).
 After every backward of the second step (optimizer state alive, gradients accumulating: within the
 accumulation ZeRO-1 still holds whole gradients, ZeRO-2/3 their partitions) it adds up the bytes of every
 distinct tensor storage alive in the process; the peak counts. What was alive before the model was built
@@ -39,7 +40,9 @@ from mmcl.config import Config, load_config
 from mmcl.data.shards import build_loader
 from mmcl.data.synthetic import synth
 from mmcl.model import MultimodalModel
-from mmcl.train.loop import lift_scalar_parameters, make_accelerator, param_groups, seed_everything
+from mmcl.train.engine import make_engine
+from mmcl.train.loop import seed_everything
+from mmcl.train.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "models" / "tiny.yaml"
@@ -82,33 +85,30 @@ def worker(data: Path, stage: int, width: int, out: Path, overrides: list[str]) 
     probe = MultimodalModel(cfg.model, cfg.objective)
     n_params = sum(p.numel() for p in probe.parameters())
     buffers = sum(b.numel() * b.element_size() for b in probe.buffers())
-    accelerator = make_accelerator(cfg, probe)
+    engine = make_engine(cfg, probe)
     batch = next(iter(build_loader(cfg.data.train, probe.processors, BATCH, train=False)))
-    inputs = {k: v.to(accelerator.device) for k, v in batch["inputs"].items()}
-    present = {k: v.to(accelerator.device) for k, v in batch["present"].items()}
+    inputs = {k: v.to(engine.device) for k, v in batch["inputs"].items()}
+    present = {k: v.to(engine.device) for k, v in batch["present"].items()}
     del probe, batch
     before = live_tensor_bytes()
 
     model = MultimodalModel(cfg.model, cfg.objective)
-    lift_scalar_parameters(model)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg, {}), lr=cfg.train.lr)
-    engine, _ = accelerator.prepare(model, optimizer)
-    del model, optimizer
+    engine.prepare(model, build_optimizer(model, cfg, {}))
+    del model
     states = 0
-    for step in range(2):  # the loop's DeepSpeed step, measured after each backward of the second one
+    for step in range(2):  # two micro-batches a step, measured after each backward of the second step
         for micro in range(2):
-            loss = engine(inputs, present)
-            engine.set_gradient_accumulation_boundary(micro == 1)
-            engine.backward(loss, scale_wrt_gas=False)
+            loss = engine.inner.objective(engine.model(inputs), present)
+            engine.backward(loss, last=micro == 1)
             del loss
             if step == 1:
                 states = max(states, live_tensor_bytes() - before - buffers)
         engine.step()
-    result = {"stage": stage, "ranks": accelerator.num_processes, "rank": accelerator.process_index,
-              "params": n_params, "model_state_bytes": states}
-    (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(result))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    result = {"stage": stage, "ranks": engine.world, "rank": engine.rank, "params": n_params,
+              "model_state_bytes": states}
+    (out / f"rank{engine.rank}.json").write_text(json.dumps(result))
+    engine.wait()
+    engine.end()
 
 
 def launch(data: Path, stage: int, ranks: int, width: int, overrides: list[str]) -> dict:

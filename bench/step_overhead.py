@@ -11,6 +11,8 @@ from RAM, so both pay the same, small data cost (transform + collate). The hand-
 with everything it does per step (accelerate, bookkeeping, logging every epoch). The first epoch (decoding,
 warm-up) is not timed. The two loops alternate ``--repeat`` times; the medians of seconds per step are
 compared, and the minima (each loop's least disturbed epoch: on a shared machine the closer estimate).
+Beside wall time, the CPU seconds of each whole run (every epoch, the untimed first included; this
+process's user + system time) per step: on a loaded machine it is the steadier figure.
 Both run on ``--threads`` intra-op threads (default 1: on a busy machine a parallel region waits for its
 slowest thread, and the swings of that wait dwarf the overhead measured). ``--data`` reuses (or writes) a
 synthetic dataset there, else one goes to a temporary directory.
@@ -32,7 +34,8 @@ from mmcl.config import Config, load_config
 from mmcl.data.shards import build_loader
 from mmcl.data.synthetic import synth
 from mmcl.model import MultimodalModel
-from mmcl.train.loop import lr_lambda, seed_everything, train
+from mmcl.train.loop import seed_everything, train
+from mmcl.train.optim import apply_tower_controls, build_optimizer, build_scheduler
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny.yaml"
 
@@ -52,35 +55,36 @@ def make_config(data: Path, samples: int, batch: int, epochs: int, threads: int,
     return load_config(base=base, overrides=overrides)
 
 
-def mmcl_loop(cfg: Config, out: Path) -> list[float]:
-    """Seconds per step of each epoch after the first, from the loop's own log (one record per epoch)."""
-    train(cfg, out)
+def mmcl_loop(cfg: Config, out: Path) -> tuple[list[float], float]:
+    """Seconds per step of each epoch after the first, from the loop's own log (one record per epoch), and
+    CPU seconds per step of the whole run."""
+    cpu = time.process_time()
+    summary = train(cfg, out)
+    cpu = (time.process_time() - cpu) / summary["train"]["steps"]
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     per_step = cfg.data.batch_size
-    return [per_step / r["samples_per_s"] for r in records[1:]]
+    return [per_step / r["samples_per_s"] for r in records[1:]], cpu
 
 
-def hand_loop(cfg: Config) -> list[float]:
-    """Seconds per step of each epoch after the first."""
+def hand_loop(cfg: Config) -> tuple[list[float], float]:
+    """Seconds per step of each epoch after the first, and CPU seconds per step of the whole run."""
+    cpu = time.process_time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seed_everything(cfg.train.seed)
     model = MultimodalModel(cfg.model, cfg.objective).to(device)
     loader = build_loader(cfg.data.train, model.processors, cfg.data.batch_size, train=True, workers=0,
                           shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed, cache=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                  eps=cfg.train.eps, weight_decay=cfg.train.weight_decay)
-    steps_per_epoch = -(-loader.size // cfg.data.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.train.warmup_steps, cfg.train.epochs * steps_per_epoch, cfg.train.schedule))
+    optimizer = build_optimizer(model, cfg, apply_tower_controls(model, cfg.train.towers))
+    scheduler = build_scheduler(optimizer, cfg, cfg.train.epochs * -(-loader.size // cfg.data.batch_size))
     model.train()
-    times = []
+    times, total = [], 0
     for epoch in range(cfg.train.epochs):
         loader.set_epoch(epoch)
         start, steps = time.perf_counter(), 0
         for batch in loader:
             inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
             present = {k: v.to(device) for k, v in batch["present"].items()}
-            loss = model(inputs, present)
+            loss = model.objective(model(inputs), present)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
             optimizer.step()
@@ -89,9 +93,10 @@ def hand_loop(cfg: Config) -> list[float]:
             model.objective.clamp_()
             steps += 1
         loss.item()
+        total += steps
         if epoch > 0:
             times.append((time.perf_counter() - start) / steps)
-    return times
+    return times, (time.process_time() - cpu) / total
 
 
 def main() -> None:
@@ -113,18 +118,26 @@ def main() -> None:
             synth(data, train=args.samples, test=16, per_shard=args.samples // 4, workers=2)
         cfg = make_config(data, args.samples, args.batch, args.epochs, args.threads, args.overrides)
         torch.set_num_threads(cfg.train.threads)
-        mmcl, hand = [], []
+        mmcl, hand, mmcl_cpu, hand_cpu = [], [], [], []
         for i in range(args.repeat):
-            hand += hand_loop(cfg)
-            mmcl += mmcl_loop(cfg, Path(tmp) / f"run{i}")
+            times, cpu = hand_loop(cfg)
+            hand += times
+            hand_cpu.append(cpu)
+            times, cpu = mmcl_loop(cfg, Path(tmp) / f"run{i}")
+            mmcl += times
+            mmcl_cpu.append(cpu)
             print(json.dumps({"repeat": i, "hand_s_per_step": hand[-(args.epochs - 1):],
-                              "mmcl_s_per_step": mmcl[-(args.epochs - 1):]}), flush=True)
+                              "mmcl_s_per_step": mmcl[-(args.epochs - 1):], "hand_cpu_s_per_step": hand_cpu[-1],
+                              "mmcl_cpu_s_per_step": mmcl_cpu[-1]}), flush=True)
     h, m = statistics.median(hand), statistics.median(mmcl)
+    hc, mc = statistics.median(hand_cpu), statistics.median(mmcl_cpu)
     print(json.dumps({"batch": args.batch, "epochs_timed": len(hand), "device": "cuda" if torch.cuda.is_available()
                       else "cpu", "threads": torch.get_num_threads(), "hand_s_per_step": round(h, 5),
                       "mmcl_s_per_step": round(m, 5), "overhead_ms_per_step": round(1000 * (m - h), 2),
                       "ratio": round(m / h, 4), "hand_best_s_per_step": round(min(hand), 5),
-                      "mmcl_best_s_per_step": round(min(mmcl), 5), "best_ratio": round(min(mmcl) / min(hand), 4)}))
+                      "mmcl_best_s_per_step": round(min(mmcl), 5), "best_ratio": round(min(mmcl) / min(hand), 4),
+                      "hand_cpu_s_per_step": round(hc, 5), "mmcl_cpu_s_per_step": round(mc, 5),
+                      "cpu_ratio": round(mc / hc, 4)}))
 
 
 if __name__ == "__main__":

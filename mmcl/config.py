@@ -2,9 +2,12 @@
 
 Configs are plain dataclasses. ``from_dict`` checks every field against its type (``Literal`` choices
 included) and raises :class:`ConfigError` with one line naming the dotted field and what is allowed. A field
-typed as a union of dataclasses that each declare ``type: Literal[...]`` is a tagged union: the
-mapping's ``type`` picks the dataclass (the union's first when left out); a modality's ``tower`` is picked
-the same way from the tower registry (``mmcl.modalities.base``).
+typed as a union of dataclasses that each declare their tag field as a ``Literal`` is a tagged union: the
+mapping's tag picks the dataclass (the union's first when left out). The tag field is ``type`` unless the
+members name another in ``TAG_FIELD`` (the objective's ``name``); a modality's ``tower`` is picked by its
+``type`` from the tower registry (``mmcl.modalities.base``). Members that set ``SWITCH_KEEPS_OPTIONS`` ignore the fields of the union's other members, so
+that one override of the tag (``--set objective.name=gram``) switches a recipe's member and keeps the
+options the two share; a field no member has is still an error.
 YAML files are loaded with :func:`load_config`; ``--set a.b=value`` overrides are applied with
 :func:`apply_overrides` before validation, so a mistyped override fails exactly like a mistyped file.
 """
@@ -17,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
@@ -45,26 +48,35 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-#: The field that picks one dataclass of a tagged union (e.g. ``tower: {type: timm, ...}``).
+#: The field that picks one dataclass of a tagged union (e.g. ``tower: {type: timm, ...}``), unless the
+#: members declare another as ``TAG_FIELD: ClassVar[str]``.
 TAG = "type"
 
 
-def _tagged_choices(args: tuple[Any, ...]) -> dict[str, type] | None:
-    """A union of dataclasses that each declare ``type: Literal[...]`` (one or more values, no value in two of
-    them) -> ``{value: dataclass}`` (in the union's order: the first value is the default when ``type`` is
-    left out); None for any other union."""
-    choices = {}
-    for a in args:
-        if a is type(None):
-            continue
-        if not dataclasses.is_dataclass(a):
-            return None
-        tag = typing.get_type_hints(a).get(TAG)
+def _tag_field(cls: type) -> str:
+    return getattr(cls, "TAG_FIELD", TAG)
+
+
+def _tagged_choices(args: tuple[Any, ...]) -> tuple[str, dict[str, type]] | None:
+    """A union of dataclasses that each declare their tag field (one field name for all of them) as a
+    ``Literal[...]`` (one or more values, no value in two of them) -> ``(tag field, {value: dataclass})`` (in
+    the union's order: the first value is the default when the tag is left out); None for any other union."""
+    choices: dict[str, type] = {}
+    members = [a for a in args if a is not type(None)]
+    if not members or not all(dataclasses.is_dataclass(a) for a in members):
+        return None
+    name = _tag_field(members[0])
+    for a in members:
+        tag = typing.get_type_hints(a).get(name)
         values = typing.get_args(tag) if typing.get_origin(tag) is Literal else ()
-        if not values or any(v in choices for v in values):
+        if _tag_field(a) != name or not values or any(v in choices for v in values):
             return None
         choices.update(dict.fromkeys(values, a))
-    return choices or None
+    return name, choices
+
+
+def _member_fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.init}
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -82,10 +94,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return None
         tagged = _tagged_choices(args)
         if tagged and isinstance(value, dict):
-            tag = value.get(TAG, next(iter(tagged)))
-            if tag not in tagged:
-                raise ConfigError(f"{where}.{TAG}: {tag!r} is not allowed (allowed: {', '.join(map(repr, tagged))})")
-            return from_dict(tagged[tag], value, where)
+            name, choices = tagged
+            tag = value.get(name, next(iter(choices)))
+            if tag not in choices:
+                raise ConfigError(f"{where}.{name}: {tag!r} is not allowed (allowed: {', '.join(map(repr, choices))})")
+            cls = choices[tag]
+            if getattr(cls, "SWITCH_KEEPS_OPTIONS", False):
+                # Options of the union's other members are dropped, so that one override of the tag switches
+                # a recipe's member and keeps the options the new one shares (--set objective.name=gram).
+                others = set().union(*(_member_fields(c) for c in choices.values())) - _member_fields(cls)
+                value = {k: v for k, v in value.items() if k not in others}
+            return from_dict(cls, value, where)
         options = [a for a in args if a is not type(None)]
         if len(options) == 1:  # Optional[X]: X's own error names the exact field (e.g. a dataclass's)
             return _coerce(value, options[0], where)
@@ -128,8 +147,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``, validating every field; unknown keys are errors."""
+def from_dict(cls: Any, data: dict | None, where: str = "") -> Any:
+    """Build dataclass ``cls`` (or a member of the tagged union ``cls``) from ``data``, validating every
+    field; unknown keys are errors."""
+    if not dataclasses.is_dataclass(cls):
+        return _coerce({} if data is None else data, cls, where or "config")
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
@@ -154,9 +176,10 @@ def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
 
 
 def to_dict(obj: Any) -> Any:
-    """Plain-data view of a config (dataclasses -> dicts), suitable for YAML/JSON."""
+    """Plain-data view of a config (dataclasses -> dicts, a tagged union's tag first), suitable for YAML/JSON."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        names = sorted((f.name for f in dataclasses.fields(obj)), key=lambda n: n != getattr(obj, "TAG_FIELD", None))
+        return {n: to_dict(getattr(obj, n)) for n in names}
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -225,30 +248,72 @@ class ModelConfig:
 
 
 @dataclass
-class ObjectiveConfig:
-    """Which contrastive objective, with its options (formulas in DESIGN section 3)."""
+class _ObjectiveOptions:
+    """Options every objective has (formulas in DESIGN section 3); each objective's config adds its own."""
 
-    name: Literal["clip", "siglip", "symile", "gram"] = "clip"
-    #: Pairwise CLIP over several modalities: mean over all pairs, or each modality against ``anchor``.
-    mode: Literal["all_pairs", "anchor"] = "all_pairs"
-    anchor: str = "text"
-    #: Initial logit scale s (the multiplier; t = log s is learned). CLIP: 1/0.07; SigLIP: 10.
-    init_logit_scale: float | None = None
+    TAG_FIELD: ClassVar[str] = "name"
+    SWITCH_KEEPS_OPTIONS: ClassVar[bool] = True
+
+    #: Upper bound of the logit scale s (GRAM: of 1/tau).
     max_logit_scale: float = 100.0
+    #: Learn the scale (GRAM: the temperature); else it stays at its initial value.
     learn_logit_scale: bool = True
-    #: SigLIP bias init.
-    init_logit_bias: float = -10.0
-    #: Symile negatives.
-    negatives: Literal["n", "n_squared"] = "n"
-    #: GRAM temperature tau init (divisor).
-    init_temperature: float = 0.07
     #: Missing modalities: use the present ones of each sample, or a learned per-modality embedding.
     missing: Literal["present", "learned"] = "present"
     #: Gather embeddings across ranks (with gradient) for global negatives.
     gather: bool = True
 
     def validate(self, where: str) -> None:
+        _positive(where, max_logit_scale=self.max_logit_scale)
+
+
+@dataclass
+class ClipConfig(_ObjectiveOptions):
+    """CLIP / InfoNCE. Over several modalities: mean over all pairs, or each modality against ``anchor``."""
+
+    name: Literal["clip"] = "clip"
+    mode: Literal["all_pairs", "anchor"] = "all_pairs"
+    anchor: str = "text"
+    #: Initial logit scale s (the multiplier; t = log s is learned).
+    init_logit_scale: float = 1 / 0.07
+
+
+@dataclass
+class SiglipConfig(_ObjectiveOptions):
+    """SigLIP (sigmoid pairwise loss), pairs as for CLIP."""
+
+    name: Literal["siglip"] = "siglip"
+    mode: Literal["all_pairs", "anchor"] = "all_pairs"
+    anchor: str = "text"
+    init_logit_scale: float = 10.0
+    init_logit_bias: float = -10.0
+
+
+@dataclass
+class SymileConfig(_ObjectiveOptions):
+    """Symile (multilinear inner product of all modalities)."""
+
+    name: Literal["symile"] = "symile"
+    #: O(N) negatives (one permutation per non-anchor modality) or all N^(M-1) combinations.
+    negatives: Literal["n", "n_squared"] = "n"
+    init_logit_scale: float = 1 / 0.07
+
+
+@dataclass
+class GramConfig(_ObjectiveOptions):
+    """GRAM (Gramian volume of the anchor with the other modalities)."""
+
+    name: Literal["gram"] = "gram"
+    anchor: str = "text"
+    #: Initial temperature tau (the divisor).
+    init_temperature: float = 0.07
+
+    def validate(self, where: str) -> None:
         _positive(where, max_logit_scale=self.max_logit_scale, init_temperature=self.init_temperature)
+
+
+#: The objective section: a tagged union on ``name``, each objective with its own options.
+ObjectiveConfig = Union[ClipConfig, SiglipConfig, SymileConfig, GramConfig]
 
 
 @dataclass
@@ -277,6 +342,28 @@ class DataConfig:
 
 
 @dataclass
+class TowerControl:
+    """Training controls of one tower (``train.towers.<name>``; with a shared trunk the modalities'
+    tokenisers and ``trunk``, see mmcl.shared)."""
+
+    #: LiT: the whole tower frozen (``unlocked_blocks`` of its last blocks trainable again).
+    lock: bool = False
+    unlocked_blocks: int | None = None
+    #: The first N blocks frozen, with the stem registered before them (patch or token embedding, positions).
+    frozen_blocks: int | None = None
+    #: The tower's (and its head's) learning rate instead of ``train.lr``.
+    lr: float | None = None
+    grad_checkpointing: bool = False
+
+    def validate(self, where: str) -> None:
+        if self.lock and self.frozen_blocks is not None:
+            raise ConfigError(f"{where}: lock and frozen_blocks exclude each other (lock freezes the whole tower; "
+                              f"unlocked_blocks then unfreezes its last blocks)")
+        if self.unlocked_blocks is not None and not self.lock:
+            raise ConfigError(f"{where}.unlocked_blocks: only meaningful with lock: true")
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 1
     #: Stop after this many optimizer steps (overrides epochs when > 0).
@@ -295,9 +382,9 @@ class TrainConfig:
     log_keys: bool = False
     checkpoint_every: int = 0
     keep_last: int = 2
-    #: Per-tower controls: {modality: {lock: bool, unlocked_blocks: int, frozen_blocks: int, lr: float,
-    #: grad_checkpointing: bool}}; with a shared trunk, {modality: its tokeniser, trunk: the shared blocks}.
-    towers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Per-tower controls (:class:`TowerControl`): {modality: ...}; with a shared trunk, {modality: its
+    #: tokeniser, trunk: the shared blocks}.
+    towers: dict[str, TowerControl] = field(default_factory=dict)
     progress: bool = True
     #: Torch intra-op threads (0: leave torch's default).
     threads: int = 0
@@ -323,7 +410,7 @@ class EvalConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    objective: ObjectiveConfig = field(default_factory=ClipConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -415,6 +502,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         else:
             data = apply_overrides(data, [text])
     return from_dict(Config, data)
+
+
+#: Version of a saved model's ``config.json`` (``mmcl_format``). 1: the objective was one flat mapping of
+#: every objective's options; 2: only the chosen objective's own options.
+FORMAT_VERSION = 2
+
+
+def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved model's ``config.json`` mapping of any earlier format -> this format (a new mapping).
+
+    v1 -> v2: the objective keeps the chosen objective's own fields and drops the others' (the objective
+    it builds is the same: ``init_logit_scale: null``, v1's "the objective's default", is dropped too).
+    """
+    version = config.get("mmcl_format", 1)
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise ConfigError(f"mmcl_format: {version!r} is not allowed (allowed: 1..{FORMAT_VERSION}; a newer mmcl "
+                          f"wrote this model)")
+    out = copy.deepcopy(config)
+    if version == 1:
+        objective = out.get("objective") or {}
+        _, choices = _tagged_choices(typing.get_args(ObjectiveConfig))
+        cls = choices.get(objective.get("name", "clip"))
+        if cls is not None:  # an unknown name is left for from_dict to report
+            own = _member_fields(cls)
+            out["objective"] = {k: v for k, v in objective.items() if k in own and v is not None}
+    out["mmcl_format"] = FORMAT_VERSION
+    return out
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

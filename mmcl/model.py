@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcl.config import ConfigError, ModelConfig, ObjectiveConfig, from_dict, to_dict
+from mmcl.config import ClipConfig, ConfigError, ModelConfig, ObjectiveConfig, from_dict, to_dict, upgrade_config
 from mmcl.hub import HubError, check_weights, eval_records, resolve_pretrained, write_model_card
 from mmcl.modalities import Processor, build_processor, build_tower
 from mmcl.objectives import build_objective
-from mmcl.persistence import CONFIG_NAME, FORMAT_VERSION, read_config, read_state_dict, weights_file, write_model_dir
+from mmcl.persistence import CONFIG_NAME, FORMAT_VERSION, read_config, read_model_dir, weights_file, write_model_dir
 from mmcl.shared import build_shared_towers, encode_shared
 
 
@@ -26,8 +26,9 @@ class MultimodalModel(nn.Module):
     ``embed_dim``. ``towers`` holds what ``train.towers`` controls: the towers, or the embedders and ``trunk``;
     ``processors`` the data side (what the loader and the eval suite take).
 
-    ``encode`` returns L2-normalised ``[N, embed_dim]`` embeddings per modality; ``forward`` returns the
-    objective's scalar loss for a batch.
+    ``encode`` returns L2-normalised ``[N, embed_dim]`` embeddings per modality, and so does ``forward``
+    (the training step runs it through the distributed wrapper); the trainer computes the loss with
+    ``model.objective(emb, present)``.
     """
 
     def __init__(self, model_cfg: ModelConfig, objective_cfg: ObjectiveConfig | None = None,
@@ -38,7 +39,7 @@ class MultimodalModel(nn.Module):
         towers that start from checkpoints read them; False builds every tower's architecture alone."""
         super().__init__()
         self.model_cfg = model_cfg
-        self.objective_cfg = objective_cfg or ObjectiveConfig()
+        self.objective_cfg = objective_cfg or ClipConfig()
         self.processors: dict[str, Processor] = {
             name: build_processor(name, spec, base_dir) for name, spec in model_cfg.modalities.items()
         }
@@ -80,12 +81,9 @@ class MultimodalModel(nn.Module):
             out[name] = F.normalize(z, dim=-1) if normalize else z
         return out
 
-    def forward(self, inputs: dict[str, torch.Tensor], present: dict[str, torch.Tensor] | None = None,
-                embeddings_only: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
-        """One batch -> scalar loss (or, with ``embeddings_only``, the normalised embeddings: the training
-        loop's gradient accumulation encodes micro-batches through the distributed wrapper this way)."""
-        emb = self.encode(inputs)
-        return emb if embeddings_only else self.objective(emb, present)
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One batch ``{modality: input}`` -> L2-normalised embeddings ``{modality: [N, embed_dim]}``."""
+        return self.encode(inputs)
 
     # -- persistence -------------------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
@@ -139,9 +137,8 @@ class MultimodalModel(nn.Module):
         not one, is refused); a directory of an older format is converted on load."""
         path = resolve_pretrained(name_or_path, revision=revision, cache_dir=cache_dir,
                                   local_files_only=local_files_only, token=token)
-        cfg = read_config(path)
         check_weights(weights_file(path))
-        state = read_state_dict(path, cfg, map_location)
+        cfg, state = read_model_dir(path, map_location)
         model = cls.from_config(cfg, base_dir=path, pretrained=False)
         model.load_state_dict(state)
         return model
@@ -150,7 +147,7 @@ class MultimodalModel(nn.Module):
 def load_processors(path: str | Path) -> dict[str, Processor]:
     """The processors of a saved model directory, without building its towers."""
     p = Path(path)
-    cfg = read_config(p)
+    cfg = upgrade_config(read_config(p))
     return {name: build_processor(name, spec, p) for name, spec in cfg["model"]["modalities"].items()}
 
 

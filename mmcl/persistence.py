@@ -1,5 +1,6 @@
-"""A saved model directory: its file names, its format version, writing and reading it, and converting what
-older formats saved.
+"""A saved model directory: its file names, writing and reading it, and converting what older formats saved
+(format version: :data:`mmcl.config.FORMAT_VERSION`, 2 since the objective's config kept only its own fields
+and the towers made of a token embedder hold it under ``embed``).
 
 ``save_pretrained`` writes ``config.json`` (``{"mmcl_format", "model", "objective"}``), ``model.safetensors``,
 the files the processors read (tokenizers; a transformers tower's config with its tokenizer, feature extractor
@@ -15,12 +16,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmcl.config import FORMAT_VERSION, upgrade_config
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
-#: Version of what ``save_pretrained`` writes: 1, the first; 2, towers of this project's layers hold their
-#: token embedder under ``embed`` (:func:`upgrade_state_dict_v1`).
-FORMAT_VERSION = 2
 
 #: Format-1 tower types whose tower was one module with its patch embedding at ``embed``: now a token embedder
 #: (``embed``) holding it at ``embed.embed``. Other towers kept their keys.
@@ -50,12 +50,21 @@ def weights_file(path: Path) -> Path:
     return weights
 
 
-def read_state_dict(path: Path, config: dict[str, Any], map_location: str = "cpu") -> dict[str, torch.Tensor]:
-    """The weights of a model directory in today's layout (an older format's converted)."""
-    state = load_file(str(weights_file(path)), device=map_location)
+def read_model_dir(path: Path, map_location: str = "cpu") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(config, weights)`` of a model directory, in this format (an older format's converted by
+    :func:`upgrade`)."""
+    config = read_config(path)
+    return upgrade(config, load_file(str(weights_file(path)), device=map_location))
+
+
+def upgrade(config: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A saved ``config.json`` mapping and its weights of any earlier format -> this format (``FORMAT_VERSION``,
+    :data:`mmcl.config.FORMAT_VERSION`). v1 -> v2: the objective's config (:func:`mmcl.config.upgrade_config`)
+    and the keys of the towers made of a token embedder (:func:`upgrade_state_dict_v1`)."""
+    upgraded = upgrade_config(config)  # refuses an unknown format first
     if config.get("mmcl_format", 1) < 2:
         state = upgrade_state_dict_v1(config, state)
-    return state
+    return upgraded, state
 
 
 def upgrade_state_dict_v1(config: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

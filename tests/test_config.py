@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mmcl.config import Config, ConfigError, load_config, to_dict
+from mmcl.config import ClipConfig, Config, ConfigError, GramConfig, SymileConfig, load_config, to_dict
 
 
 def test_demo_config_loads_with_named_model():
@@ -33,11 +33,38 @@ def test_overrides_apply_and_parse_types():
     ("data.batch_size=0", "data.batch_size: must be > 0"),
     ("model=huge", "model: unknown named model 'huge' (allowed:"),
     ("trainlr", "expected key=value"),
+    ("objective.negativs=n", "objective.negativs: unknown field (allowed: anchor, gather, init_logit_scale, "
+                               "learn_logit_scale, max_logit_scale, missing, mode, name)"),
 ])
 def test_bad_overrides_are_one_line_errors(override, message):
     with pytest.raises(ConfigError) as e:
         load_config("demo", [override])
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_each_objective_has_its_own_options_and_defaults():
+    """The tagged union on objective.name: each objective's config with only its options and explicit
+    defaults (CLIP and Symile start at 1/0.07, SigLIP at 10)."""
+    assert load_config("demo").objective == ClipConfig(mode="anchor", anchor="text")
+    assert load_config("demo", ["objective.name=siglip"]).objective.init_logit_scale == 10.0
+    assert load_config("demo", ["objective.name=symile"]).objective == SymileConfig()
+    assert SymileConfig().init_logit_scale == ClipConfig().init_logit_scale == 1 / 0.07
+    assert to_dict(GramConfig()) == {"name": "gram", "max_logit_scale": 100.0, "learn_logit_scale": True,
+                                     "missing": "present", "gather": True, "anchor": "text",
+                                     "init_temperature": 0.07}
+
+
+def test_switching_the_objective_keeps_the_shared_options():
+    """--set objective.name=X over a recipe written for another objective (configs/train/joint.yaml: symile
+    with negatives and a larger initial scale): the options X has are kept, the others dropped; a field no
+    objective has stays an error."""
+    joint = {"model": "joint", "objective": {"name": "symile", "mode": "all_pairs", "anchor": "text",
+                                             "negatives": "n_squared", "init_logit_scale": 50.0}}
+    assert load_config(base=joint).objective == SymileConfig(negatives="n_squared", init_logit_scale=50.0)
+    assert load_config(base=joint, overrides=["objective.name=clip"]).objective == ClipConfig(init_logit_scale=50.0)
+    assert load_config(base=joint, overrides=["objective.name=gram"]).objective == GramConfig(anchor="text")
+    with pytest.raises(ConfigError, match=r"^objective.negativs: unknown field \(allowed: anchor, gather, "):
+        load_config(base=joint, overrides=["objective.name=gram", "objective.negativs=n"])
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from mmcl.config import CONFIG_DIR, ConfigError, ModelConfig, ObjectiveConfig, from_dict
+from mmcl.config import CONFIG_DIR, ClipConfig, ConfigError, ModelConfig, from_dict
 from mmcl.model import MultimodalModel
 
 
@@ -23,7 +23,7 @@ def tiny_spec(data_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def model(synthetic_data) -> MultimodalModel:
     torch.manual_seed(0)
-    return MultimodalModel(from_dict(ModelConfig, tiny_spec(synthetic_data)), ObjectiveConfig())
+    return MultimodalModel(from_dict(ModelConfig, tiny_spec(synthetic_data)), ClipConfig())
 
 
 def batch(model: MultimodalModel, n: int) -> dict[str, torch.Tensor]:
@@ -70,9 +70,12 @@ def test_text_padding_is_ignored(model):
     torch.testing.assert_close(full, padded, atol=1e-5, rtol=1e-5)
 
 
-def test_forward_loss_and_backward(model):
+def test_forward_embeddings_loss_and_backward(model):
     model.train()
-    loss = model(batch(model, 4))
+    emb = model(batch(model, 4))
+    assert {m: tuple(z.shape) for m, z in emb.items()} == {m: (4, model.model_cfg.embed_dim) for m in emb}
+    torch.testing.assert_close(torch.stack([z.norm(dim=-1) for z in emb.values()]), torch.ones(3, 4))
+    loss = model.objective(emb)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     for name, tower in model.towers.items():
@@ -115,6 +118,6 @@ def test_bad_model_config(synthetic_data, mutate, message):
     spec = tiny_spec(synthetic_data)
     mutate(spec)
     with pytest.raises(ConfigError) as e:
-        MultimodalModel(from_dict(ModelConfig, spec, "model"), ObjectiveConfig())
+        MultimodalModel(from_dict(ModelConfig, spec, "model"), ClipConfig())
     assert message in str(e.value)
     assert "\n" not in str(e.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -9,12 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmcl.config import ObjectiveConfig
+from mmcl.config import ClipConfig, ObjectiveConfig, from_dict
 from mmcl.objectives import (build_objective, clip_loss, gram_loss, gram_volume, mip, siglip_loss,
                              symile_loss)
 from mmcl.objectives import symile as symile_mod
 
 MODS = ["video", "audio", "text"]
+
+
+def objective_config(**fields: object) -> ObjectiveConfig:
+    """The objective config of ``fields`` (``name`` picks the objective), validated as a config file's."""
+    return from_dict(ObjectiveConfig, fields, "objective")
 
 
 def unit(n: int, d: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -102,7 +108,7 @@ def test_siglip_loss_matches_reference_values_and_grads():
 @pytest.mark.parametrize("mode", ["all_pairs", "anchor"])
 def test_clip_objective_multimodal_modes(mode):
     xs = leaves(*(unit(6, 5, 10 + k) for k in range(3)))
-    obj = build_objective(ObjectiveConfig(name="clip", mode=mode, anchor="text"), MODS).double()
+    obj = build_objective(objective_config(name="clip", mode=mode, anchor="text"), MODS).double()
     got = obj(dict(zip(MODS, xs)))
     s = obj.logit_scale.exp()
     pairs = list(itertools.combinations(range(3), 2)) if mode == "all_pairs" else [(2, 0), (2, 1)]
@@ -112,21 +118,21 @@ def test_clip_objective_multimodal_modes(mode):
 
 
 def test_clip_objective_defaults_and_clamp():
-    obj = build_objective(ObjectiveConfig(name="clip"), MODS)
+    obj = build_objective(objective_config(name="clip"), MODS)
     assert obj.score_kind == "cosine"
     assert obj.logs()["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-6)
     with torch.no_grad():
         obj.logit_scale.fill_(math.log(1000.0))
     obj.clamp_()
     assert obj.logs()["logit_scale"] == pytest.approx(100.0, rel=1e-6)
-    sig = build_objective(ObjectiveConfig(name="siglip"), MODS)
+    sig = build_objective(objective_config(name="siglip"), MODS)
     assert sig.logs() == pytest.approx({"logit_scale": 10.0, "logit_bias": -10.0})
     assert {n for n, _ in sig.named_parameters()} == {"logit_scale", "logit_bias"}
 
 
 def test_siglip_objective_all_pairs_uses_each_pair_once():
     xs = leaves(*(unit(5, 4, 20 + k) for k in range(3)))
-    obj = build_objective(ObjectiveConfig(name="siglip"), MODS).double()
+    obj = build_objective(objective_config(name="siglip"), MODS).double()
     got = obj(dict(zip(MODS, xs)))
     s, b = obj.logit_scale.exp(), obj.logit_bias
     ref = sum(ref_siglip(xs[a], xs[c], s, b) for a, c in itertools.combinations(range(3), 2)) / 3
@@ -226,13 +232,13 @@ def test_mip_is_sum_of_products():
 
 def test_symile_objective_matches_functional():
     xs = leaves(*(unit(5, 4, 80 + k) for k in range(3)))
-    obj = build_objective(ObjectiveConfig(name="symile", negatives="n_squared"), MODS).double()
+    obj = build_objective(objective_config(name="symile", negatives="n_squared"), MODS).double()
     got = obj(dict(zip(MODS, xs)))
     ref = ref_symile_n_squared(xs, obj.logit_scale.exp())
     assert_close(got, ref)
     assert_close(grads_of(got, xs + [obj.logit_scale]), grads_of(ref, xs + [obj.logit_scale]))
     # "n": the module seeds its generator from torch's global RNG
-    obj_n = build_objective(ObjectiveConfig(name="symile", negatives="n"), MODS).double()
+    obj_n = build_objective(objective_config(name="symile", negatives="n"), MODS).double()
     torch.manual_seed(3)
     first = obj_n(dict(zip(MODS, xs)))
     torch.manual_seed(3)
@@ -319,7 +325,7 @@ def test_gram_loss_matches_reference(k):
 
 def test_gram_objective_anchor_and_temperature():
     zs, xs = on_sphere(*(unit(5, 6, 130 + m) for m in range(3)))
-    obj = build_objective(ObjectiveConfig(name="gram", anchor="audio", init_temperature=0.1), MODS).double()
+    obj = build_objective(objective_config(name="gram", anchor="audio", init_temperature=0.1), MODS).double()
     assert obj.score_kind == "volume" and obj.logs() == pytest.approx({"temperature": 0.1})
     got = obj(dict(zip(MODS, xs)))
     ref = ref_gram_loss(xs[1], [xs[0], xs[2]], obj.log_temperature.exp())
@@ -378,7 +384,7 @@ def _masks(present: torch.Tensor) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("name", ["clip", "siglip", "symile", "gram"])
 def test_fully_present_mask_gives_exactly_the_same_loss(name):
     xs = [unit(6, 5, 150 + m) for m in range(3)]
-    obj = build_objective(ObjectiveConfig(name=name, negatives="n_squared"), MODS).double()
+    obj = build_objective(objective_config(name=name, negatives="n_squared"), MODS).double()
     emb = dict(zip(MODS, xs))
     full = {m: torch.ones(6, dtype=torch.bool) for m in MODS}
     assert torch.equal(obj(emb, full), obj(emb))
@@ -387,7 +393,7 @@ def test_fully_present_mask_gives_exactly_the_same_loss(name):
 @pytest.mark.parametrize("mode", ["all_pairs", "anchor"])
 def test_clip_mask_skips_absent_pairs(mode):
     zs, xs = on_sphere(*(unit(6, 5, 160 + m) for m in range(3)))
-    obj = build_objective(ObjectiveConfig(name="clip", mode=mode), MODS).double()
+    obj = build_objective(objective_config(name="clip", mode=mode), MODS).double()
     got = obj(dict(zip(MODS, _masked(xs, PRESENT))), _masks(PRESENT))
     s = obj.logit_scale.exp()
     pairs = list(itertools.combinations(range(3), 2)) if mode == "all_pairs" else [(2, 0), (2, 1)]
@@ -418,7 +424,7 @@ def test_siglip_mask_uses_present_pairs():
 
 def test_symile_mask_uses_present_modalities():
     zs, xs = on_sphere(*(unit(6, 4, 180 + m) for m in range(3)))
-    obj = build_objective(ObjectiveConfig(name="symile", negatives="n_squared"), MODS).double()
+    obj = build_objective(objective_config(name="symile", negatives="n_squared"), MODS).double()
     got = obj(dict(zip(MODS, _masked(xs, PRESENT))), _masks(PRESENT))
     ref = ref_symile_n_squared(xs, obj.logit_scale.exp(), PRESENT)
     assert_close(got, ref)
@@ -428,7 +434,7 @@ def test_symile_mask_uses_present_modalities():
 
 def test_gram_mask_uses_present_modalities():
     zs, xs = on_sphere(*(unit(6, 5, 190 + m) for m in range(3)))
-    obj = build_objective(ObjectiveConfig(name="gram"), MODS).double()  # anchor: text (column 2)
+    obj = build_objective(objective_config(name="gram"), MODS).double()  # anchor: text (column 2)
     got = obj(dict(zip(MODS, _masked(xs, PRESENT))), _masks(PRESENT))
     order = [2, 0, 1]
     present = PRESENT[:, order]
@@ -442,7 +448,7 @@ def test_gram_mask_uses_present_modalities():
 @pytest.mark.parametrize("name", ["clip", "siglip", "symile", "gram"])
 def test_learned_missing_embedding_substitutes_absent_rows(name):
     xs = [unit(6, 5, 200 + m) for m in range(3)]
-    obj = build_objective(ObjectiveConfig(name=name, missing="learned"), MODS, embed_dim=5).double()
+    obj = build_objective(objective_config(name=name, missing="learned"), MODS, embed_dim=5).double()
     torch.manual_seed(0)
     got = obj(dict(zip(MODS, _masked(xs, PRESENT))), _masks(PRESENT))
     filled = {m: torch.where(PRESENT[:, k, None], xs[k], F.normalize(obj.missing_embedding[m], dim=0))
@@ -459,7 +465,7 @@ def test_learned_missing_embedding_substitutes_absent_rows(name):
 
 @pytest.mark.parametrize("name", ["clip", "siglip", "symile", "gram"])
 def test_bad_inputs_raise_value_errors(name):
-    obj = build_objective(ObjectiveConfig(name=name), MODS)
+    obj = build_objective(objective_config(name=name), MODS)
     good = {m: unit(4, 3, 210 + k, torch.float32) for k, m in enumerate(MODS)}
     with pytest.raises(ValueError, match=r"share N and D.*\(5, 3\)"):
         obj({**good, "audio": unit(5, 3, 0, torch.float32)})
@@ -500,13 +506,13 @@ def test_bad_functional_inputs_and_config():
     with pytest.raises(ValueError, match="offset"):
         clip_loss(x, y, 10.0, x_all=x, y_all=y, offset=2)
     with pytest.raises(ValueError, match="unknown objective 'vicreg'"):
-        build_objective(ObjectiveConfig(name="vicreg"), MODS)  # type: ignore[arg-type]
+        build_objective(dataclasses.replace(ClipConfig(), name="vicreg"), MODS)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at least 2 distinct modalities"):
-        build_objective(ObjectiveConfig(name="clip"), ["video"])
+        build_objective(objective_config(name="clip"), ["video"])
     with pytest.raises(ValueError, match="anchor 'text'"):
-        build_objective(ObjectiveConfig(name="gram"), ["video", "audio"])
+        build_objective(objective_config(name="gram"), ["video", "audio"])
     with pytest.raises(ValueError, match="embed_dim"):
-        build_objective(ObjectiveConfig(name="clip", missing="learned"), MODS)
+        build_objective(objective_config(name="clip", missing="learned"), MODS)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -525,7 +531,7 @@ def aligned(n: int, d: int, seed: int) -> torch.Tensor:
                                           (["video", "audio"], ["text", "depth"])])
 def test_score_ranks_the_true_match_first(name, query, cands):
     emb = {m: aligned(8, 16, 230 + k) for k, m in enumerate(MODS + ["depth"])}
-    obj = build_objective(ObjectiveConfig(name=name), MODS + ["depth"])
+    obj = build_objective(objective_config(name=name), MODS + ["depth"])
     perm = torch.randperm(8, generator=torch.Generator().manual_seed(1))
     scores = obj.score({m: emb[m] for m in query}, {m: emb[m][perm] for m in cands})
     assert scores.shape == (8, 8)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from mmcl.config import ObjectiveConfig
+from mmcl.config import ObjectiveConfig, from_dict
 from mmcl.objectives import build_objective
 
 WORLD = 2
@@ -51,8 +51,8 @@ def _run_case(rank: int, sizes: list[int], cfg: dict, modalities: list[str], mas
     emb, present = _global_batch(n, modalities, masked, seed)
     what = f"{cfg} M={len(modalities)} masked={masked} sizes={sizes} rank={rank}"
 
-    objective = build_objective(ObjectiveConfig(**cfg, gather=True), modalities).double()
-    single = build_objective(ObjectiveConfig(**cfg, gather=False), modalities).double()
+    objective = build_objective(from_dict(ObjectiveConfig, {**cfg, "gather": True}), modalities).double()
+    single = build_objective(from_dict(ObjectiveConfig, {**cfg, "gather": False}), modalities).double()
     single.load_state_dict(objective.state_dict())
 
     local = {m: x[sl].clone().requires_grad_(True) for m, x in emb.items()}

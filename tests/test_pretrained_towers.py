@@ -40,13 +40,13 @@ from transformers import (
 )
 
 from data_tools.check import validate_shards
-from mmcl.config import ConfigError, ModelConfig, ObjectiveConfig, from_dict
+from mmcl.config import ClipConfig, ConfigError, ModelConfig, from_dict
 from mmcl.data.synthetic import encode_flac, generate_sample
 from mmcl.hub import model_files
 from mmcl.model import MultimodalModel
 from mmcl.modalities import build_processor, build_tower
 from mmcl.modalities.audio import HFAudioTower
-from mmcl.train.loop import apply_tower_controls
+from mmcl.train.optim import apply_tower_controls
 
 SR = 16000
 WORDS = "a an the red green blue small big circle square triangle moves left right up down slowly quickly while " \
@@ -304,7 +304,7 @@ def test_save_pretrained_is_self_contained(dirs: dict[str, Path], tmp_path: Path
     shutil.copytree(dirs["wav2vec2"], audio_dir)
     torch.manual_seed(0)
     model = MultimodalModel(from_dict(ModelConfig, {"embed_dim": 8, "modalities": {
-        "text": text_spec(text_dir), "audio": audio_spec(audio_dir)}}, "model"), ObjectiveConfig()).eval()
+        "text": text_spec(text_dir), "audio": audio_spec(audio_dir)}}, "model"), ClipConfig()).eval()
     text, audio = model.processors["text"], model.processors["audio"]
     batch = {"text": text.collate([text.transform(text.tokenize(c), train=False) for c in CAPTIONS[:2]]),
              "audio": audio.collate([audio.transform(torch.from_numpy(w), train=False) for w in clips()])}

@@ -37,7 +37,8 @@ from mmcl.model import MultimodalModel
 from mmcl.modalities import build_processor, build_tower
 from mmcl.modalities.timm_towers import TimmVideoTower
 from mmcl.modalities.video import uniform_indices
-from mmcl.train.loop import apply_tower_controls, seed_everything, train
+from mmcl.train.loop import seed_everything, train
+from mmcl.train.optim import apply_tower_controls
 
 T, S = 4, 32  # frames per clip, frame size
 #: timm's test ViT, 2 blocks of width 64 on 32 px, its input size fixed like the real ViTs'.

@@ -19,12 +19,13 @@ from test_distributed import Runs, check_like_one_process, tiny_config
 from test_named_models import vit_block
 from test_vector import ONE_HOT_DIM, four_modal_data, one_hot  # noqa: F401  (four_modal_data: a fixture)
 
-from mmcl.config import Config, ConfigError, ModelConfig, ObjectiveConfig, from_dict, load_config
+from mmcl.config import ClipConfig, Config, ConfigError, ModelConfig, from_dict, load_config
 from mmcl.model import MultimodalModel
 from mmcl.modalities import Processor, register_processor, register_tower
 from mmcl.modalities.vector import VectorConfig, VectorTower, VectorTowerConfig
 from mmcl.shared import TRUNK, build_shared_towers, encode_shared
-from mmcl.train.loop import apply_tower_controls, param_groups, parameter_report, seed_everything, train
+from mmcl.train.loop import seed_everything, train
+from mmcl.train.optim import apply_tower_controls, param_groups, parameter_report
 
 WIDTH = 32
 
@@ -40,7 +41,7 @@ def shared_spec(data: Path, **trunk: Any) -> dict[str, Any]:
 
 def build(spec: dict[str, Any]) -> MultimodalModel:
     torch.manual_seed(0)
-    return MultimodalModel(from_dict(ModelConfig, spec, "model"), ObjectiveConfig())
+    return MultimodalModel(from_dict(ModelConfig, spec, "model"), ClipConfig())
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_grad_checkpointing_of_the_trunk_changes_nothing(synthetic_data: Path):
 
     def grads() -> dict[str, torch.Tensor]:
         model.zero_grad()
-        model(x).backward()
+        model.objective(model(x)).backward()
         return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
     plain = grads()

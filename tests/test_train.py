@@ -27,14 +27,9 @@ from mmcl.train.checkpoint import (
     resolve_resume,
     write_state,
 )
-from mmcl.train.loop import (
-    apply_tower_controls,
-    deepspeed_config,
-    param_groups,
-    parameter_report,
-    seed_everything,
-    train,
-)
+from mmcl.train.loop import seed_everything, train
+from mmcl.train.optim import apply_tower_controls, param_groups, parameter_report
+from mmcl.train.zero import deepspeed_config
 
 STEPS = 4
 BATCH = 8
@@ -139,6 +134,46 @@ def test_parameter_report_and_lrs_follow_the_controls(synthetic_data: Path) -> N
     assert lr_of["towers.audio.trunk.blocks.0.mlp.fc1.weight"] == lr_of["heads.audio.weight"] == 2e-3
     assert lr_of["heads.text.weight"] == lr_of["objective.logit_scale"] == cfg.train.lr
     assert lr_of["towers.video.trunk.blocks.0.attn.qkv.weight"] is None  # frozen: not optimised
+
+
+#: The weight-decay rule before the modules declared no_weight_decay(): 1-D and 0-D parameters and these
+#: substrings of a parameter's name.
+SUBSTRING_RULE = ("logit_scale", "logit_bias", "temperature", "missing")
+
+
+@pytest.mark.parametrize("missing", ["present", "learned"])
+@pytest.mark.parametrize("objective", ["clip", "siglip", "symile", "gram"])
+@pytest.mark.parametrize("named", ["tiny", "tiny_shared"])
+def test_no_weight_decay_sets_equal_the_substring_rule(synthetic_data: Path, named: str, objective: str,
+                                                       missing: str) -> None:
+    """The parameters the modules declare (plus every one with ndim < 2) are exactly those the substring
+    rule left undecayed, for the named models with every objective."""
+    cfg = load_config(base={"model": named}, overrides=[
+        f"model.modalities.text.tokenizer={synthetic_data / 'tokenizer.model'}", f"objective.name={objective}",
+        f"objective.missing={missing}"])
+    model = MultimodalModel(cfg.model, cfg.objective)
+    decay = {id(p): g["weight_decay"] for g in param_groups(model, cfg, {}) for p in g["params"]}
+    undecayed = {name for name, p in model.named_parameters() if decay[id(p)] == 0.0}
+    by_rule = {name for name, p in model.named_parameters()
+               if p.ndim < 2 or any(s in name for s in SUBSTRING_RULE)}
+    assert undecayed == by_rule
+    assert {name for name, p in model.named_parameters() if decay[id(p)] == cfg.train.weight_decay} == \
+        {name for name, _ in model.named_parameters()} - by_rule
+    declared = {f"objective.{n}" for n in model.objective.no_weight_decay()}
+    assert declared <= undecayed and any(n.startswith("objective.missing_embedding.") for n in declared) == (
+        missing == "learned")
+
+
+@pytest.mark.parametrize(("control", "message"), [
+    ("train.towers.text.lokc=true", "train.towers.text.lokc: unknown field (allowed: frozen_blocks, "
+                                    "grad_checkpointing, lock, lr, unlocked_blocks)"),
+    ("train.towers.text.lock=3", "train.towers.text.lock: expected true or false, got 3"),
+    ("train.towers.text.unlocked_blocks=1", "train.towers.text.unlocked_blocks: only meaningful with lock: true"),
+])
+def test_tower_controls_are_typed_with_one_line_errors(synthetic_data: Path, control: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        make_config(synthetic_data, control)
+    assert str(e.value) == message
 
 
 def test_resume_from_a_checkpoint_is_exact(baseline: Path, synthetic_data: Path, tmp_path: Path) -> None:

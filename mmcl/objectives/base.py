@@ -19,13 +19,15 @@ Conventions shared by all objectives:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmcl.config import ObjectiveConfig
 from mmcl.objectives import gather
 
 #: Allowed deviation of an embedding's L2 norm from 1, by dtype.
@@ -198,9 +200,10 @@ def mean_terms(terms: Sequence[Tensor | None], what: str) -> Tensor:
 class Objective(nn.Module):
     """A contrastive objective over ``{modality: [N, D]}`` embeddings.
 
-    Subclasses implement :meth:`forward` (the scalar loss) and :meth:`score` (retrieval scores, higher =
-    better) and set :attr:`score_kind`. The learnable scale lives in log space as ``logit_scale`` (or
-    ``log_temperature``), so optimizers can exclude it from weight decay by name.
+    Subclasses implement :meth:`loss` (the scalar loss of a prepared batch) and :meth:`score` (retrieval
+    scores, higher = better) and set :attr:`score_kind`. The learnable scale lives in log space as
+    ``logit_scale`` (or ``log_temperature``); :attr:`scalars` names it (and a bias) for
+    :meth:`no_weight_decay`.
 
     Args:
         modalities: the modality names this objective accepts, in a fixed order.
@@ -211,6 +214,8 @@ class Objective(nn.Module):
     """
 
     score_kind: str
+    #: The objective's scalar parameters (never weight-decayed).
+    scalars: tuple[str, ...] = ("logit_scale",)
 
     def __init__(self, modalities: Sequence[str], *, max_logit_scale: float = 100.0,
                  missing: str = "present", embed_dim: int | None = None, gather: bool = True):
@@ -233,6 +238,14 @@ class Objective(nn.Module):
     @staticmethod
     def _log_parameter(value: float, learn: bool) -> nn.Parameter:
         return nn.Parameter(torch.tensor(math.log(value)), requires_grad=learn)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters an optimizer must not weight-decay (as timm's / open_clip's): the scalars
+        and the learned missing embeddings."""
+        names = set(self.scalars)
+        if self.missing == "learned":
+            names |= {f"missing_embedding.{m}" for m in self.modalities}
+        return names
 
     def clamp_(self) -> None:
         """Clamp the scale in place (``s <= max_logit_scale``); call after each optimizer step."""
@@ -326,3 +339,38 @@ def check_score_inputs(query: dict[str, Tensor], candidates: dict[str, Tensor]) 
     if q[0].shape[1] != c[0].shape[1]:
         raise ValueError(f"score(): query dim {q[0].shape[1]} != candidate dim {c[0].shape[1]}")
     return q, c
+
+
+#: Objective name -> builder(its config, modalities, embed_dim); one registration per objective file.
+OBJECTIVES: dict[str, Callable[[Any, list[str], int | None], Objective]] = {}
+
+Builder = TypeVar("Builder", bound=Callable[..., Objective])
+
+
+def register_objective(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: register ``builder(cfg, modalities, embed_dim) -> Objective`` under ``objective.name``."""
+    def register(builder: Builder) -> Builder:
+        if name in OBJECTIVES:
+            raise ValueError(f"objective {name!r} is registered twice")
+        OBJECTIVES[name] = builder
+        return builder
+    return register
+
+
+def common_options(cfg: ObjectiveConfig, embed_dim: int | None) -> dict[str, Any]:
+    """The :class:`Objective` keywords every objective's config carries."""
+    return {"max_logit_scale": cfg.max_logit_scale, "missing": cfg.missing, "embed_dim": embed_dim,
+            "gather": cfg.gather}
+
+
+def build_objective(cfg: ObjectiveConfig, modalities: Sequence[str], embed_dim: int | None = None) -> Objective:
+    """The objective ``cfg.name`` over ``modalities`` (in that order).
+
+    Args:
+        cfg: the objective section of the config.
+        modalities: the modality names the model embeds (at least 2).
+        embed_dim: the embedding size ``D``; required only for ``cfg.missing == "learned"``.
+    """
+    if cfg.name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {cfg.name!r} (available: {', '.join(sorted(OBJECTIVES))})")
+    return OBJECTIVES[cfg.name](cfg, list(modalities), embed_dim)

@@ -29,9 +29,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from mmcl.config import GramConfig
 from mmcl.objectives.base import (Batch, Objective, ce_rows, check_embeddings, check_present, check_score_inputs,
-                                  check_shapes, diagonal_ce, local_form, mask_columns,
-                                  mean_valid)
+                                  check_shapes, common_options, diagonal_ce, local_form, mask_columns, mean_valid,
+                                  register_objective)
 
 #: Lower clamp of ``det G`` before the square root (volumes are at least ``sqrt(DET_EPS)``).
 DET_EPS = 1e-6
@@ -213,6 +214,7 @@ class GramObjective(Objective):
     """
 
     score_kind = "volume"
+    scalars = ("log_temperature",)
 
     def __init__(self, modalities: Sequence[str], *, anchor: str = "text", init_temperature: float = 0.07,
                  learn_temperature: bool = True, **kwargs) -> None:
@@ -253,3 +255,9 @@ class GramObjective(Objective):
         else:
             det = _schur_det(q, c)
         return -det.clamp_min(DET_EPS).sqrt()
+
+
+@register_objective("gram")
+def build_gram(cfg: GramConfig, modalities: list[str], embed_dim: int | None) -> GramObjective:
+    return GramObjective(modalities, anchor=cfg.anchor, init_temperature=cfg.init_temperature,
+                         learn_temperature=cfg.learn_logit_scale, **common_options(cfg, embed_dim))

@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmcl.config import ClipConfig, SiglipConfig
 from mmcl.objectives.base import (Batch, Objective, ce_rows, check_embeddings, check_score_inputs, check_shapes,
-                                  diagonal_ce, local_form, mask_columns, mean_terms, mean_valid)
+                                  common_options, diagonal_ce, local_form, mask_columns, mean_terms, mean_valid,
+                                  register_objective)
 
 
 def _local_slice(mask: Tensor | None, offset: int, n: int) -> Tensor | None:
@@ -202,11 +204,10 @@ class PairwiseObjective(Objective):
 class ClipObjective(PairwiseObjective):
     """CLIP / InfoNCE (``logit_scale`` = log s, init ``log(1/0.07)`` unless given)."""
 
-    def __init__(self, modalities: Sequence[str], *, init_logit_scale: float | None = None,
+    def __init__(self, modalities: Sequence[str], *, init_logit_scale: float = 1 / 0.07,
                  learn_logit_scale: bool = True, **kwargs) -> None:
         super().__init__(modalities, **kwargs)
-        init = 1 / 0.07 if init_logit_scale is None else init_logit_scale
-        self.logit_scale = self._log_parameter(init, learn_logit_scale)
+        self.logit_scale = self._log_parameter(init_logit_scale, learn_logit_scale)
 
     def pair_rows(self, batch: Batch, a: int, b: int) -> tuple[Tensor, Tensor | None]:
         pa, pb = (None, None) if batch.present is None else (batch.present[:, a], batch.present[:, b])
@@ -219,11 +220,12 @@ class SiglipObjective(PairwiseObjective):
     """SigLIP (``logit_scale`` = log s, init ``log 10``; ``logit_bias`` init -10, learned iff the scale is).
     Pair (m, n) uses m as rows against all n (the sum over all (i, j) pairs covers both directions)."""
 
-    def __init__(self, modalities: Sequence[str], *, init_logit_scale: float | None = None,
+    scalars = ("logit_scale", "logit_bias")
+
+    def __init__(self, modalities: Sequence[str], *, init_logit_scale: float = 10.0,
                  learn_logit_scale: bool = True, init_logit_bias: float = -10.0, **kwargs) -> None:
         super().__init__(modalities, **kwargs)
-        init = 10.0 if init_logit_scale is None else init_logit_scale
-        self.logit_scale = self._log_parameter(init, learn_logit_scale)
+        self.logit_scale = self._log_parameter(init_logit_scale, learn_logit_scale)
         self.logit_bias = torch.nn.Parameter(torch.tensor(float(init_logit_bias)), requires_grad=learn_logit_scale)
 
     def pair_rows(self, batch: Batch, a: int, b: int) -> tuple[Tensor, Tensor | None]:
@@ -234,3 +236,16 @@ class SiglipObjective(PairwiseObjective):
 
     def logs(self) -> dict[str, float]:
         return {**super().logs(), "logit_bias": float(self.logit_bias.detach())}
+
+
+@register_objective("clip")
+def build_clip(cfg: ClipConfig, modalities: list[str], embed_dim: int | None) -> ClipObjective:
+    return ClipObjective(modalities, mode=cfg.mode, anchor=cfg.anchor, init_logit_scale=cfg.init_logit_scale,
+                         learn_logit_scale=cfg.learn_logit_scale, **common_options(cfg, embed_dim))
+
+
+@register_objective("siglip")
+def build_siglip(cfg: SiglipConfig, modalities: list[str], embed_dim: int | None) -> SiglipObjective:
+    return SiglipObjective(modalities, mode=cfg.mode, anchor=cfg.anchor, init_logit_scale=cfg.init_logit_scale,
+                           learn_logit_scale=cfg.learn_logit_scale, init_logit_bias=cfg.init_logit_bias,
+                           **common_options(cfg, embed_dim))

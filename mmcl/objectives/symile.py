@@ -29,9 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from mmcl.config import SymileConfig
 from mmcl.objectives import gather
-from mmcl.objectives.base import (Batch, Objective, ce_rows, check_embeddings, check_present, check_score_inputs,
-                                  check_shapes, local_form, mean_terms, mean_valid)
+from mmcl.objectives.base import (Batch, Objective, check_embeddings, check_present, check_score_inputs,
+                                  check_shapes, common_options, local_form, mean_terms, mean_valid,
+                                  register_objective)
 from mmcl.objectives.pairwise import clip_rows
 
 #: Elements of one streamed block (anchor rows x leading combinations x (N + 2 D)) in ``n_squared``.
@@ -267,13 +269,12 @@ class SymileObjective(Objective):
 
     score_kind = "mip"
 
-    def __init__(self, modalities: Sequence[str], *, negatives: str = "n", init_logit_scale: float | None = None,
+    def __init__(self, modalities: Sequence[str], *, negatives: str = "n", init_logit_scale: float = 1 / 0.07,
                  learn_logit_scale: bool = True, **kwargs) -> None:
         super().__init__(modalities, **kwargs)
         _check_negatives(negatives)
         self.negatives = negatives
-        init = 1 / 0.07 if init_logit_scale is None else init_logit_scale
-        self.logit_scale = self._log_parameter(init, learn_logit_scale)
+        self.logit_scale = self._log_parameter(init_logit_scale, learn_logit_scale)
 
     def loss(self, batch: Batch) -> Tensor:
         s = self.logit_scale.exp()
@@ -297,3 +298,9 @@ class SymileObjective(Objective):
         """``s * (prod_q x_q) @ (prod_c x_c)^T``: ``[Nq, Nc]``, the MIP of each query with each candidate."""
         q, c = check_score_inputs(query, candidates)
         return self.logit_scale.exp() * _product(q) @ _product(c).T
+
+
+@register_objective("symile")
+def build_symile(cfg: SymileConfig, modalities: list[str], embed_dim: int | None) -> SymileObjective:
+    return SymileObjective(modalities, negatives=cfg.negatives, init_logit_scale=cfg.init_logit_scale,
+                           learn_logit_scale=cfg.learn_logit_scale, **common_options(cfg, embed_dim))

@@ -14,12 +14,19 @@ import os
 import random
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
+
+from mmcl.config import Config, ConfigError, to_dict
+
+if TYPE_CHECKING:
+    from mmcl.model import MultimodalModel
+    from mmcl.train.engine import Engine
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp_step_"
@@ -111,3 +118,39 @@ def resolve_resume(spec: str, ckpt_root: Path) -> Path | None:
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return load_file(str(path / WEIGHTS)), torch.load(path / STATE, weights_only=False)
+
+
+def check_resume(path: Path, weights: dict[str, torch.Tensor], state: dict[str, Any], model: MultimodalModel,
+                 engine: Engine) -> None:
+    """One-line errors for a checkpoint this run cannot continue from, before anything is trained."""
+    theirs = {k: tuple(v.shape) for k, v in weights.items()}
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if theirs != ours:
+        diff = sorted(set(theirs) ^ set(ours)) or sorted(k for k in ours if theirs[k] != ours[k])
+        raise ConfigError(f"--resume {path}: the checkpoint holds another model (first difference: {diff[0]})")
+    if len(state["rng"]) != engine.world:
+        raise ConfigError(f"--resume {path}: written by {len(state['rng'])} rank(s), resumed with {engine.world}")
+    engine.check_checkpoint(path, state)
+
+
+def save_training_checkpoint(engine: Engine, scheduler: torch.optim.lr_scheduler.LRScheduler, ckpt_root: Path,
+                             cfg: Config, position: dict[str, int], skipped: Counter,
+                             epoch_rng: dict[str, Any]) -> None:
+    """``step_N/``: the save_pretrained files (config.json, fp32 model.safetensors, tokenizer: loadable by
+    ``from_pretrained``), ``state.pt`` (scheduler, every rank's RNG states, data position and the engine's
+    entries: optimizer, grad scaler) and what the engine writes itself (DeepSpeed: every rank's partitions
+    in ``deepspeed/``). Written into a temporary directory that the main process renames into place once all
+    ranks are done; every rank calls it."""
+    rngs = engine.gather_object([{"now": rng_state(), "epoch_start": epoch_rng}])
+    tmp = Path(engine.broadcast_object(str(checkpoint_tmp_dir(ckpt_root, position["step"]))
+                                       if engine.is_main else None))
+    engine_state = engine.save_state(tmp)
+    weights = engine.full_state_dict()
+    if engine.is_main:
+        engine.inner.save_pretrained(tmp, state_dict=weights)
+        write_state(tmp, {"scheduler": scheduler.state_dict(), "rng": rngs, "config": to_dict(cfg),
+                          "skipped": dict(skipped), **position, **engine_state})
+    engine.wait()
+    if engine.is_main:
+        commit_checkpoint(tmp, ckpt_root, position["step"], cfg.train.keep_last)
+    engine.wait()

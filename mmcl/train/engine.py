@@ -1,0 +1,193 @@
+"""The engine under the training loop: one interface over how a step is distributed, picked once per run by
+:func:`make_engine` from the config and the launcher.
+
+* :class:`AccelerateEngine`: single process (CPU/GPU) and DDP (``torchrun`` / ``accelerate launch``).
+* :class:`mmcl.train.zero.ZeroEngine`: DeepSpeed ZeRO-1/2/3 through accelerate's DeepSpeed plugin
+  (``train.deepspeed``, or a DeepSpeed config given to ``accelerate launch``).
+
+The loop drives either one the same way: ``prepare`` the model and optimizer, ``backward`` each
+micro-batch's loss (``last`` marks the accumulation boundary, the others run under ``no_sync``), ``step``
+(clip, optimizer step, zero_grad, the objective's clamp), ``save_state`` / ``load_state`` into a
+checkpoint directory, ``full_state_dict`` / ``export`` for the plain fp32 model, ``objective_logs`` for the
+log, and the few collectives the loop needs.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, gather_object
+from torch import nn
+
+from mmcl.config import Config, ConfigError
+from mmcl.model import MultimodalModel
+
+
+class Engine:
+    """How the wrapped model is stepped, saved and gathered; see the module doc. ``model`` is the wrapped
+    model (call it for embeddings), ``inner`` the plain :class:`MultimodalModel` inside it."""
+
+    def __init__(self, accelerator: Accelerator, cfg: Config):
+        self.accelerator = accelerator
+        self.cfg = cfg
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.is_main = accelerator.is_main_process
+        self.device = accelerator.device
+        self.model: nn.Module
+        self.inner: MultimodalModel
+        self.optimizer: torch.optim.Optimizer
+        #: The model's own parameter shapes (an engine may reshape parameters; exports restore them).
+        self.shapes: dict[str, torch.Size] = {}
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def prepare(self, model: MultimodalModel, optimizer: torch.optim.Optimizer) -> None:
+        """Wrap ``model`` and ``optimizer`` (built on ``model``'s parameters) for this launch."""
+        self.shapes = {k: v.shape for k, v in model.state_dict().items()}
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.inner = self.accelerator.unwrap_model(self.model)
+
+    def no_sync(self) -> AbstractContextManager:
+        """Context of the micro-batches before the accumulation boundary (no gradient all-reduce)."""
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Backward of one micro-batch's loss; ``last``: the accumulation boundary (the step follows)."""
+        raise NotImplementedError
+
+    def step(self) -> None:
+        """After the boundary's backward: clip, optimizer step, zero the gradients, clamp the objective."""
+        raise NotImplementedError
+
+    def objective_logs(self) -> dict[str, float]:
+        """The objective's scalars (logit scale ...); a collective where parameters are partitioned."""
+        return self.inner.objective.logs()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's fp32 weights in the model's own shapes (a collective: every rank gets them)."""
+        raise NotImplementedError
+
+    def export(self) -> MultimodalModel:
+        """A plain single-device model with the trained fp32 weights, for save and eval (a collective)."""
+        return self.inner
+
+    def save_state(self, directory: Path) -> dict[str, Any]:
+        """Write this rank's engine state into the checkpoint ``directory``; returns the entries for
+        ``state.pt`` (written by the main process). Every rank calls it."""
+        state = {}
+        if self.accelerator.scaler is not None:
+            state["scaler"] = self.accelerator.scaler.state_dict()
+        return state
+
+    def load_state(self, directory: Path, state: dict[str, Any]) -> None:
+        """Restore what :meth:`save_state` wrote (after :meth:`prepare`)."""
+        if self.accelerator.scaler is not None and state.get("scaler"):
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+
+    def check_checkpoint(self, directory: Path, state: dict[str, Any]) -> None:
+        """One-line error for a checkpoint written by another kind of engine."""
+        raise NotImplementedError
+
+    # -- collectives -----------------------------------------------------------------------------------
+    def mean(self, value: torch.Tensor) -> float:
+        """The mean of a scalar over ranks."""
+        return (self.accelerator.reduce(value, "mean") if self.world > 1 else value).item()
+
+    def gather_object(self, items: list[Any]) -> list[Any]:
+        """Every rank's ``items``, concatenated in rank order."""
+        return gather_object(items) if self.world > 1 else items
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """The main process's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        holder = [obj]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def wait(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def end(self) -> None:
+        self.accelerator.end_training()
+
+
+class AccelerateEngine(Engine):
+    """Single process or DDP through accelerate (autocast and the fp16 grad scaler included)."""
+
+    def describe(self) -> str:
+        return "no DeepSpeed"
+
+    def no_sync(self) -> AbstractContextManager:
+        return self.accelerator.no_sync(self.model)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.accelerator.backward(loss)
+
+    def step(self) -> None:
+        if self.cfg.train.clip_grad > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.inner.objective.clamp_()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().cpu() for k, v in self.inner.state_dict().items()}
+
+    def save_state(self, directory: Path) -> dict[str, Any]:
+        return {**super().save_state(directory), "optimizer": self.optimizer.state_dict()}
+
+    def load_state(self, directory: Path, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        super().load_state(directory, state)
+
+    def check_checkpoint(self, directory: Path, state: dict[str, Any]) -> None:
+        if "optimizer" not in state:
+            raise ConfigError(f"--resume {directory}: written under DeepSpeed, resumed without it")
+
+
+def make_accelerator(cfg: Config, model: nn.Module) -> Accelerator:
+    """The Accelerator for this launch (DeepSpeed when ``train.deepspeed`` or ``accelerate launch`` names a
+    config; ``model`` sizes its "auto" buckets)."""
+    cuda = torch.cuda.is_available()
+    precision = cfg.train.precision if cuda else "fp32"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # On CPU accelerate must be told gloo, else it believes the world size is 1 (see shared/ENV.md).
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if world > 1 and not cuda else []
+    kwargs: dict[str, Any] = {}
+    ds_path = cfg.train.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if ds_path:
+        from accelerate.utils import DeepSpeedPlugin
+
+        from mmcl.train.zero import bucket_size, deepspeed_config
+
+        os.environ.pop("ACCELERATE_DEEPSPEED_CONFIG_FILE", None)
+        ds_config = deepspeed_config(cfg, ds_path, world, bucket_size(model))
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config)
+    # accelerate drops a DeepSpeed plugin without a word when told cpu=True; it runs on CPU regardless.
+    accelerator = Accelerator(cpu=not cuda and not ds_path, kwargs_handlers=handlers,
+                              mixed_precision={"fp32": "no"}.get(precision, precision), **kwargs)
+    if accelerator.num_processes != world:
+        raise ConfigError(f"the launcher started {world} process(es) but accelerate sees "
+                          f"{accelerator.num_processes}: check the launcher settings")
+    if bool(ds_path) != (accelerator.state.deepspeed_plugin is not None):
+        hint = " (ACCELERATE_USE_CPU=1 in the environment drops it)" if os.environ.get("ACCELERATE_USE_CPU") else ""
+        raise ConfigError(f"DeepSpeed config {ds_path} given but accelerate set up "
+                          f"{accelerator.distributed_type}{hint}")
+    return accelerator
+
+
+def make_engine(cfg: Config, model: nn.Module) -> Engine:
+    """The engine of this launch: DeepSpeed's when accelerate set up its plugin, else accelerate's."""
+    accelerator = make_accelerator(cfg, model)
+    if accelerator.state.deepspeed_plugin is None:
+        return AccelerateEngine(accelerator, cfg)
+    from mmcl.train.zero import ZeroEngine
+
+    return ZeroEngine(accelerator, cfg)
