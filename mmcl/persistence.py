@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmcl.config import FORMAT_VERSION, upgrade_config
+from mmcl.config import upgrade_config
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
