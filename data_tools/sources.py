@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmcl.config import ConfigError
+from mmcl.errors import DataError
 
 #: Extensions read as video (any container ffmpeg reads; a still image in a video column works too).
 VIDEO_EXTS = frozenset({"mp4", "m4v", "webm", "mkv", "avi", "mov", "ogv", "mpg", "mpeg", "ts", "mts", "m2ts",
@@ -58,7 +58,7 @@ _KNOWN = ("key", "video", "audio", "image", "text", "start", "end", "captions", 
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
 
 
-class BuildError(ConfigError):
+class BuildError(DataError):
     """A build cannot start or go on: unreadable manifest or folder, unusable output (one line, naming the path)."""
 
 

@@ -8,8 +8,10 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from mmcl.config import CONFIG_DIR, ConfigError, ModelConfig, from_dict, named_model
+from mmcl.config import CONFIG_DIR, ConfigError, ModelConfig, apply_overrides, from_dict, named_model, parse_override
+from mmcl.errors import HubError, MmclError
 
 
 def _add_train(sub) -> None:
@@ -71,12 +73,15 @@ def _add_shards(sub) -> None:
     i.add_argument("shards", help="brace-expanded shard spec, e.g. data/shard-{000000..000009}.tar")
     i.add_argument("--samples", type=int, default=3, help="samples to show (default: 3)")
     i.add_argument("--json", action="store_true", help="print the full result as JSON")
-    v = ss.add_parser("validate", help="decode every sample with the training decoders; exit 1 if any is bad")
+    v = ss.add_parser("validate", help="read every sample as the training loader does; exit 1 if any is bad")
     v.add_argument("shards", help="brace-expanded shard spec")
     v.add_argument("--model", default="tiny", help="model config whose modalities decode (name or YAML; default: tiny)")
     v.add_argument("--tokenizer", help="sentencepiece model for the text modality (default: tokenizer.model "
                                        "beside the shards, else a throwaway one)")
     v.add_argument("--workers", type=int, default=0, help="processes, one shard each at a time (default: 0)")
+    v.add_argument("--on-missing", choices=["skip", "mask"], default="skip",
+                   help="a sample lacking a modality is bad (skip, as data.on_missing: skip) or good while it has "
+                        "one (mask) (default: skip)")
     v.add_argument("--json", action="store_true", help="print the full result as JSON")
 
 
@@ -132,6 +137,16 @@ def _add_demo(sub) -> None:
                    help="override a field of configs/train/demo.yaml")
 
 
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the named model configs with their parameters per tower",
+                       description="Build every named model config (configs/models) on the meta device and print "
+                                   "its parameters per tower. A config that does not build is one line on stderr "
+                                   "and the exit status is 1.")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="override a field in every named config that has the field's parent, e.g. --set "
+                        "model.modalities.text.tokenizer=data/mine/tokenizer.model (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmcl", description="audio-visual-text contrastive pretraining")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -143,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_push(sub)
     _add_shards(sub)
     _add_demo(sub)
-    sub.add_parser("models", help="list the named model configs with their parameters per tower")
+    _add_models(sub)
     return parser
 
 
@@ -172,7 +187,8 @@ def cmd_eval(args) -> int:
 
 def cmd_push(args) -> int:
     import yaml
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError
 
     from mmcl.hub import push_to_hub, read_eval_dir
 
@@ -186,10 +202,10 @@ def cmd_push(args) -> int:
     try:
         url = push_to_hub(model_dir, args.repo_id, private=args.private, records=records, train_config=config,
                           commit_message=args.message)
-    except (HfHubHTTPError, ConnectionError) as e:
+    except (HTTPError, ConnectionError) as e:  # HTTPError: the transport's (refused, timed out) and the Hub's answers
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"mmcl push: error: {args.repo_id}: {first}", file=sys.stderr)
-        return 1
+        where = "" if isinstance(e, HfHubHTTPError) else f"cannot reach {constants.ENDPOINT}: "
+        raise HubError(f"{args.repo_id}: {where}{first}") from None
     print(f"pushed {model_dir} to {args.repo_id}: {url}")
     return 0
 
@@ -214,7 +230,8 @@ def cmd_shards(args) -> int:
     elif args.shards_cmd == "validate":
         from data_tools.check import format_validation, validate_shards
 
-        result = validate_shards(args.shards, model=args.model, tokenizer=args.tokenizer, workers=args.workers)
+        result = validate_shards(args.shards, model=args.model, tokenizer=args.tokenizer, workers=args.workers,
+                                 on_missing=args.on_missing)
         print(json.dumps(result, indent=1) if args.json else format_validation(result))
         return 1 if result["bad"] else 0
     return 0
@@ -243,23 +260,50 @@ def _shards_build(args) -> int:
     return 0
 
 
+def named_model_specs(overrides: list[str]) -> dict[str, dict]:
+    """``{name: model block}`` of every named config (configs/models), each ``model.KEY=VALUE`` override
+    applied to the configs that have the key's parent (``model.modalities.text.tokenizer=F`` reaches the
+    configs with a text modality, ``model.embed_dim=64`` all of them)."""
+    specs = {f.stem: named_model(f.stem) for f in sorted((CONFIG_DIR / "models").glob("*.yaml"))}
+    for text in overrides:
+        keys, _ = parse_override(text)
+        if keys[0] != "model" or len(keys) < 2:
+            raise ConfigError(f"override {text!r}: mmcl models takes model fields (model.KEY=VALUE)")
+        reached = []
+        for name, spec in specs.items():
+            node: Any = spec
+            for key in keys[1:-1]:
+                node = node.get(key) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                specs[name] = apply_overrides(spec, [text[len("model."):]])
+                reached.append(name)
+        if not reached:
+            raise ConfigError(f"override {text!r}: no named config has {'.'.join(keys[:-1])}")
+    return specs
+
+
 def cmd_models(args) -> int:
     """Each named model config with its parameters per tower (built on the meta device: no memory, instant).
-    A config whose files are missing (a tokenizer under data/) says so instead."""
+    A config that does not build (e.g. a tokenizer file under data/ not written yet) is one line on stderr,
+    and the exit status is then 1."""
     from mmcl.model import MultimodalModel
 
+    specs = named_model_specs(args.overrides)
     print("named model configs (configs/models), parameters per tower (towers: the modalities', or with a shared "
           "trunk their tokenisers and trunk)")
-    for f in sorted((CONFIG_DIR / "models").glob("*.yaml")):
+    failed = 0
+    for name, spec in specs.items():
         try:
-            model = MultimodalModel(from_dict(ModelConfig, named_model(f.stem), "model"), device="meta")
-        except ConfigError as e:
-            print(f"{f.stem:<12} not built here: {e}")
+            model = MultimodalModel(from_dict(ModelConfig, spec, "model"), device="meta")
+        except Exception as e:  # whatever stops a config from building is reported on its line
+            reason = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+            print(f"mmcl models: {name}: does not build: {reason}", file=sys.stderr)
+            failed += 1
             continue
         counts = model.parameter_counts()
-        parts = "  ".join(f"{name} {n:,}" for name, n in counts.items() if name not in ("objective", "total"))
-        print(f"{f.stem:<12} {counts['total'] / 1e6:8.2f}M  embed_dim {model.model_cfg.embed_dim:<4}  {parts}")
-    return 0
+        parts = "  ".join(f"{part} {n:,}" for part, n in counts.items() if part not in ("objective", "total"))
+        print(f"{name:<12} {counts['total'] / 1e6:8.2f}M  embed_dim {model.model_cfg.embed_dim:<4}  {parts}")
+    return 1 if failed else 0
 
 
 def cmd_demo(args) -> int:
@@ -293,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.cmd](args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"mmcl {args.cmd}: error: {e}", file=sys.stderr)
+    except (MmclError, FileNotFoundError) as e:
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        print(f"mmcl {args.cmd}: error: {message}", file=sys.stderr)
         return 2
 
 

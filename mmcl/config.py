@@ -24,13 +24,11 @@ from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
+from mmcl.errors import ConfigError
+
 #: Top of the source tree, where the named configs live (``configs/``).
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or outside its allowed values (one-line message)."""
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from mmcl.config import ConfigError
+from mmcl.errors import HubError
 from mmcl.persistence import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 
 #: Never downloaded from a repo (pickle-based weight formats).
@@ -28,10 +28,6 @@ _TASKS = {
     "retrieval": ("retrieval", "Retrieval"),
     "linear_probe": ("linear-probe-classification", "Linear probe"),
 }
-
-
-class HubError(ConfigError):
-    """A model directory or Hub repo cannot be loaded or published (one-line message)."""
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from torch import nn
 
 from mmcl.config import (FORMAT_VERSION, ClipConfig, ConfigError, ModelConfig, ObjectiveConfig, from_dict, to_dict,
                          upgrade_config)
-from mmcl.hub import HubError, check_weights, eval_records, resolve_pretrained, write_model_card
+from mmcl.errors import HubError
+from mmcl.hub import check_weights, eval_records, resolve_pretrained, write_model_card
 from mmcl.modalities import Processor, build_processor, build_tower
 from mmcl.objectives import build_objective
 from mmcl.persistence import CONFIG_NAME, read_config, read_model_dir, weights_file, write_model_dir

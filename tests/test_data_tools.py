@@ -289,8 +289,15 @@ def test_shards_stream_through_the_training_loader(built: dict[str, Any], modali
 
 
 def test_validate_passes_good_shards_and_lists_bad_ones(built: dict[str, Any], tmp_path: Path, capsys) -> None:
-    result = validate_shards(built["spec"])
+    result = validate_shards(built["spec"], on_missing="mask")
     assert result["bad"] == [] and result["good"] == result["samples"] == built["report"]["samples"]
+    # With on_missing skip (training's default) a sample lacking a modality is bad, named as the loader counts
+    # it: after the first modality it lacks (the tiny model's order: video, audio, text).
+    lacking = {s["__key__"]: next((f"missing_{m}" for m, ext in (("video", "mp4"), ("audio", "flac"), ("text", "txt"))
+                                   if ext not in s), None) for s in built["samples"]}
+    result = validate_shards(built["spec"])
+    assert {b["key"]: b["reason"] for b in result["bad"]} == {k: r for k, r in lacking.items() if r}
+    assert result["good"] == sum(r is None for r in lacking.values()) > 0
 
     first = built["out"] / "shard-000000.tar"
     good = _read(str(first))
@@ -310,13 +317,13 @@ def test_validate_passes_good_shards_and_lists_bad_ones(built: dict[str, Any], t
         put("badjson", "json", b"{oops")
     data = first.read_bytes()
     (tmp_path / "bad-000001.tar").write_bytes(data[: len(data) // 2])
-    result = validate_shards(str(tmp_path / "bad-{000000..000001}.tar"), workers=2)
+    result = validate_shards(str(tmp_path / "bad-{000000..000001}.tar"), workers=2, on_missing="mask")
     reasons = {(b["key"], b["reason"]) for b in result["bad"]}
     assert {("noise", "bad_video"), ("latin1", "bad_text"), ("badjson", "bad_json"), (None, "corrupt_tar")} <= reasons
     # the truncated copy repeats the first keys of the shard: duplicates across shards are bad too
     assert {b["key"] for b in result["bad"] if b["reason"] == "duplicate_key"} <= {s["__key__"] for s in good}
     assert result["good"] == len(good)
-    assert cli_main(["shards", "validate", str(tmp_path / "bad-{000000..000001}.tar")]) == 1
+    assert cli_main(["shards", "validate", str(tmp_path / "bad-{000000..000001}.tar"), "--on-missing", "mask"]) == 1
     assert "corrupt_tar" in capsys.readouterr().out
 
 

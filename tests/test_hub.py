@@ -6,9 +6,10 @@ PUT, commit, repo info, tree listing, file resolve) and keeps the files it recei
 Covered: ``mmcl push`` end to end through the CLI (token from ``HF_TOKEN``, classic LFS transfer of the
 weights) and in process through the Xet-enabled pipeline (token from the login file; the server asks for
 every file as a regular git blob, so no Xet transfer happens), the files that arrive byte for byte, what is
-never uploaded, the token never printed or logged, ``from_pretrained`` by repo id through the server and
-then from the local HF cache with the server gone and in offline mode. Not covered: the Xet storage
-protocol itself, multi-part LFS uploads, the real Hub's server-side validation and authorisation rules.
+never uploaded, the token never printed or logged, a refused endpoint failing in one line, ``from_pretrained``
+by repo id through the server and then from the local HF cache with the server gone and in offline mode. Not
+covered: the Xet storage protocol itself, multi-part LFS uploads, the real Hub's server-side validation and
+authorisation rules.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -459,3 +461,19 @@ def test_push_without_a_token_fails_in_one_line(run_dir: Path, tmp_path: Path, m
     with pytest.raises(HubError, match="no Hugging Face token: set HF_TOKEN or log in"):
         push_to_hub(run_dir / "final", "someone/tiny")
     assert huggingface_hub.get_token() is None
+
+
+def test_push_to_a_refused_endpoint_fails_in_one_line(run_dir: Path, tmp_path: Path):
+    """The real CLI in a subprocess against a closed local port: one line naming the endpoint, no traceback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed once the block ends: connections are refused
+    model = shutil.copytree(run_dir / "final", tmp_path / "model")
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_TOKEN": "hf_dummy_token", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_DISABLE_TELEMETRY": "1"}
+    r = subprocess.run([sys.executable, "-m", "mmcl.cli", "push", "--model", str(model), "--repo-id", "someone/tiny"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode != 0 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert r.stderr.startswith(f"mmcl push: error: someone/tiny: cannot reach {endpoint}: ")
+    assert "Traceback" not in r.stderr and "hf_dummy_token" not in r.stderr

@@ -1,8 +1,10 @@
 """The streaming shard pipeline on real shards: every bad sample skipped and counted exactly (across
-loader workers too), missing modalities masked, spec errors, deterministic order, batch shapes, the cache."""
+loader workers too), missing modalities masked, spec errors, deterministic order, batch shapes, the cache,
+and ``mmcl shards validate`` giving the training loader's verdict on every sample."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import tarfile
@@ -10,12 +12,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
 import yaml
 
+from data_tools.check import validate_shards
 from mmcl.data.shards import DataError, Loader, build_loader, check_shard_split, expand_shards
 from mmcl.modalities import Processor, build_processor
 
@@ -239,3 +243,66 @@ def test_unreadable_shards_are_counted(synthetic_data: Path, modalities: dict[st
     (tmp_path / "test-000001.tar").unlink()  # gone after the spec was checked
     assert len(_keys(loader, 1)) == 16
     assert loader.skipped == Counter({"corrupt_tar": 2, "unreadable_shard": 1})
+
+
+@pytest.fixture(scope="module")
+def verdict_shards(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, str | None]]:
+    """A shard of real samples of every kind, good and bad, and a real shard cut in a member. Returns (spec,
+    {key: the reason its sample is skipped under on_missing skip, None when good}); the cut sample is in
+    neither (no reader sees it: it counts as the shard's ``corrupt_tar``)."""
+    out = tmp_path_factory.mktemp("verdicts")
+    pool = iter(_samples(synthetic_data / "train-000002.tar"))
+    verdicts: dict[str, str | None] = {}
+
+    def drop(ext: str) -> Any:
+        return lambda s: {k: v for k, v in s.items() if k != ext}
+
+    with wds.TarWriter(str(out / "verdict-000000.tar"), encoder=False) as writer:
+        def put(key: str, reason: str | None, change: Any = dict) -> None:
+            writer.write(change({**next(pool), "__key__": key}))
+            verdicts[key] = reason
+
+        put("good-0", None)
+        put("no-txt", "missing_text", drop("txt"))
+        put("corrupt-mp4", "bad_video", lambda s: {**s, "mp4": s["mp4"][: len(s["mp4"]) // 3]})
+        no_flac = {**next(pool), "__key__": "no-flac"}
+        with av.open(io.BytesIO(no_flac["mp4"])) as container:
+            assert not container.streams.audio  # the mp4 has no audio track: without the flac, no audio at all
+        writer.write(drop("flac")(no_flac))
+        verdicts["no-flac"] = "missing_audio"
+        put("good-1", None)
+        put("latin1", "bad_text", lambda s: {**s, "txt": b"a green square \xe9\xff moves"})
+        put("empty-txt", "empty_text", lambda s: {**s, "txt": b"  \n"})
+        put("duplicate", "duplicate_member")
+        writer.write({"__key__": "duplicate", "flac": _samples(synthetic_data / "train-000000.tar")[0]["flac"]})
+        put("good-2", None)
+
+    real = synthetic_data / "train-000003.tar"
+    with tarfile.open(real) as tar:
+        members = tar.getmembers()
+    cut = members[9]  # flac, json, mp4, txt per sample: the json of the third sample
+    (out / "verdict-000001.tar").write_bytes(real.read_bytes()[: cut.offset_data + cut.size // 2])
+    verdicts.update({m.name.split(".")[0]: None for m in members[:8]})
+    return str(out / "verdict-{000000..000001}.tar"), verdicts
+
+
+@pytest.mark.parametrize("on_missing", ["skip", "mask"])
+def test_validate_gives_the_loaders_verdict_on_every_sample(verdict_shards: tuple[str, dict[str, str | None]],
+                                                            modalities: dict[str, Modality], synthetic_data: Path,
+                                                            on_missing: str) -> None:
+    spec, verdicts = verdict_shards
+    if on_missing == "mask":  # a sample lacking a modality is kept, masked
+        verdicts = {k: None if r and r.startswith("missing_") else r for k, r in verdicts.items()}
+    bad = {k: r for k, r in verdicts.items() if r is not None}
+    good = sorted(k for k, r in verdicts.items() if r is None)
+    assert len(good) == (3 if on_missing == "skip" else 5) + 2
+
+    loader = build_loader(spec, modalities, 3, train=True, shuffle_buffer=4, seed=2, on_missing=on_missing)
+    assert sorted(_keys(loader, 0)) == good
+    result = validate_shards(spec, tokenizer=str(synthetic_data / "tokenizer.model"), on_missing=on_missing)
+    assert {b["key"]: b["reason"] for b in result["bad"] if b["key"] is not None} == bad
+    assert [(b["shard"], b["reason"]) for b in result["bad"] if b["key"] is None] == [
+        (spec.replace("{000000..000001}", "000001"), "corrupt_tar")]
+    assert result["good"] == len(good) and result["samples"] == len(verdicts)
+    assert loader.skipped == Counter(b["reason"] for b in result["bad"]) == Counter({**Counter(bad.values()),
+                                                                                      "corrupt_tar": 1})

@@ -27,6 +27,7 @@ from mmcl.data.synthetic import (
     SAMPLE_RATE,
     SIZE,
     UNK_ID,
+    encode_mp4,
     generate_sample,
     sample_seeds,
     synth,
@@ -195,6 +196,16 @@ def test_same_seed_gives_identical_files_whatever_the_workers(simple_dir: Path, 
     assert (tmp_path / "other" / "train-000000.tar").read_bytes()[:4096] != (
         simple_dir / "train-000000.tar"
     ).read_bytes()[:4096]
+
+
+def test_encode_mp4_is_a_function_of_the_frames() -> None:
+    """Repeated encodes of the same frames give the same bytes, also at widths that are not a multiple of
+    128 px (where x264's AVX-512 macroblock-tree code read past the row)."""
+    for seed in range(3):
+        frames = generate_sample(seed)["frames"]
+        for width in (SIZE, 96):
+            wide = np.ascontiguousarray(np.concatenate([frames, frames], axis=2)[:, :, :width])
+            assert len({encode_mp4(wide, FPS) for _ in range(4)}) == 1, (seed, width)
 
 
 def test_train_and_test_are_disjoint(simple_dir: Path) -> None:

@@ -1,10 +1,12 @@
 """The streaming pipeline: WebDataset shards -> decoded, transformed, collated batches.
 
-``webdataset`` does the reading (shard lists, ``pipe:`` URLs, tar members, the shuffle buffer); this
-module adds what it does not: grouping members into samples that never lets a partial or duplicated
-sample through, decoding through the modalities' processors with every bad sample skipped
-and *counted by reason* (counts travel with the batches out of the loader workers, so none is lost),
-deterministic per-epoch shard order (same on every rank), splitting by rank and worker with a clear
+``webdataset`` does the reading (shard lists, ``pipe:`` URLs, member names, the shuffle buffer); this
+module adds what it does not: the one tar reader of mmcl (:func:`read_samples`: members grouped into samples,
+never a partial or duplicated sample through; ``mmcl shards inspect | validate`` and the eval suite's metadata
+scan read with it too), the per-sample rules (:class:`SampleDecoder`: decode each modality, the
+``on_missing`` rule, the skip reasons, the transform; ``mmcl shards validate`` applies the same), every bad
+sample skipped and *counted by reason* (counts travel with the batches out of the loader workers, so none is
+lost), deterministic per-epoch shard order (same on every rank), splitting by rank and worker with a clear
 error when there are too few shards, and an optional RAM cache of decoded samples for small datasets.
 
 A batch is a dict::
@@ -20,22 +22,20 @@ import json
 import logging
 import multiprocessing as mp
 import random
+import tarfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
-from mmcl.config import ConfigError
+from mmcl.errors import DataError
 from mmcl.modalities.base import MissingModality, Processor, SampleError
 
 log = logging.getLogger(__name__)
-
-
-class DataError(ConfigError):
-    """The data specification cannot be used (one-line message naming the path)."""
 
 
 def _is_local(url: str) -> bool:
@@ -59,27 +59,171 @@ def expand_shards(spec: str) -> list[str]:
     return urls
 
 
-def dataset_size(urls: list[str]) -> int | None:
-    """Number of samples from ``sizes.json`` beside the shards (None when unknown)."""
-    total = 0
-    sizes_cache: dict[Path, dict] = {}
+def declared_sizes(urls: list[str]) -> dict[str, int | None]:
+    """``{url: number of samples the sizes.json beside it lists}`` (None where unknown: a remote shard, no
+    readable ``sizes.json``, or the shard not in it)."""
+    out: dict[str, int | None] = {}
+    cache: dict[Path, dict[str, int]] = {}
     for url in urls:
         if not _is_local(url):
-            return None
+            out[url] = None
+            continue
         p = Path(url)
-        sizes_file = p.parent / "sizes.json"
-        if sizes_file not in sizes_cache:
-            if not sizes_file.is_file():
-                return None
-            sizes_cache[sizes_file] = json.loads(sizes_file.read_text())
-        if p.name not in sizes_cache[sizes_file]:
-            return None
-        total += int(sizes_cache[sizes_file][p.name])
-    return total
+        sizes = p.parent / "sizes.json"
+        if sizes not in cache:
+            try:
+                cache[sizes] = json.loads(sizes.read_text()) if sizes.is_file() else {}
+            except ValueError:
+                cache[sizes] = {}
+        count = cache[sizes].get(p.name)
+        out[url] = int(count) if count is not None else None
+    return out
+
+
+def dataset_size(urls: list[str]) -> int | None:
+    """Number of samples from ``sizes.json`` beside the shards (None when unknown for any of them)."""
+    sizes = declared_sizes(urls).values()
+    return None if None in sizes else sum(sizes)
+
+
+#: ``report(reason, detail, key)``: where :func:`read_samples` sends a problem of its shard (``key`` None:
+#: the shard's own; ``detail`` does not repeat the shard's URL).
+Report = Callable[[str, str, str | None], None]
+
+
+def read_samples(url: str, report: Report, read: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:
+    """The samples of one shard, ``{"__key__", "__url__", ext: bytes, ...}``, members grouped by key in tar order
+    (extensions lower-cased). Problems go to ``report`` and end at most this shard:
+
+    - ``unreadable_shard``: it cannot be opened (``wds.gopen``: files, URLs, ``pipe:`` commands);
+    - ``corrupt_tar``: it breaks (truncated, corrupt), reported where it breaks; the samples before are
+      yielded, the one it interrupted is not (never a partial sample);
+    - ``duplicate_member`` (with the key): a sample holds an extension twice; the sample is dropped.
+
+    ``read(ext)`` false: the member's bytes are skipped over, not read (its sample is still yielded, without
+    it). A sample is complete once a member of another key starts, so it is yielded before that member is read.
+    The members are iterated here rather than with ``wds.tariterators.tar_file_iterator``, which drops an
+    unselected member with its name and so loses the keys of samples whose members are all skipped.
+    """
+    try:
+        stream = wds.gopen(url)
+    except Exception as e:  # whatever the opener raises (missing file, failed command, network)
+        report("unreadable_shard", f"{type(e).__name__}: {e}", None)
+        return
+    current: dict[str, Any] | None = None
+    seen: set[str] = set()
+    bad = False
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                tar.members = []  # a streamed TarFile keeps every header it read: drop them, as webdataset does
+                if not member.isreg():
+                    continue
+                key, ext = wds.tariterators.base_plus_ext(member.name)
+                if key is None:
+                    continue
+                if current is None or key != current["__key__"]:
+                    if current is not None and not bad:
+                        yield current
+                    current, seen, bad = {"__key__": key, "__url__": url}, set(), False
+                ext = ext.lower()
+                if ext in seen:
+                    if not bad:
+                        report("duplicate_member", f"{ext} twice", key)
+                    bad = True
+                seen.add(ext)
+                if not bad and (read is None or read(ext)):
+                    current[ext] = tar.extractfile(member).read()
+    except Exception as e:  # whatever breaks a tar stream (tarfile, a compressor, a pipe) ends the shard
+        cut = f" (sample {current['__key__']} cut)" if current is not None and not bad else ""
+        report("corrupt_tar", f"{type(e).__name__}: {str(e)[:200]}{cut}", None)
+        return
+    finally:
+        with contextlib.suppress(Exception):
+            stream.close()
+    if current is not None and not bad:
+        yield current
+
+
+def parse_meta(raw: dict[str, Any]) -> dict[str, Any]:
+    """The ``json`` member of a raw sample as a dict (``{}`` without one); ``SampleError("bad_json")`` when it
+    is not a UTF-8 JSON object."""
+    if raw.get("json") is None:
+        return {}
+    try:
+        meta = json.loads(raw["json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SampleError("bad_json", str(e)) from None
+    if not isinstance(meta, dict):
+        raise SampleError("bad_json", f"not a JSON object: {type(meta).__name__}")
+    return meta
+
+
+class SampleDecoder:
+    """The per-sample rules of the loader, which ``mmcl shards validate`` applies too: a raw sample (tar
+    members by extension) -> decoded modalities (:meth:`decode`, what a RAM cache keeps) -> one tensor per
+    modality (:meth:`transform`). A sample that cannot be used raises :class:`SampleError` whose ``reason`` is
+    the key it is counted under in ``data.skipped``.
+
+    Args:
+        processors: ``{name: processor}`` (``find_member`` / ``decode`` / ``transform`` / ``empty``).
+        on_missing: a sample lacking a modality is skipped (``skip``, counted ``missing_<name>``) or keeps it
+            masked (``mask``; a sample with none is ``no_modality``).
+        with_meta: also parse the ``json`` member (:func:`parse_meta`).
+    """
+
+    def __init__(self, processors: dict[str, Processor], on_missing: Literal["skip", "mask"] = "skip",
+                 with_meta: bool = False):
+        self.processors = processors
+        self.on_missing = on_missing
+        self.with_meta = with_meta
+        #: The placeholders of absent modalities; their shapes are the ones a transform must give.
+        self.empty = {name: proc.empty() for name, proc in processors.items()}
+
+    def decode(self, raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bool]]:
+        """-> (decoded data by modality, plus ``__meta__`` with ``with_meta``; presence by modality)."""
+        decoded: dict[str, Any] = {}
+        present: dict[str, bool] = {}
+        for name, proc in self.processors.items():
+            try:
+                decoded[name] = proc.decode(raw)
+                present[name] = True
+            except MissingModality:
+                if self.on_missing == "skip":
+                    raise
+                present[name] = False
+            except SampleError:
+                raise
+            except Exception as e:  # a decoder bug must not end a long run: count it under its own reason
+                raise SampleError(f"error_{name}", f"{type(e).__name__}: {e}") from None
+        if not any(present.values()):
+            raise SampleError("no_modality", "none of: " + ", ".join(self.processors))
+        if self.with_meta:
+            decoded["__meta__"] = parse_meta(raw)
+        return decoded, present
+
+    def transform(self, decoded: dict[str, Any], present: dict[str, bool], train: bool) -> dict[str, torch.Tensor]:
+        """-> ``{name: tensor}`` for every modality (the placeholder where absent), each of its placeholder's
+        shape (``bad_shape_<name>`` otherwise)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, proc in self.processors.items():
+            if not present[name]:
+                out[name] = self.empty[name]
+                continue
+            try:
+                tensor = proc.transform(decoded[name], train)
+            except SampleError:
+                raise
+            except Exception as e:
+                raise SampleError(f"error_{name}", f"{type(e).__name__}: {e}") from None
+            if tensor.shape != self.empty[name].shape:
+                raise SampleError(f"bad_shape_{name}", f"{list(tensor.shape)} != {list(self.empty[name].shape)}")
+            out[name] = tensor
+        return out
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
     """Run the per-sample data work on one intra-op thread, as DataLoader workers do: on tensors this
     small, thread hand-offs cost more than they save (10-40x slower on a busy 2-core machine). The
     caller's setting (the model's, between batches) is restored."""
@@ -131,10 +275,10 @@ class ShardStream(IterableDataset):
         self.shard_shuffle = shard_shuffle and train
         self.resample = resample
         self.seed = seed
-        self.on_missing = on_missing
         self.cache = cache
         self.split_by_node = split_by_node
         self.with_meta = with_meta
+        self.decoder = SampleDecoder(processors, on_missing, with_meta)
         self.epoch = SharedEpoch()
         self._cache: dict[str, tuple[dict, dict]] = {}
         self._cache_complete = False
@@ -145,54 +289,11 @@ class ShardStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch.set(epoch)
 
-    def _skip(self, reason: str, detail: str = "", key: str = "") -> None:
+    def _skip(self, reason: str, detail: str = "", key: str | None = None) -> None:
         self._skipped[reason] += 1
         if self._warned < 20:
             self._warned += 1
-            log.warning("skipped sample %s: %s %s", key, reason, detail)
-
-    def _shard_samples(self, url: str) -> Iterator[dict]:
-        """Samples of one shard, grouped by key. A shard that cannot be opened counts once as
-        ``unreadable_shard``; a truncated or corrupt tar counts once as ``corrupt_tar``, ends the shard and
-        drops the sample it interrupted (never a partial sample); a sample with a member twice is skipped
-        and counted once as ``duplicate_member``."""
-        try:
-            stream = wds.gopen(url)
-        except Exception as e:
-            self._skip("unreadable_shard", f"{url}: {type(e).__name__}: {e}")
-            return
-        errors: list[Exception] = []
-        current: dict | None = None
-
-        def stop(exn: Exception) -> bool:
-            errors.append(exn)
-            return False
-
-        try:
-            for member in wds.tariterators.tar_file_iterator(stream, handler=stop):
-                prefix, suffix = wds.tariterators.base_plus_ext(member["fname"])
-                if prefix is None:
-                    continue
-                if current is None or prefix != current["__key__"]:
-                    if current is not None and not current.get("__bad__"):
-                        yield current
-                    current = {"__key__": prefix, "__url__": url}
-                suffix = suffix.lower()
-                if suffix in current:
-                    if not current.get("__bad__"):
-                        current["__bad__"] = True
-                        self._skip("duplicate_member", f"{suffix} twice in {url}", prefix)
-                    continue
-                current[suffix] = member["data"]
-        except Exception as e:
-            errors.append(e)
-        finally:
-            with contextlib.suppress(Exception):
-                stream.close()
-        if errors:
-            self._skip("corrupt_tar", f"{url}: {type(errors[0]).__name__}: {str(errors[0])[:200]}")
-        elif current is not None and not current.get("__bad__"):
-            yield current
+            log.warning("skipped %s: %s %s", f"sample {key}" if key else "shard", reason, detail)
 
     # -- the pipeline ------------------------------------------------------------------------------------
     def _shards_for_me(self, epoch: int) -> list[str]:
@@ -211,36 +312,10 @@ class ShardStream(IterableDataset):
             rank, _, worker, _ = wds.utils.pytorch_worker_info()
             rng = random.Random(hash((self.seed, epoch, rank, worker)))
             urls = (rng.choice(urls) for _ in iter(int, 1))
-        return (sample for url in urls for sample in self._shard_samples(url))
+        return (sample for url in urls for sample in self._read(url))
 
-    def _decode(self, raw: dict) -> tuple[dict, dict] | None:
-        key = raw.get("__key__", "?")
-        decoded, present = {}, {}
-        for name, mod in self.processors.items():
-            try:
-                decoded[name] = mod.decode(raw)
-                present[name] = True
-            except MissingModality as e:
-                if self.on_missing == "skip":
-                    self._skip(e.reason, key=key)
-                    return None
-                present[name] = False
-            except SampleError as e:
-                self._skip(e.reason, e.detail, key)
-                return None
-            except Exception as e:  # a decoder bug must not end a long run: count it under its own reason
-                self._skip(f"error_{name}", f"{type(e).__name__}: {e}", key)
-                return None
-        if not any(present.values()):
-            self._skip("no_modality", key=key)
-            return None
-        if self.with_meta:
-            try:
-                decoded["__meta__"] = json.loads(raw["json"]) if raw.get("json") is not None else {}
-            except (ValueError, UnicodeDecodeError) as e:
-                self._skip("bad_json", str(e), key)
-                return None
-        return decoded, present
+    def _read(self, url: str) -> Iterator[dict]:
+        return read_samples(url, lambda reason, detail, key: self._skip(reason, f"{url}: {detail}", key))
 
     def _decoded_samples(self, epoch: int) -> Iterator[tuple[str, dict, dict]]:
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
@@ -256,24 +331,35 @@ class ShardStream(IterableDataset):
         if self.shuffle_buffer > 1:
             raw = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(raw)
         for sample in raw:
-            out = self._decode(sample)
-            if out is None:
-                continue
             key = sample["__key__"]
+            try:
+                out = self.decoder.decode(sample)
+            except SampleError as e:
+                self._skip(e.reason, e.detail, key)
+                continue
             if self.cache:
                 self._cache[key] = out
             yield (key, *out)
         if self.cache and not self.resample:
             self._cache_complete = True
 
-    def _collate(self, items: list[tuple[str, dict, dict]]) -> dict[str, Any]:
-        batch: dict[str, Any] = {"keys": [k for k, _, _ in items], "inputs": {}, "present": {}}
+    def _samples(self, epoch: int) -> Iterator[tuple[str, dict, dict, Any]]:
+        """(key, {modality: tensor}, presence, metadata) of each usable sample."""
+        for key, decoded, present in self._decoded_samples(epoch):
+            try:
+                inputs = self.decoder.transform(decoded, present, self.train)
+            except SampleError as e:
+                self._skip(e.reason, e.detail, key)
+                continue
+            yield key, inputs, present, decoded.get("__meta__")
+
+    def _collate(self, items: list[tuple[str, dict, dict, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {"keys": [k for k, _, _, _ in items], "inputs": {}, "present": {}}
         if self.with_meta:
-            batch["meta"] = [d["__meta__"] for _, d, _ in items]
+            batch["meta"] = [meta for _, _, _, meta in items]
         for name, mod in self.processors.items():
-            tensors = [mod.transform(d[name], self.train) if p[name] else mod.empty() for _, d, p in items]
-            batch["inputs"][name] = mod.collate(tensors)
-            batch["present"][name] = torch.tensor([p[name] for _, _, p in items], dtype=torch.bool)
+            batch["inputs"][name] = mod.collate([inputs[name] for _, inputs, _, _ in items])
+            batch["present"][name] = torch.tensor([p[name] for _, _, p, _ in items], dtype=torch.bool)
         return batch
 
     def _take_skipped(self) -> dict[str, int]:
@@ -284,7 +370,7 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         batches = self._batches()
         while True:
-            with _one_thread():
+            with one_thread():
                 batch = next(batches, None)
             if batch is None:
                 return
@@ -293,7 +379,7 @@ class ShardStream(IterableDataset):
     def _batches(self) -> Iterator[dict[str, Any]]:
         epoch = self.epoch.get()
         pending: list = []
-        for item in self._decoded_samples(epoch):
+        for item in self._samples(epoch):
             pending.append(item)
             if len(pending) == self.batch_size:
                 batch = self._collate(pending)

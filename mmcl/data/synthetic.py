@@ -117,7 +117,13 @@ UNK_ID = 1
 
 _SHARD_DIGITS = 6
 _HIGHEST_PARTIAL_HZ = 7000.0
-_X264_OPTIONS = {"crf": "20", "preset": "veryfast"}
+# asm=0: x264's C code only. Its AVX-512 macroblock-tree step (mbtree_propagate_list_internal_avx512) adds
+# 8 macroblocks per iteration into the reference costs with no mask for the lanes past the row, so at widths
+# that are not a multiple of 128 px (8 macroblocks; ours is 64) it folds in whatever memory follows the row, and
+# the same frames gave different bytes from call to call. Its other SIMD paths are deterministic but not
+# bit-exact with each other (SSE4.2 and up choose differently from C), so the bytes would also follow the CPU.
+# The C path has no run-time CPU dispatch: the same frames give the same bytes on every x86-64 CPU.
+_X264_OPTIONS = {"crf": "20", "preset": "veryfast", "x264-params": "asm=0"}
 
 _GRID_Y, _GRID_X = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
 _TIME = np.arange(N_SAMPLES, dtype=np.float32) / np.float32(SAMPLE_RATE)
@@ -125,10 +131,6 @@ _FADE = np.minimum(1.0, np.minimum(_TIME, _TIME[::-1]) / 0.01).astype(np.float32
 
 # ----------------------------------------------------------------------------------------------------
 # Video
-
-
-# Signed distance (px, negative inside) of each shape with half-size ``r``, from the offsets ``dx``, ``dy``
-# of pixels to the shape's centre (y grows downwards; any shapes that broadcast, e.g. [T, 1, W] and [T, H, 1]).
 
 
 def _circle(dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
@@ -151,6 +153,8 @@ def _cross(dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     return np.minimum(np.maximum(ax - r, ay - w), np.maximum(ax - w, ay - r))
 
 
+#: Signed distance (px, negative inside) of each shape with half-size ``r``, from the offsets ``dx``, ``dy``
+#: of pixels to the shape's centre (y grows downwards; any shapes that broadcast, e.g. [T, 1, W] and [T, H, 1]).
 _SIGNED_DISTANCE: dict[str, Callable[[np.ndarray, np.ndarray, float], np.ndarray]] = {
     "circle": _circle,
     "square": _square,
@@ -376,14 +380,14 @@ _WORLD_MAKERS: dict[str, Callable[[np.random.Generator, WorldParams], dict[str, 
 }
 
 
-def _check_world(world: str, params: WorldParams = WorldParams()) -> None:
+def _check_world(world: str, params: WorldParams) -> None:
     if world not in _WORLD_MAKERS:
         raise ValueError(f"unknown world {world!r} (known: {', '.join(WORLDS)})")
     if not 0.0 <= params.xor_p <= 1.0:
         raise ValueError(f"xor_p must be in [0, 1], got {params.xor_p}")
 
 
-def _check_split_args(world: str, counts: dict[str, int], per_shard: int, params: WorldParams = WorldParams()) -> None:
+def _check_split_args(world: str, counts: dict[str, int], per_shard: int, params: WorldParams) -> None:
     """Reject an unknown world, bad world parameters or a split with no sample before anything is written."""
     _check_world(world, params)
     for name, value in {**counts, "per_shard": per_shard}.items():
@@ -411,7 +415,8 @@ def generate_sample(seed: int, world: str = "simple", xor_p: float = 1.0) -> dic
 def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
     """Encode uint8 RGB frames ``[T, H, W, 3]`` (H, W even) as H.264 yuv420p in an mp4, in memory.
 
-    Single-threaded libx264 (``crf 20``, ``preset veryfast``): the same frames give the same bytes.
+    Single-threaded libx264 (``crf 20``, ``preset veryfast``) without its SIMD code: the same frames give the
+    same bytes, in any process and on any x86-64 CPU.
     """
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
@@ -497,8 +502,7 @@ def _generate(jobs: list[tuple[str, int, str, WorldParams]], workers: int) -> It
 
 
 def _write_split(
-    out_dir: Path, split: str, n: int, seed: int, world: str, per_shard: int, workers: int,
-    params: WorldParams = WorldParams(),
+    out_dir: Path, split: str, n: int, seed: int, world: str, per_shard: int, workers: int, params: WorldParams
 ) -> tuple[list[Path], list[str]]:
     """Write the shards of one split; return their paths and the captions in sample order (none for a
     world without captions)."""

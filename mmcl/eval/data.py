@@ -8,15 +8,14 @@ import hashlib
 import json
 import logging
 import os
-import tarfile
 from pathlib import Path
 from typing import Any
 
 import torch
-import webdataset as wds
 from safetensors.torch import load_file, save_file
 
-from mmcl.data.shards import DataError, expand_shards
+from mmcl.data.shards import DataError, expand_shards, parse_meta, read_samples
+from mmcl.modalities import SampleError
 
 log = logging.getLogger(__name__)
 
@@ -63,27 +62,21 @@ def shards_from_manifest(manifest: str, cache_root: Path | None = None, workers:
 
 
 def scan_metadata(spec: str) -> list[tuple[str, dict[str, Any]]] | None:
-    """``(key, json metadata)`` of every sample of local shards, in order, reading no media (tar members
-    other than ``json`` are skipped over). None when a shard is remote or cannot be read here (the loader
-    then reports it, and the checks run after encoding instead)."""
+    """``(key, json metadata)`` of the samples of local shards the loader reads, in order, reading no media
+    (the loader's tar reader skips over members other than ``json``). What the loader drops before decoding
+    (a duplicated member, a sample a broken tar cut, a ``json`` that is not an object) is left out here too:
+    the loader counts it. None when a shard is remote (it is not read twice; the checks run after encoding
+    instead)."""
+    urls = expand_shards(spec)
+    if any(url.startswith("pipe:") or "://" in url.removeprefix("file:") for url in urls):
+        return None
     out: list[tuple[str, dict[str, Any]]] = []
-    for url in expand_shards(spec):
-        path = url[len("file:"):] if url.startswith("file:") else url
-        if url.startswith("pipe:") or "://" in path:
-            return None
-        metas: dict[str, dict[str, Any]] = {}
-        try:
-            with tarfile.open(path) as tf:
-                for member in tf:
-                    key, ext = wds.tariterators.base_plus_ext(member.name)
-                    if key is None or not member.isfile():
-                        continue
-                    metas.setdefault(key, {})
-                    if ext.lower() == "json":
-                        metas[key] = json.loads(tf.extractfile(member).read())
-        except (OSError, tarfile.TarError, ValueError):
-            return None
-        out.extend(metas.items())
+    for url in urls:
+        for sample in read_samples(url, lambda reason, detail, key: None, read=lambda ext: ext == "json"):
+            try:
+                out.append((sample["__key__"], parse_meta(sample)))
+            except SampleError:
+                continue
     return out
 
 

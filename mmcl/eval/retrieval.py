@@ -9,19 +9,16 @@ from mmcl.eval.zeroshot import score
 
 
 @torch.no_grad()
-def retrieval(model, query: dict[str, torch.Tensor], candidates: dict[str, torch.Tensor],
-              positives: torch.Tensor | None = None,
+def retrieval(model, query: dict[str, torch.Tensor], candidates: dict[str, torch.Tensor], positives: torch.Tensor,
               same_attrs: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
     """Queries ``{modality: [Nq, D]}`` against candidates ``{modality: [Nc, D]}``.
 
-    ``positives [Nq, Nc]`` (default: the identity, query i pairs with candidate i; several per row allowed:
-    a query counts as retrieved when any of its positives is). ``same_attrs [Nq, Nc]``: candidates
+    ``positives`` bool ``[Nq, Nc]`` marks each query's true candidates (several per row allowed: a query
+    counts as retrieved when any of its positives is). ``same_attrs [Nq, Nc]``: candidates
     indistinguishable from the true one by the judged attributes, for the attribute-match R@1 and the tie
     ceiling. Returns (metrics, scores ``[Nq, Nc]``).
     """
     scores = score(model, query, candidates)
-    if positives is None:
-        positives = torch.eye(*scores.shape, dtype=torch.bool)
     metrics = retrieval_metrics(scores, positives)
     if same_attrs is not None:
         metrics.update(attribute_match(scores, same_attrs))

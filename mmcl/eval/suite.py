@@ -34,16 +34,13 @@ from mmcl.eval.linear_probe import DEFAULT_WEIGHT_DECAYS, linear_probe
 from mmcl.eval.metrics import confusion_matrix, recall_curve
 from mmcl.eval.retrieval import retrieval
 from mmcl.eval.zeroshot import encode_texts, model_device, zeroshot_classification
+from mmcl.errors import DataError, EvalError
 
 log = logging.getLogger(__name__)
 
 TASK_TYPES = ("zeroshot_classification", "retrieval", "linear_probe")
 #: Longest K of the recall@K curve.
 CURVE_MAX_K = 50
-
-
-class EvalError(ConfigError):
-    """A suite cannot run on this model or data (one-line message naming the task)."""
 
 
 @dataclass
@@ -402,13 +399,6 @@ def _retrieval(model, task: TaskConfig, data: dict[str, Any], spec: str) -> Task
     return TaskOutput(metrics, curve=recall_curve(scores, positives, min(scores.shape[1], CURVE_MAX_K)))
 
 
-def run_task(model, task: TaskConfig, data: dict[str, Any], train: dict[str, Any] | None = None,
-             spec: str = "", train_spec: str = "") -> dict[str, float]:
-    """One task on an encoded dataset (and, for a linear probe, the encoded training split) -> its
-    metrics."""
-    return _run_task(model, task, data, train, spec, train_spec).metrics
-
-
 def dataset_name(task: TaskConfig, spec: str) -> str:
     """The task's ``dataset``, else the file names of its data without their folders (reports and model
     cards name a dataset; they do not publish local paths)."""
@@ -419,9 +409,9 @@ def dataset_name(task: TaskConfig, spec: str) -> str:
     return "::".join(Path(part).name for part in spec.split("::"))
 
 
-def _run_task(model, task: TaskConfig, data: dict[str, Any], train: dict[str, Any] | None = None,
-              spec: str = "", train_spec: str = "") -> TaskOutput:
-    spec = spec or task.data
+def _run_task(model, task: TaskConfig, data: dict[str, Any], train: dict[str, Any] | None, spec: str,
+              train_spec: str) -> TaskOutput:
+    """One task on its encoded dataset (and, for a linear probe, its encoded training split)."""
     if task.type == "retrieval":
         out = _retrieval(model, task, data, spec)
         out.dataset = dataset_name(task, spec)
@@ -433,7 +423,6 @@ def _run_task(model, task: TaskConfig, data: dict[str, Any], train: dict[str, An
     else:
         if train is None:
             raise EvalError(f"task {task.name}: a linear probe needs its encoded training split")
-        train_spec = train_spec or task.train_data
         train_idx = _kept(task, train, task.query, train_spec)
         classnames = _classnames(task, _labels(task, [(train["keys"][i], train["meta"][i])
                                                       for i in train_idx.tolist()], train_spec))
@@ -462,7 +451,7 @@ def _resolve_spec(spec: str, test_spec: str, task: TaskConfig, workers: int, pro
                 built[spec] = shards_from_manifest(spec, workers=workers, progress=progress)
             return built[spec][0]
         expand_shards(spec)  # a missing shard fails here, before anything is encoded
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         raise EvalError(f"task {task.name}: {e}") from None
     return spec
 
