@@ -108,7 +108,7 @@ def main() -> None:
         model = MultimodalModel(cfg.model, cfg.objective)
         n_params = sum(p.numel() for p in model.parameters())
         engine = make_engine(cfg, model)
-        stream = build_loader(train_spec, model.modalities, args.batch, train=True, resample=True, shuffle_buffer=0)
+        stream = build_loader(train_spec, model.processors, args.batch, train=True, resample=True, shuffle_buffer=0)
         group = to_device([next(iter(stream))], engine.device)
     optimizer = build_optimizer(model, cfg, {})
     scheduler = build_scheduler(optimizer, cfg, cfg.train.steps)

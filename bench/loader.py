@@ -31,15 +31,15 @@ import yaml
 
 from mmcl.data.shards import build_loader, expand_shards
 from mmcl.data.synthetic import synth
-from mmcl.modalities import Modality, SampleError, build_modality
+from mmcl.modalities import Processor, SampleError, build_processor
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny.yaml"
 
 
-def tiny_modalities(data: Path) -> dict[str, Modality]:
+def tiny_modalities(data: Path) -> dict[str, Processor]:
     specs = yaml.safe_load(TINY.read_text())["modalities"]
     specs["text"]["tokenizer"] = str(data / "tokenizer.model")
-    return {name: build_modality(name, spec) for name, spec in specs.items()}
+    return {name: build_processor(name, spec) for name, spec in specs.items()}
 
 
 def cpu_seconds() -> float:
@@ -48,7 +48,7 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def decode_only(spec: str, modalities: dict[str, Modality], threads: int) -> tuple[int, float]:
+def decode_only(spec: str, modalities: dict[str, Processor], threads: int) -> tuple[int, float]:
     """(clips, seconds) of plain webdataset iteration + every modality's ``decode``."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -66,7 +66,7 @@ def decode_only(spec: str, modalities: dict[str, Modality], threads: int) -> tup
         torch.set_num_threads(before)
 
 
-def pipeline(spec: str, modalities: dict[str, Modality], batch: int, workers: int) -> tuple[int, float]:
+def pipeline(spec: str, modalities: dict[str, Processor], batch: int, workers: int) -> tuple[int, float]:
     """(clips, seconds) of one training epoch of ``build_loader`` (shuffle, decode, transform, collate)."""
     start = time.perf_counter()
     loader = build_loader(spec, modalities, batch, train=True, workers=workers, seed=0)

@@ -86,7 +86,7 @@ def worker(data: Path, stage: int, width: int, out: Path, overrides: list[str]) 
     n_params = sum(p.numel() for p in probe.parameters())
     buffers = sum(b.numel() * b.element_size() for b in probe.buffers())
     engine = make_engine(cfg, probe)
-    batch = next(iter(build_loader(cfg.data.train, probe.modalities, BATCH, train=False)))
+    batch = next(iter(build_loader(cfg.data.train, probe.processors, BATCH, train=False)))
     inputs = {k: v.to(engine.device) for k, v in batch["inputs"].items()}
     present = {k: v.to(engine.device) for k, v in batch["present"].items()}
     del probe, batch

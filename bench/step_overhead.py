@@ -72,7 +72,7 @@ def hand_loop(cfg: Config) -> tuple[list[float], float]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seed_everything(cfg.train.seed)
     model = MultimodalModel(cfg.model, cfg.objective).to(device)
-    loader = build_loader(cfg.data.train, model.modalities, cfg.data.batch_size, train=True, workers=0,
+    loader = build_loader(cfg.data.train, model.processors, cfg.data.batch_size, train=True, workers=0,
                           shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.train.seed, cache=True)
     optimizer = build_optimizer(model, cfg, apply_tower_controls(model, cfg.train.towers))
     scheduler = build_scheduler(optimizer, cfg, cfg.train.epochs * -(-loader.size // cfg.data.batch_size))

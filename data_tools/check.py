@@ -200,11 +200,11 @@ def _decoder(specs: dict[str, dict[str, Any]], on_missing: Literal["skip", "mask
     """The loader's per-sample rules over the training modalities of ``specs``, built once per process."""
     key = json.dumps([specs, on_missing], sort_keys=True)
     if key not in _DECODERS:
-        from mmcl.modalities import build_modality
+        from mmcl.modalities import build_processor
 
         _DECODERS.clear()
-        modalities = {name: build_modality(name, spec) for name, spec in specs.items()}
-        _DECODERS[key] = SampleDecoder(modalities, on_missing, with_meta=True)
+        processors = {name: build_processor(name, spec) for name, spec in specs.items()}
+        _DECODERS[key] = SampleDecoder(processors, on_missing, with_meta=True)
     return _DECODERS[key]
 
 

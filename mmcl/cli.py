@@ -50,7 +50,7 @@ def _add_eval(sub) -> None:
 def _add_push(sub) -> None:
     p = sub.add_parser("push", help="publish a saved model to the Hugging Face Hub",
                        description="Create the repo (kept if it exists) and upload the model directory's files "
-                                   "(config.json, model.safetensors, preprocessor_config.json, tokenizer, README.md "
+                                   "(config.json, model.safetensors, tokenizer and processor files, README.md "
                                    "model card) in one commit. The token comes from HF_TOKEN or `hf auth login`.")
     p.add_argument("--model", required=True, help="a save_pretrained directory (e.g. a run's final/)")
     p.add_argument("--repo-id", required=True, help="user/name or org/name")
@@ -224,7 +224,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from mmcl.eval.suite import load_suite, run_suite
-    from mmcl.hub import load_model
+    from mmcl.model import load_model
 
     suite = load_suite(args.suite)
     model = load_model(args.model)

@@ -3,9 +3,9 @@
 Configs are plain dataclasses. ``from_dict`` checks every field against its type (``Literal`` choices
 included) and raises :class:`ConfigError` with one line naming the dotted field and what is allowed. A field
 typed as a union of dataclasses that each declare their tag field as a ``Literal`` is a tagged union: the
-mapping's tag picks the dataclass (the union's first when left out). The tag field is ``type`` (e.g. a
-modality's ``tower: {type: timm}``) unless the members name another in ``TAG_FIELD`` (the objective's
-``name``). Members that set ``SWITCH_KEEPS_OPTIONS`` ignore the fields of the union's other members, so
+mapping's tag picks the dataclass (the union's first when left out). The tag field is ``type`` unless the
+members name another in ``TAG_FIELD`` (the objective's ``name``); a modality's ``tower`` is picked by its
+``type`` from the tower registry (``mmcl.modalities.base``). Members that set ``SWITCH_KEEPS_OPTIONS`` ignore the fields of the union's other members, so
 that one override of the tag (``--set objective.name=gram``) switches a recipe's member and keeps the
 options the two share; a field no member has is still an error.
 YAML files are loaded with :func:`load_config`; ``--set a.b=value`` overrides are applied with
@@ -196,22 +196,31 @@ def _positive(where: str, **values: float) -> None:
 
 
 @dataclass
-class SharedTrunkConfig:
-    """One transformer trunk shared by every modality (VATT-style, ``mmcl/shared.py``): each modality's
-    tokeniser turns its input into ``width``-wide tokens, a learned modality embedding is added, the same
-    ``depth`` timm ViT blocks encode them and the modality's valid tokens are mean-pooled."""
+class TrunkFields:
+    """The shape of a transformer trunk: a tower's (video, audio, text) or the shared one."""
 
     width: int = 128
     depth: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
-    #: Stochastic depth, rising linearly to this rate over the blocks.
-    drop_path: float = 0.0
 
     def validate(self, where: str) -> None:
         _positive(where, width=self.width, depth=self.depth, heads=self.heads, mlp_ratio=self.mlp_ratio)
         if self.width % self.heads:
             raise ConfigError(f"{where}.width: {self.width} is not a multiple of heads {self.heads}")
+
+
+@dataclass
+class SharedTrunkConfig(TrunkFields):
+    """One transformer trunk shared by every modality (VATT-style, ``mmcl/shared.py``): each modality's
+    token embedder turns its input into ``width``-wide tokens, a learned modality embedding is added, the same
+    ``depth`` timm ViT blocks encode them and the modality's valid tokens are mean-pooled."""
+
+    #: Stochastic depth, rising linearly to this rate over the blocks.
+    drop_path: float = 0.0
+
+    def validate(self, where: str) -> None:
+        super().validate(where)
         if self.width % 2:  # sin-cos positions of the patch tokenisers split the channels in sin/cos halves
             raise ConfigError(f"{where}.width: must be even, got {self.width}")
         if not 0.0 <= self.drop_path < 1.0:

@@ -2,10 +2,9 @@
 the training config), loading by repo id (through the local HF cache when offline), and publishing with
 ``huggingface_hub`` (``create_repo`` + ``upload_folder``).
 
-A model directory (``save_pretrained``) holds ``config.json``, ``model.safetensors``,
-``preprocessor_config.json``, the modalities' files (tokenizers; a transformers tower's config and tokenizer or
-feature extractor in ``<modality>_hf/``) and ``README.md``. Weights travel as
-safetensors only: nothing here downloads, uploads or loads a pickle. The Hub token comes from
+A model directory's layout and file names are :mod:`mmcl.persistence`'s. Weights travel as safetensors only:
+nothing here downloads, uploads or loads a pickle. This module does not know the model class (no import of
+:mod:`mmcl.model`): the model uses it. The Hub token comes from
 ``HF_TOKEN`` or ``hf auth login`` through ``huggingface_hub`` and is never printed or logged.
 """
 
@@ -20,11 +19,8 @@ from typing import Any
 import yaml
 
 from mmcl.errors import HubError
+from mmcl.persistence import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-PREPROCESSOR_NAME = "preprocessor_config.json"
-CARD_NAME = "README.md"
 #: Never downloaded from a repo (pickle-based weight formats).
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt"]
 _TASKS = {
@@ -97,9 +93,10 @@ def _modality_rows(config: dict[str, Any]) -> list[str]:
 
 
 def model_card(config: dict[str, Any], model_name: str, records: list[dict[str, Any]] | None = None,
-               train_config: dict[str, Any] | None = None, repo_id: str = "") -> str:
+               train_config: dict[str, Any] | None = None, repo_id: str = "", results_table: str = "") -> str:
     """``README.md``: YAML metadata (library, tags, ``model-index`` with the eval results) and a body with
-    how to load the model, its modalities, the results table and the training config."""
+    how to load the model, its modalities, the results table (``results_table``: the records rendered as
+    markdown) and the training config."""
     modalities = list(config["model"]["modalities"])
     objective = config.get("objective", {})
     meta: dict[str, Any] = {"library_name": "mmcl", "tags": ["mmcl", "contrastive-learning", "multimodal",
@@ -118,13 +115,8 @@ def model_card(config: dict[str, Any], model_name: str, records: list[dict[str, 
         "## Modalities", "", *_modality_rows(config), "",
     ]
     if records:
-        from mmcl.eval.suite import results_table
-
-        by_kind: dict[str, dict[str, Any]] = {}
-        for r in records:
-            by_kind.setdefault(r["task"], {})[r["name"]] = r["metrics"]
         datasets = sorted({str(r["dataset"]) for r in records})
-        body += ["## Evaluation", "", f"Data: {', '.join(datasets)}.", "", results_table(by_kind), ""]
+        body += ["## Evaluation", "", f"Data: {', '.join(datasets)}.", "", results_table, ""]
     if train_config:
         body += ["## Training configuration", "", "```yaml",
                  yaml.safe_dump(train_config, sort_keys=False).rstrip(), "```", ""]
@@ -134,11 +126,16 @@ def model_card(config: dict[str, Any], model_name: str, records: list[dict[str, 
 def write_model_card(model_dir: str | Path, records: list[dict[str, Any]] | None = None,
                      train_config: dict[str, Any] | None = None, model_name: str = "", repo_id: str = "") -> Path:
     """Write ``model_dir/README.md`` from its ``config.json`` and the given results and training config."""
+    from mmcl.eval.suite import results_table
+
     d = Path(model_dir)
     config = json.loads((d / CONFIG_NAME).read_text())
     name = model_name or (repo_id.split("/")[-1] if repo_id else d.resolve().name)
+    by_kind: dict[str, dict[str, Any]] = {}
+    for r in records or []:
+        by_kind.setdefault(r["task"], {})[r["name"]] = r["metrics"]
     out = d / CARD_NAME
-    out.write_text(model_card(config, name, records, train_config, repo_id))
+    out.write_text(model_card(config, name, records, train_config, repo_id, results_table(by_kind) if records else ""))
     return out
 
 
@@ -190,18 +187,6 @@ def resolve_pretrained(name_or_path: str | Path, *, revision: str | None = None,
     return Path(folder)
 
 
-def load_model(name_or_path: str | Path, map_location: str = "cpu"):
-    """What ``mmcl eval --model`` accepts: a ``save_pretrained`` directory, a training checkpoint
-    (``checkpoints/step_N``, same format) or a Hub repo id."""
-    from mmcl.model import MultimodalModel
-
-    p = Path(name_or_path)
-    if p.is_dir() and not (p / CONFIG_NAME).is_file():
-        raise HubError(f"{name_or_path}: not a model directory (no {CONFIG_NAME}); give a run's final/ or "
-                       f"checkpoints/step_N/ directory, or a Hub repo id")
-    return MultimodalModel.from_pretrained(name_or_path, map_location=map_location)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Publishing
 
@@ -218,8 +203,8 @@ def _strings(spec: dict[str, Any]) -> list[str]:
 
 
 def model_files(model_dir: str | Path) -> list[str]:
-    """The files of a model directory that are published: config, safetensors weights, preprocessing
-    config, model card and the files its modalities name (tokenizers, the directories of transformers towers)
+    """The files of a model directory that are published: config, safetensors weights, model card and the
+    files its processors name (tokenizers, the directories of transformers towers)
     — never checkpoint state."""
     d = Path(model_dir)
     if not (d / CONFIG_NAME).is_file():
@@ -237,7 +222,7 @@ def model_files(model_dir: str | Path) -> list[str]:
                 files.append(value)
             elif (d / value).is_dir():  # an HF model's config and processor, copied by save_pretrained
                 files += [f"{value}/{f.name}" for f in sorted((d / value).iterdir()) if f.is_file()]
-    files += [f for f in (PREPROCESSOR_NAME, CARD_NAME) if (d / f).is_file()]
+    files += [CARD_NAME] if (d / CARD_NAME).is_file() else []
     return files
 
 

@@ -29,7 +29,7 @@ from data_tools.sources import BuildError
 from mmcl.cli import main as cli_main
 from mmcl.data.shards import build_loader
 from mmcl.data.synthetic import train_tokenizer
-from mmcl.modalities import Modality, build_modality
+from mmcl.modalities import Processor, build_processor
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,
                                 reason="ffmpeg and ffprobe are needed to make and normalise test media")
@@ -180,13 +180,13 @@ def built(media: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, An
 
 
 @pytest.fixture(scope="module")
-def modalities(built: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Modality]:
+def modalities(built: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Processor]:
     """The tiny model's training modalities with a tokenizer trained on the built captions."""
     captions = [s["txt"].decode() for s in built["samples"] if "txt" in s]
     tokenizer = train_tokenizer(captions, tmp_path_factory.mktemp("tok") / "tokenizer.model")
     specs = yaml.safe_load(TINY.read_text())["modalities"]
     specs["text"]["tokenizer"] = str(tokenizer)
-    return {name: build_modality(name, spec) for name, spec in specs.items()}
+    return {name: build_processor(name, spec) for name, spec in specs.items()}
 
 
 def test_every_input_is_in_the_shards_or_reported(built: dict[str, Any]) -> None:
@@ -270,16 +270,17 @@ def test_long_media_is_cut_into_windows_with_their_captions(built: dict[str, Any
         assert n == pytest.approx(16000 * m["duration"], rel=0.02)
 
 
-def test_shards_stream_through_the_training_loader(built: dict[str, Any], modalities: dict[str, Modality]) -> None:
+def test_shards_stream_through_the_training_loader(built: dict[str, Any], modalities: dict[str, Processor]) -> None:
     loader = build_loader(built["spec"], modalities, 8, train=False, on_missing="mask", with_meta=True)
     assert loader.size == built["report"]["samples"]
     keys, members = [], {s["__key__"]: s for s in built["samples"]}
-    v, a, t = (modalities[m].cfg for m in ("video", "audio", "text"))
+    v, t = (modalities[m].cfg for m in ("video", "text"))
+    a = modalities["audio"]
     for batch in loader:
         n = len(batch["keys"])
         keys += batch["keys"]
         assert batch["inputs"]["video"].shape == (n, v.frames, 3, v.size, v.size)
-        assert batch["inputs"]["audio"].shape == (n, 1, a.n_mels, a.n_frames)
+        assert batch["inputs"]["audio"].shape == (n, 1, a.cfg.n_mels, a.n_frames)
         assert batch["inputs"]["text"].shape == (n, t.max_len)
         for i, key in enumerate(batch["keys"]):
             for mod, ext in (("video", "mp4"), ("audio", "flac"), ("text", "txt")):

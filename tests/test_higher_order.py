@@ -108,7 +108,7 @@ def test_cli_synthesises_the_xor_world(tmp_path: Path):
 
 def test_xor_vectors_load_through_the_xor_model(xor_small: Path):
     model = MultimodalModel(load_config(CONFIG_DIR / "train" / "xor.yaml").model)
-    loader = build_loader(_spec(xor_small, "test"), model.modalities, 64, train=False, with_meta=True)
+    loader = build_loader(_spec(xor_small, "test"), model.processors, 64, train=False, with_meta=True)
     batch = next(iter(loader))
     assert {m: tuple(x.shape) for m, x in batch["inputs"].items()} == {m: (64, XOR_DIM) for m in XOR_MODALITIES}
     assert loader.skipped == Counter()
@@ -151,7 +151,7 @@ def test_batches_with_missing_modalities_train(xor_with_holes: tuple[Path, int, 
     assert summary["train"]["samples"] == 8 * 50 and summary["data"]["skipped"] == {}  # nothing dropped
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert len(log) == 8 and all(np.isfinite(r["loss"]) for r in log)
-    mask = build_loader(str(shard), MultimodalModel(cfg.model).modalities, n, train=False, on_missing="mask")
+    mask = build_loader(str(shard), MultimodalModel(cfg.model).processors, n, train=False, on_missing="mask")
     (batch,) = list(mask)
     assert sum(int((~p).sum()) for p in batch["present"].values()) == dropped
 

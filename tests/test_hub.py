@@ -44,7 +44,7 @@ from test_model import batch
 from mmcl.config import load_config, to_dict
 from mmcl.eval.suite import load_suite, run_suite
 from mmcl.hub import HubError, model_files, push_to_hub
-from mmcl.model import MultimodalModel
+from mmcl.model import MultimodalModel, load_processors
 
 SECRET = "hf_local_test_token_8d1f0c"
 ROOT = Path(__file__).resolve().parent.parent
@@ -320,10 +320,11 @@ def test_model_card_is_valid_model_index(run_dir: Path):
     # The training config, as a YAML block of the card's body.
     block = card.split("## Training configuration", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
     assert yaml.safe_load(block) == yaml.safe_load((run_dir / "config.yaml").read_text())
-    # Tokenizer and preprocessing config beside the weights.
-    pre = json.loads((final / "preprocessor_config.json").read_text())
-    assert pre["text"]["tokenizer"] == "text_tokenizer.model" and pre["video"]["frames"] == 4
-    assert "tower" not in pre["video"]
+    # The tokenizer beside the weights; the processors load from the directory without building a tower.
+    processors = load_processors(final)
+    assert processors["text"].cfg.tokenizer == "text_tokenizer.model" and processors["video"].cfg.frames == 4
+    assert processors["text"].tokenizer.path == final / "text_tokenizer.model"
+    assert not any(isinstance(p, torch.nn.Module) for p in processors.values())
 
 
 class _Payload:

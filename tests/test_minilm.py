@@ -40,7 +40,7 @@ def minilm_config(data: Path, *overrides: str) -> Config:
 def test_minilm_tower_equals_the_mean_pooled_reference(synthetic_data: Path) -> None:
     cfg = minilm_config(synthetic_data)
     model = MultimodalModel(cfg.model, cfg.objective).eval()
-    text = model.modalities["text"]
+    text = model.processors["text"]
     with torch.no_grad():
         got = model.towers["text"](text.collate([text.transform(text.tokenize(c), train=False) for c in CAPTIONS]))
 

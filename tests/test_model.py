@@ -27,12 +27,12 @@ def model(synthetic_data) -> MultimodalModel:
 
 
 def batch(model: MultimodalModel, n: int) -> dict[str, torch.Tensor]:
-    v, a, t = model.modalities["video"].cfg, model.modalities["audio"].cfg, model.modalities["text"].cfg
+    v, a, t = model.processors["video"].cfg, model.processors["audio"], model.processors["text"].cfg
     g = torch.Generator().manual_seed(1)
     return {
         "video": torch.randn(n, v.frames, 3, v.size, v.size, generator=g),
-        "audio": torch.randn(n, 1, a.n_mels, a.n_frames, generator=g),
-        "text": torch.randint(2, model.modalities["text"].tokenizer.vocab_size, (n, t.max_len), generator=g),
+        "audio": torch.randn(n, 1, a.cfg.n_mels, a.n_frames, generator=g),
+        "text": torch.randint(2, model.processors["text"].tokenizer.vocab_size, (n, t.max_len), generator=g),
     }
 
 
@@ -59,7 +59,7 @@ def test_video_tower_sees_temporal_order(model):
 def test_text_padding_is_ignored(model):
     """Masked-mean pooling: the embedding of a caption does not depend on how much padding follows it."""
     model.eval()
-    text = model.modalities["text"]
+    text = model.processors["text"]
     ids = text.tokenize("a red circle moves to the left while a low flute note plays")
     short = torch.full((1, ids.numel() + 2), text.tokenizer.pad_id)
     short[0, : ids.numel()] = ids

@@ -104,8 +104,9 @@ def test_small_and_base_build_for_real_and_encode(name: str):
     torch.manual_seed(0)
     model = MultimodalModel(from_dict(ModelConfig, spec, "model")).eval()
     assert model.parameter_counts() == expected_counts(spec)
-    v, a, t = (model.modalities[m].cfg for m in ("video", "audio", "text"))
-    x = {"video": torch.randn(1, v.frames, 3, v.size, v.size), "audio": torch.randn(1, 1, a.n_mels, a.n_frames),
+    v, t = (model.processors[m].cfg for m in ("video", "text"))
+    a = model.processors["audio"]
+    x = {"video": torch.randn(1, v.frames, 3, v.size, v.size), "audio": torch.randn(1, 1, a.cfg.n_mels, a.n_frames),
          "text": torch.randint(1, t.vocab_size, (1, t.max_len))}
     with torch.no_grad():
         emb = model.encode(x)
@@ -125,10 +126,10 @@ def test_text_table_sized_by_vocab_size(synthetic_data: Path, tmp_path: Path):
     the model saves and loads without one), or above a tokenizer's vocabulary (whose pad id it keeps)."""
     model = MultimodalModel(from_dict(ModelConfig, text_spec(tokenizer="", vocab_size=500), "model"))
     assert model.towers["text"].encoder.embeddings.word_embeddings.weight.shape == (500, 16)
-    assert model.modalities["text"].pad_id == 0
-    assert torch.equal(model.modalities["text"].empty(), torch.zeros(8, dtype=torch.long))
+    assert model.processors["text"].pad_id == 0
+    assert torch.equal(model.processors["text"].empty(), torch.zeros(8, dtype=torch.long))
     with pytest.raises(ConfigError) as e:
-        model.modalities["text"].tokenize("a red square")
+        model.processors["text"].tokenize("a red square")
     assert str(e.value) == "model.modalities.text.tokenizer: not set; reading text needs one"
     loaded = MultimodalModel.from_pretrained(model.save_pretrained(tmp_path / "m"))
     ids = torch.tensor([[5, 7, 0, 0, 0, 0, 0, 0]])
@@ -137,7 +138,7 @@ def test_text_table_sized_by_vocab_size(synthetic_data: Path, tmp_path: Path):
     tokenizer = str(synthetic_data / "tokenizer.model")
     model = MultimodalModel(from_dict(ModelConfig, text_spec(tokenizer=tokenizer, vocab_size=500), "model"))
     assert model.towers["text"].encoder.embeddings.word_embeddings.weight.shape == (500, 16)
-    assert model.modalities["text"].pad_id == model.modalities["text"].tokenizer.pad_id
+    assert model.processors["text"].pad_id == model.processors["text"].tokenizer.pad_id
 
 
 @pytest.mark.parametrize("text, message", [

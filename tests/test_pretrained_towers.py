@@ -44,7 +44,7 @@ from mmcl.config import ClipConfig, ConfigError, ModelConfig, from_dict
 from mmcl.data.synthetic import encode_flac, generate_sample
 from mmcl.hub import model_files
 from mmcl.model import MultimodalModel
-from mmcl.modalities import build_modality
+from mmcl.modalities import build_processor, build_tower
 from mmcl.modalities.audio import HFAudioTower
 from mmcl.train.optim import apply_tower_controls
 
@@ -137,7 +137,7 @@ def test_text_tower_equals_transformers(dirs: dict[str, Path], model: str, pooli
     spec = text_spec(dirs[model], pooling=pooling)
     if model == "gpt2":
         spec["tokenizer"] = str(dirs["bert"])
-    text = pickle.loads(pickle.dumps(build_modality("text", spec)))  # as a loader worker gets it
+    text = pickle.loads(pickle.dumps(build_processor("text", spec)))  # as a loader worker gets it
     assert text.tokenizer._tok is None
     x = text.collate([text.transform(text.decode({"txt": c.encode()}), train=False) for c in CAPTIONS])
     tok = BertTokenizer.from_pretrained(str(dirs["bert"]))
@@ -145,7 +145,7 @@ def test_text_tower_equals_transformers(dirs: dict[str, Path], model: str, pooli
     assert text.tokenizer.input_names == ["input_ids", "attention_mask", "token_type_ids"]
     assert torch.equal(x, torch.stack([enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]], dim=1))
 
-    tower = text.build_tower().eval()
+    tower = build_tower(text).eval()
     reference = AutoModel.from_pretrained(str(dirs[model])).eval()
     short = tok(CAPTIONS, padding=True, return_tensors="pt")  # padding only to the longest: same states
     with torch.no_grad():
@@ -170,7 +170,7 @@ def test_text_tower_blocks_lock_and_grad_checkpointing(dirs: dict[str, Path]) ->
     trainable = {n for n, p in tower.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in tower.named_parameters() if n.startswith("model.encoder.layer.1.")}
 
-    text = model.modalities["text"]
+    text = model.processors["text"]
     x = text.collate([text.transform(text.tokenize(c), train=False) for c in CAPTIONS])
     tower.train()
 
@@ -229,7 +229,7 @@ def direct_embeddings(name: str, path: Path, inputs: dict[str, torch.Tensor], le
 def test_audio_tower_equals_transformers(dirs: dict[str, Path], name: str) -> None:
     """transform + collate produce exactly the feature extractor's batch; the tower's output is the model's
     (the encoder's, for Whisper) mean-pooled hidden states."""
-    audio = build_modality("audio", audio_spec(dirs[name]))
+    audio = build_processor("audio", audio_spec(dirs[name]))
     waves = clips()
     x = audio.collate([audio.transform(torch.from_numpy(w), train=False) for w in waves])
     inputs = extractor_inputs(name, dirs[name], waves)
@@ -240,7 +240,7 @@ def test_audio_tower_equals_transformers(dirs: dict[str, Path], name: str) -> No
         (key,) = [k for k in inputs if k != "attention_mask"]
         assert torch.equal(x, inputs[key])
 
-    tower = audio.build_tower().eval()
+    tower = build_tower(audio).eval()
     assert isinstance(tower, HFAudioTower) and len(tower.blocks()) == 2
     with torch.no_grad():
         got = tower(x)
@@ -250,11 +250,11 @@ def test_audio_tower_equals_transformers(dirs: dict[str, Path], name: str) -> No
 
 
 def test_ast_cls_pooling(dirs: dict[str, Path]) -> None:
-    audio = build_modality("audio", audio_spec(dirs["ast"], pooling="cls"))
+    audio = build_processor("audio", audio_spec(dirs["ast"], pooling="cls"))
     waves = clips()
     x = audio.collate([audio.transform(torch.from_numpy(w), train=False) for w in waves])
     with torch.no_grad():
-        got = audio.build_tower().eval()(x)
+        got = build_tower(audio).eval()(x)
     want = direct_embeddings("ast", dirs["ast"], extractor_inputs("ast", dirs["ast"], waves), [SR] * 2, "cls")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
@@ -265,7 +265,7 @@ def test_synthesised_clip_through_the_pipeline(dirs: dict[str, Path], name: str)
     equals the extractor and model on the centred 1 s window of the original float audio (FLAC keeps 16
     bits)."""
     # As a loader worker gets it: pickled without the feature extractor, which it reads again lazily.
-    audio = pickle.loads(pickle.dumps(build_modality("audio", audio_spec(dirs[name]))))
+    audio = pickle.loads(pickle.dumps(build_processor("audio", audio_spec(dirs[name]))))
     assert audio.input._fe is None
     wave = generate_sample(3)["audio"]
     decoded = audio.decode({"flac": encode_flac(wave, SR)})
@@ -274,7 +274,7 @@ def test_synthesised_clip_through_the_pipeline(dirs: dict[str, Path], name: str)
     x = audio.collate([audio.transform(decoded, train=False)])
     window = wave[SR // 2: SR // 2 + SR]
     with torch.no_grad():
-        got = audio.build_tower().eval()(x)
+        got = build_tower(audio).eval()(x)
     want = direct_embeddings(name, dirs[name], extractor_inputs(name, dirs[name], [window]), [SR])
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
@@ -305,7 +305,7 @@ def test_save_pretrained_is_self_contained(dirs: dict[str, Path], tmp_path: Path
     torch.manual_seed(0)
     model = MultimodalModel(from_dict(ModelConfig, {"embed_dim": 8, "modalities": {
         "text": text_spec(text_dir), "audio": audio_spec(audio_dir)}}, "model"), ClipConfig()).eval()
-    text, audio = model.modalities["text"], model.modalities["audio"]
+    text, audio = model.processors["text"], model.processors["audio"]
     batch = {"text": text.collate([text.transform(text.tokenize(c), train=False) for c in CAPTIONS[:2]]),
              "audio": audio.collate([audio.transform(torch.from_numpy(w), train=False) for w in clips()])}
     with torch.no_grad():
@@ -315,7 +315,8 @@ def test_save_pretrained_is_self_contained(dirs: dict[str, Path], tmp_path: Path
     towers = {m: json.loads((out / "config.json").read_text())["model"]["modalities"][m]["tower"]
               for m in ("text", "audio")}
     assert towers["text"]["path"] == "text_hf" and towers["audio"]["path"] == "audio_hf"
-    assert towers["text"]["init"] == towers["audio"]["init"] == "config"
+    # The config is saved as given (no rewrite): from_pretrained builds the towers architecture-only itself.
+    assert "init" not in towers["text"] and "init" not in towers["audio"]
     files = model_files(out)
     assert {"text_hf/config.json", "text_hf/tokenizer.json", "audio_hf/config.json",
             "audio_hf/preprocessor_config.json"} <= set(files)
@@ -326,7 +327,7 @@ def test_save_pretrained_is_self_contained(dirs: dict[str, Path], tmp_path: Path
     audio_dir.rename(tmp_path / "moved")
     loaded = MultimodalModel.from_pretrained(out).eval()
     assert loaded.state_dict().keys() == model.state_dict().keys()
-    text, audio = loaded.modalities["text"], loaded.modalities["audio"]
+    text, audio = loaded.processors["text"], loaded.processors["audio"]
     again = {"text": text.collate([text.transform(text.tokenize(c), train=False) for c in CAPTIONS[:2]]),
              "audio": audio.collate([audio.transform(torch.from_numpy(w), train=False) for w in clips()])}
     assert all(torch.equal(again[m], batch[m]) for m in batch)

@@ -1,35 +1,46 @@
 """Adding a modality is one file and a config: this module is that file for a new modality (the synthetic
-world's JSON labels as attribute ids), registered with ``register_modality`` and named by ``kind`` in a
-model config; with nothing else touched it trains beside video and text, with separate towers and with
-the shared trunk, and round-trips through save/load."""
+world's JSON labels as attribute ids), its processor registered with ``register_processor`` and its tower type
+with ``register_tower``, named by ``kind`` in a model config; with nothing else touched it trains beside video
+and text, with separate towers and with the shared trunk, and round-trips through save/load. Adding a tower
+type to an existing modality is one ``register_tower`` call (here: a video tower of pooled pixels)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from mmcl.config import Config, ConfigError, from_dict
+from mmcl.data.shards import build_loader
 from mmcl.data.synthetic import ATTRIBUTES
-from mmcl.modalities import Modality, SampleError, TokenEmbedder, Tower, available_modalities, register_modality
+from mmcl.modalities import (Processor, SampleError, TokenEmbedder, Tower, available_modalities, register_processor,
+                             register_tower)
+from mmcl.modalities.video import StandardizedFrames
 from mmcl.model import MultimodalModel
 from mmcl.train.loop import train
+
+
+@dataclass
+class AttributesTowerConfig:
+    type: Literal["embedding"] = "embedding"
+    width: int = 16
 
 
 @dataclass
 class AttributesConfig:
     #: Label names read from the sample's JSON (``labels``), each one token / one embedding.
     names: list[str] = field(default_factory=lambda: ["colour", "shape"])
-    width: int = 16
+    tower: Any = None
 
 
-@register_modality
-class Attributes(Modality):
+@register_processor
+class Attributes(Processor):
     """``json["labels"][name]`` for each name -> the value's index in one table ``[len(names)]`` int64."""
 
     kind = "test_attributes"
@@ -56,12 +67,6 @@ class Attributes(Modality):
     def empty(self) -> torch.Tensor:
         return torch.zeros(len(self.cfg.names), dtype=torch.long)
 
-    def build_tower(self) -> Tower:
-        return AttributesTower(self.size, self.cfg.width)
-
-    def build_token_embedder(self, width: int) -> TokenEmbedder:
-        return AttributeTokens(self.size, len(self.cfg.names), width)
-
 
 class AttributesTower(Tower):
     """``[N, A]`` ids -> the mean of their embeddings -> ``[N, width]``."""
@@ -85,6 +90,33 @@ class AttributeTokens(TokenEmbedder):
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.embed(ids) + self.pos, None
+
+
+register_tower("test_attributes", "embedding", config=AttributesTowerConfig,
+               build=lambda attrs, pretrained: AttributesTower(attrs.size, attrs.cfg.tower.width),
+               embedder=lambda attrs, width: AttributeTokens(attrs.size, len(attrs.cfg.names), width))
+
+
+@dataclass
+class PixelTowerConfig:
+    type: Literal["test_pixels"] = "test_pixels"
+    width: int = 16
+
+
+class PixelTower(Tower):
+    """``[N, T, 3, S, S]`` standardised frames -> a 1x1 convolution -> the mean over frames and pixels."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, width, kernel_size=1)
+        self.out_dim = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x.flatten(0, 1)).mean(dim=(2, 3)).view(x.shape[0], x.shape[1], -1).mean(dim=1)
+
+
+register_tower("video", "test_pixels", config=PixelTowerConfig, inputs=lambda video: StandardizedFrames(),
+               build=lambda video, pretrained: PixelTower(video.cfg.tower.width))
 
 
 def config(data: Path, shared: bool) -> Config:
@@ -119,7 +151,8 @@ def test_a_new_modality_trains_and_round_trips(synthetic_data: Path, tmp_path: P
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(r["loss"] == r["loss"] for r in log)
     model = MultimodalModel.from_pretrained(tmp_path / "final")
-    attrs = model.modalities["attrs"]
+    assert_round_trips(model, tmp_path / "final", synthetic_data, tmp_path / "again")
+    attrs = model.processors["attrs"]
     assert isinstance(attrs, Attributes) and attrs.cfg.names == ["colour", "shape", "direction"]
     ids = attrs.decode({"json": json.dumps({"labels": {"colour": "red", "shape": "square",
                                                        "direction": "up"}}).encode()})
@@ -129,3 +162,39 @@ def test_a_new_modality_trains_and_round_trips(synthetic_data: Path, tmp_path: P
     with torch.no_grad():
         emb = model.encode({"attrs": ids[None]})["attrs"]
     assert emb.shape == (1, 16) and torch.isfinite(emb).all()
+
+
+def assert_round_trips(model: MultimodalModel, source: Path, data: Path, out: Path) -> None:
+    """``model`` (loaded from ``source``) holds the weights saved there; saved again and loaded, it has the same
+    weights and gives the same embeddings of a batch of real samples (decoded by its own processors)."""
+    saved = load_file(str(source / "model.safetensors"))
+    state = model.state_dict()
+    assert set(saved) == set(state) and all(torch.equal(saved[k], state[k]) for k in saved)
+    model.eval().save_pretrained(out)
+    loaded = MultimodalModel.from_pretrained(out).eval()
+    again = loaded.state_dict()
+    assert set(again) == set(state) and all(torch.equal(again[k], state[k]) for k in state)
+    batch = next(iter(build_loader(str(data / "test-000000.tar"), loaded.processors, 6, train=False)))
+    with torch.no_grad():
+        want, got = model.encode(batch["inputs"]), loaded.encode(batch["inputs"])
+    assert set(got) == set(model.processors)
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
+def test_a_tower_type_registered_here_builds_trains_and_round_trips(synthetic_data: Path, tmp_path: Path):
+    """``PixelTower`` is registered above for the built-in video modality and nothing else changes."""
+    cfg = config(synthetic_data, shared=False)
+    cfg.model.modalities["video"]["tower"] = {"type": "test_pixels", "width": 8}
+    del cfg.model.modalities["attrs"]
+    summary = train(cfg, tmp_path)
+    assert summary["train"]["steps"] == 2
+    model = MultimodalModel.from_pretrained(tmp_path / "final")
+    assert isinstance(model.towers["video"], PixelTower) and model.towers["video"].proj.out_channels == 8
+    assert_round_trips(model, tmp_path / "final", synthetic_data, tmp_path / "again")
+    with pytest.raises(ConfigError) as e:
+        MultimodalModel(from_dict(Config, {"model": {"modalities": {
+            "video": {"tower": {"type": "test_pixels", "width": 8}}, "b": {"kind": "vector", "dim": 2}},
+            "shared_trunk": {"width": 8, "depth": 1, "heads": 1}}}).model)
+    assert str(e.value) == ("model.modalities.video.tower.type: 'test_pixels' towers are not available with "
+                            "model.shared_trunk (allowed: 'tubelet')")

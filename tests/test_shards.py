@@ -21,7 +21,7 @@ import yaml
 
 from data_tools.check import validate_shards
 from mmcl.data.shards import DataError, Loader, build_loader, check_shard_split, expand_shards
-from mmcl.modalities import Modality, build_modality
+from mmcl.modalities import Processor, build_processor
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "models" / "tiny.yaml"
 
@@ -54,11 +54,11 @@ def _keys(loader: Loader, epoch: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def modalities(synthetic_data: Path) -> dict[str, Modality]:
+def modalities(synthetic_data: Path) -> dict[str, Processor]:
     """The tiny model's modalities, reading the dataset's tokenizer."""
     specs = yaml.safe_load(TINY.read_text())["modalities"]
     specs["text"]["tokenizer"] = str(synthetic_data / "tokenizer.model")
-    return {name: build_modality(name, spec) for name, spec in specs.items()}
+    return {name: build_processor(name, spec) for name, spec in specs.items()}
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def bad_shards(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_bad_samples_are_skipped_and_counted_exactly(bad_shards: tuple[str, set[str]],
-                                                     modalities: dict[str, Modality], workers: int) -> None:
+                                                     modalities: dict[str, Processor], workers: int) -> None:
     spec, good = bad_shards
     assert len(good) == 8
     loader = build_loader(spec, modalities, 3, train=True, workers=workers, shuffle_buffer=8, seed=1)
@@ -120,7 +120,7 @@ def test_bad_samples_are_skipped_and_counted_exactly(bad_shards: tuple[str, set[
         assert loader.skipped == Counter({r: n * (epoch + 1) for r, n in BAD_REASONS.items()})
 
 
-def test_missing_modality_is_masked(synthetic_data: Path, modalities: dict[str, Modality],
+def test_missing_modality_is_masked(synthetic_data: Path, modalities: dict[str, Processor],
                                     tmp_path: Path) -> None:
     samples = _samples(synthetic_data / "test-000000.tar")[:6]
     no_audio, bad_json = samples[2]["__key__"], samples[4]["__key__"]
@@ -147,7 +147,7 @@ def test_missing_modality_is_masked(synthetic_data: Path, modalities: dict[str, 
     assert skipping.skipped == Counter({"missing_audio": 1})
 
 
-def test_shard_spec_errors(synthetic_data: Path, modalities: dict[str, Modality]) -> None:
+def test_shard_spec_errors(synthetic_data: Path, modalities: dict[str, Processor]) -> None:
     missing = synthetic_data / "nope-000000.tar"
     with pytest.raises(DataError, match=str(missing)):
         build_loader(str(missing), modalities, 4, train=True)
@@ -166,7 +166,7 @@ def test_shard_spec_errors(synthetic_data: Path, modalities: dict[str, Modality]
     check_shard_split(expand_shards(spec), world=4, workers=2, resample=True)
 
 
-def test_order_is_deterministic(synthetic_data: Path, modalities: dict[str, Modality]) -> None:
+def test_order_is_deterministic(synthetic_data: Path, modalities: dict[str, Processor]) -> None:
     text = {"text": modalities["text"]}  # order does not depend on the modalities: the cheapest one
     spec = _spec(synthetic_data, "train")
 
@@ -185,7 +185,7 @@ def test_order_is_deterministic(synthetic_data: Path, modalities: dict[str, Moda
     assert order(5, train=False) == file_order
 
 
-def test_batch_shapes_and_dtypes(synthetic_data: Path, modalities: dict[str, Modality]) -> None:
+def test_batch_shapes_and_dtypes(synthetic_data: Path, modalities: dict[str, Processor]) -> None:
     cfg = yaml.safe_load(TINY.read_text())["modalities"]
     v, a, t = cfg["video"], cfg["audio"], cfg["text"]
     patch = a["tower"]["patch"]
@@ -208,7 +208,7 @@ def test_batch_shapes_and_dtypes(synthetic_data: Path, modalities: dict[str, Mod
             assert present.dtype == torch.bool and present.shape == (8,) and present.all()
 
 
-def test_cache_serves_later_epochs_without_the_shards(synthetic_data: Path, modalities: dict[str, Modality],
+def test_cache_serves_later_epochs_without_the_shards(synthetic_data: Path, modalities: dict[str, Processor],
                                                       tmp_path: Path) -> None:
     for name in ("test-000000.tar", "test-000001.tar", "sizes.json"):
         shutil.copy(synthetic_data / name, tmp_path / name)
@@ -232,7 +232,7 @@ def test_cache_serves_later_epochs_without_the_shards(synthetic_data: Path, moda
     assert training.skipped == Counter() and evaluation.skipped == Counter()
 
 
-def test_unreadable_shards_are_counted(synthetic_data: Path, modalities: dict[str, Modality],
+def test_unreadable_shards_are_counted(synthetic_data: Path, modalities: dict[str, Processor],
                                        tmp_path: Path) -> None:
     for name in ("test-000000.tar", "test-000001.tar"):
         shutil.copy(synthetic_data / name, tmp_path / name)

@@ -1,5 +1,5 @@
-"""The shared transformer trunk (mmcl/shared.py): its tokenisers reproduce the separate towers' embeddings,
-masking equals encoding the unpadded sequence with timm's blocks directly, gradient checkpointing changes
+"""The shared transformer trunk (mmcl/shared.py), one trunk behind the token embedders the separate towers are
+made of: masking equals encoding the unpadded sequence with timm's blocks directly, gradient checkpointing changes
 nothing, save/load round-trips, bad configs fail in one line, the demo recipe and a 4-modality world train
 with it under ``train.towers`` controls (a locked tokeniser, a locked trunk but its last block), and (slow)
 two ranks under DDP and ZeRO-3 train it like one process."""
@@ -21,9 +21,8 @@ from test_vector import ONE_HOT_DIM, four_modal_data, one_hot  # noqa: F401  (fo
 
 from mmcl.config import ClipConfig, Config, ConfigError, ModelConfig, from_dict, load_config
 from mmcl.model import MultimodalModel
-from mmcl.modalities import Modality
-from mmcl.modalities.audio import Audio, AudioConfig
-from mmcl.modalities.video import Video, VideoConfig
+from mmcl.modalities import Processor, register_processor, register_tower
+from mmcl.modalities.vector import VectorConfig, VectorTower, VectorTowerConfig
 from mmcl.shared import TRUNK, build_shared_towers, encode_shared
 from mmcl.train.loop import seed_everything, train
 from mmcl.train.optim import apply_tower_controls, param_groups, parameter_report
@@ -51,42 +50,18 @@ def model(synthetic_data: Path) -> MultimodalModel:
 
 
 def batch(model: MultimodalModel, n: int) -> dict[str, torch.Tensor]:
-    v, a, t = (model.modalities[m] for m in ("video", "audio", "text"))
+    v, a, t = (model.processors[m] for m in ("video", "audio", "text"))
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(2, t.vocab_size, (n, t.cfg.max_len), generator=g)
     ids[0, 5:] = t.pad_id  # one short caption
     return {"video": torch.randn(n, v.cfg.frames, 3, v.cfg.size, v.cfg.size, generator=g),
-            "audio": torch.randn(n, 1, a.cfg.n_mels, a.cfg.n_frames, generator=g), "text": ids}
-
-
-@pytest.mark.parametrize("stem", ["patch", "conv"])
-def test_video_tokens_are_the_video_towers_tubelets(stem: str):
-    """The video tokeniser is the video tower's embedding (same layers, same keys) plus its sin-cos positions."""
-    cfg = from_dict(VideoConfig, {"frames": 4, "size": 32, "tower": {"width": WIDTH, "depth": 1, "heads": 2,
-                                                                      "patch": 8, "stem": stem, "stem_channels": 8}})
-    video = Video("video", cfg)
-    tower, tokens = video.build_tower(), video.build_token_embedder(WIDTH)
-    tokens.embed.load_state_dict(tower.embed.state_dict())
-    x = torch.randn(2, 4, 3, 32, 32)
-    got, valid = tokens(x)
-    assert valid is None and got.shape == (2, 2 * 4 * 4, WIDTH)
-    torch.testing.assert_close(got, tower.embed(x.transpose(1, 2)).flatten(2).transpose(1, 2) + tower.pos)
-
-
-def test_audio_tokens_are_the_audio_towers_patches():
-    audio = Audio("audio", from_dict(AudioConfig, {"n_mels": 32, "tower": {"width": WIDTH, "depth": 1, "heads": 2}}))
-    tower, tokens = audio.build_tower(), audio.build_token_embedder(WIDTH)
-    tokens.embed.load_state_dict(tower.embed.state_dict())
-    x = torch.randn(2, 1, 32, audio.cfg.n_frames)
-    got, valid = tokens(x)
-    assert valid is None and got.shape == (2, 2 * audio.cfg.n_frames // 16, WIDTH)
-    torch.testing.assert_close(got, tower.embed(x).flatten(2).transpose(1, 2) + tower.pos)
+            "audio": torch.randn(n, 1, a.cfg.n_mels, a.n_frames, generator=g), "text": ids}
 
 
 def test_padding_is_hidden_from_attention_and_pooling(model: MultimodalModel):
     """A padded caption's features equal timm's blocks run on its real tokens alone, without any mask; a
     caption with no token at all (a missing modality's placeholder) still encodes to finite numbers."""
-    text, trunk = model.modalities["text"], model.towers[TRUNK]
+    text, trunk = model.processors["text"], model.towers[TRUNK]
     ids = text.tokenize("a red circle moves to the left while a low flute note plays")
     padded = torch.stack([text.transform(ids, train=False), text.empty()])
     assert (padded[0] == text.pad_id).any()
@@ -147,10 +122,17 @@ def test_save_load_roundtrip(model: MultimodalModel, tmp_path: Path):
         assert torch.equal(a[name], b[name]), name
 
 
-class Depth(Modality):
-    """A modality without a shared-trunk tokeniser (never registered: built directly)."""
+@register_processor
+class Depth(Processor):
+    """A modality whose one tower type has no token embedder for a shared trunk."""
 
     kind = "depthmap"
+    Config = VectorConfig
+    members = ("depth.npy",)
+
+
+register_tower("depthmap", "mlp", config=VectorTowerConfig,
+               build=lambda depth, pretrained: VectorTower(depth.cfg.dim, depth.cfg.tower))
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -175,7 +157,7 @@ def test_bad_shared_config_is_one_line(synthetic_data: Path, mutate, message: st
 
 def test_modality_without_a_tokeniser_is_one_line():
     with pytest.raises(ConfigError) as e:
-        build_shared_towers({"depth": Depth("depth", None)}, from_dict(ModelConfig, {"embed_dim": 8, "modalities": {
+        build_shared_towers({"depth": Depth("depth", VectorConfig(dim=3, tower=VectorTowerConfig()))}, from_dict(ModelConfig, {"embed_dim": 8, "modalities": {
             "a": {}}, "shared_trunk": {"width": 8, "depth": 1, "heads": 1}}).shared_trunk)
     message, kinds = str(e.value).split(" (kinds that have one: ")
     assert message == "model.shared_trunk: modality 'depth' (kind 'depthmap') has no tokeniser for a shared trunk"
@@ -209,7 +191,7 @@ def test_controls_report_and_lrs(synthetic_data: Path):
     lrs = apply_tower_controls(model, {"text": {"lock": True, "lr": 1e-3},
                                        "trunk": {"lock": True, "unlocked_blocks": 1, "lr": 2e-4}})
     counts = report_counts(parameter_report(model))
-    text = model.modalities["text"]
+    text = model.processors["text"]
     assert counts["tower:text"] == (0, (text.vocab_size + text.cfg.max_len) * WIDTH)
     # Frozen: the first block, the final LayerNorm and the 3 modality embeddings.
     assert counts["tower:trunk"] == (vit_block(WIDTH), vit_block(WIDTH) + 2 * WIDTH + 3 * WIDTH)

@@ -20,7 +20,7 @@ import yaml
 from mmcl.config import CONFIG_DIR, Config, ConfigError, from_dict
 from mmcl.data.shards import build_loader
 from mmcl.data.synthetic import ATTRIBUTES
-from mmcl.modalities import SampleError, available_modalities, build_modality
+from mmcl.modalities import SampleError, available_modalities, build_processor, build_tower
 from mmcl.modalities.base import MissingModality
 from mmcl.model import MultimodalModel
 from mmcl.train.loop import train
@@ -33,13 +33,13 @@ def npy(array: Any) -> bytes:
 
 
 def vector(name: str = "feat", **spec: Any):
-    return build_modality(name, {"kind": "vector", "dim": 4, **spec})
+    return build_processor(name, {"kind": "vector", "dim": 4, **spec})
 
 
 def test_registered_and_configured_by_kind():
     assert "vector" in available_modalities()
     with pytest.raises(ConfigError, match=r"model.modalities.feat.dim: required field is missing"):
-        build_modality("feat", {"kind": "vector"})
+        build_processor("feat", {"kind": "vector"})
     with pytest.raises(ConfigError, match=r"feat.tower.activation: 'swish' is not allowed"):
         vector(tower={"activation": "swish"})
     with pytest.raises(ConfigError, match=r"feat.mean: standardize 'features' needs 4 values"):
@@ -102,7 +102,7 @@ def test_standardisation():
 @pytest.mark.parametrize("depth, activation", [(0, "gelu"), (1, "relu"), (3, "tanh")])
 def test_tower_shapes(depth: int, activation: str):
     mod = vector(tower={"hidden": 16, "depth": depth, "activation": activation})
-    tower = mod.build_tower()
+    tower = build_tower(mod)
     assert tower.out_dim == (4 if depth == 0 else 16)
     assert len(tower.blocks()) == depth
     x = mod.collate([mod.transform(torch.randn(4), train=True) for _ in range(5)])
@@ -135,7 +135,7 @@ def test_bad_arrays_are_skipped_and_counted_by_the_loader(tmp_path: Path):
     with wds.TarWriter(str(tmp_path / "v-000000.tar"), encoder=False) as writer:
         for key, members in samples:
             writer.write({"__key__": key, **members})
-    mods = {"feat": vector(), "aux": build_modality("aux", {"kind": "vector", "dim": 2})}
+    mods = {"feat": vector(), "aux": build_processor("aux", {"kind": "vector", "dim": 2})}
     loader = build_loader(str(tmp_path / "v-000000.tar"), mods, 2, train=False)
     batches = list(loader)
     assert [k for b in batches for k in b["keys"]] == ["good-0", "good-1", "good-2"]
@@ -189,7 +189,7 @@ def test_four_modalities_train_with_every_objective(four_modal_data: Path, synth
     assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
     model = MultimodalModel.from_pretrained(tmp_path / "final")
     assert model.modality_names == ["video", "audio", "text", "labels"]
-    assert model.modalities["labels"].cfg.dim == ONE_HOT_DIM
+    assert model.processors["labels"].cfg.dim == ONE_HOT_DIM
     with torch.no_grad():
         emb = model.encode({"labels": torch.from_numpy(np.stack([one_hot({"colour": "red", "shape": "cross",
                                                                             "direction": "up"})]))})

@@ -35,7 +35,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from mmcl.errors import DataError
-from mmcl.modalities.base import MissingModality, Modality, SampleError
+from mmcl.modalities.base import MissingModality, Processor, SampleError
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class SampleDecoder:
         with_meta: also parse the ``json`` member (:func:`parse_meta`).
     """
 
-    def __init__(self, processors: dict[str, Any], on_missing: Literal["skip", "mask"] = "skip",
+    def __init__(self, processors: dict[str, Processor], on_missing: Literal["skip", "mask"] = "skip",
                  with_meta: bool = False):
         self.processors = processors
         self.on_missing = on_missing
@@ -331,20 +331,20 @@ class ShardStream(IterableDataset):
 
     Args:
         urls: expanded shard list (see :func:`expand_shards`).
-        modalities: ``{name: Modality}`` to decode; a sample must provide each (or, with
-            ``on_missing="mask"``, at least one) of them.
+        processors: ``{modality: Processor}`` to decode with (e.g. ``model.processors``); a sample must
+            provide each (or, with ``on_missing="mask"``, at least one) of them.
         batch_size: samples per batch; the last batch of a worker may be smaller.
         train: shuffle shards and samples and allow augmentation.
         split_by_node: give each rank its own shards (training); off for eval on one rank.
     """
 
-    def __init__(self, urls: list[str], modalities: dict[str, Modality], batch_size: int, *,
+    def __init__(self, urls: list[str], processors: dict[str, Processor], batch_size: int, *,
                  train: bool = True, shuffle_buffer: int = 1000, shard_shuffle: bool = True,
                  resample: bool = False, seed: int = 0, on_missing: str = "skip", cache: bool = False,
                  split_by_node: bool = True, with_meta: bool = False):
         super().__init__()
         self.urls = list(urls)
-        self.modalities = modalities
+        self.processors = processors
         self.batch_size = batch_size
         self.train = train
         self.shuffle_buffer = shuffle_buffer if train else 0
@@ -354,7 +354,7 @@ class ShardStream(IterableDataset):
         self.cache = cache
         self.split_by_node = split_by_node
         self.with_meta = with_meta
-        self.decoder = SampleDecoder(modalities, on_missing, with_meta)
+        self.decoder = SampleDecoder(processors, on_missing, with_meta)
         self.epoch = SharedEpoch()
         self._cache: dict[str, tuple[dict, dict]] = {}
         self._cache_complete = False
@@ -433,7 +433,7 @@ class ShardStream(IterableDataset):
         batch: dict[str, Any] = {"keys": [k for k, _, _, _ in items], "inputs": {}, "present": {}}
         if self.with_meta:
             batch["meta"] = [meta for _, _, _, meta in items]
-        for name, mod in self.modalities.items():
+        for name, mod in self.processors.items():
             batch["inputs"][name] = mod.collate([inputs[name] for _, inputs, _, _ in items])
             batch["present"][name] = torch.tensor([p[name] for _, _, p, _ in items], dtype=torch.bool)
         return batch
@@ -502,11 +502,11 @@ def check_shard_split(urls: list[str], world: int, workers: int, resample: bool)
                         f"or set data.resample=true)")
 
 
-def build_loader(spec: str, modalities: dict[str, Modality], batch_size: int, *, train: bool, workers: int = 0,
+def build_loader(spec: str, processors: dict[str, Processor], batch_size: int, *, train: bool, workers: int = 0,
                  world: int = 1, **kwargs: Any) -> Loader:
     """Expand ``spec``, check it can be split over ``world`` ranks x ``workers``, and build the loader."""
     urls = expand_shards(spec)
     if train:
         check_shard_split(urls, world, workers, kwargs.get("resample", False))
-    stream = ShardStream(urls, modalities, batch_size, train=train, split_by_node=train, **kwargs)
+    stream = ShardStream(urls, processors, batch_size, train=train, split_by_node=train, **kwargs)
     return Loader(stream, workers)

@@ -200,12 +200,12 @@ def check_suite(suite: SuiteConfig, model) -> None:
     not text)."""
     resolve_files(suite, Path.cwd())
     for i, task in enumerate(suite.tasks):
-        missing = [m for m in task.modalities if m not in model.modalities]
+        missing = [m for m in task.modalities if m not in model.processors]
         if missing:
             raise EvalError(f"suite.tasks[{i}] ({task.name}): model has no modality {missing[0]!r} "
-                            f"(has: {', '.join(model.modalities)})")
+                            f"(has: {', '.join(model.processors)})")
         needs_text = task.type == "zeroshot_classification" or task.captions
-        if needs_text and not hasattr(model.modalities[task.text], "tokenize"):
+        if needs_text and not hasattr(model.processors[task.text], "tokenize"):
             raise EvalError(f"suite.tasks[{i}] ({task.name}): modality {task.text!r} is not a text modality")
 
 
@@ -307,9 +307,9 @@ def encode_dataset(model, spec: str, modalities: list[str], batch_size: int, wor
                    desc: str = "encode", progress: bool = True) -> dict[str, Any]:
     """Encode every sample of ``spec`` -> ``{"emb": {m: [N, D]}, "present": {m: [N]}, "meta": [...],
     "keys": [...], "skipped": {...}}`` (embeddings float32 on the CPU)."""
-    mods = {m: model.modalities[m] for m in modalities}
+    processors = {m: model.processors[m] for m in modalities}
     workers = min(workers, len(expand_shards(spec)))
-    loader = build_loader(spec, mods, batch_size, train=False, workers=workers, with_meta=True,
+    loader = build_loader(spec, processors, batch_size, train=False, workers=workers, with_meta=True,
                           on_missing="mask")
     device = model_device(model)
     emb: dict[str, list] = {m: [] for m in modalities}

@@ -17,11 +17,12 @@ def model_device(model: torch.nn.Module) -> torch.device:
 @torch.no_grad()
 def encode_texts(model, texts: list[str], text_modality: str = "text", batch_size: int = 256) -> torch.Tensor:
     """``[len(texts), D]`` normalised embeddings of ``texts`` (float32, on the CPU)."""
-    mod = model.modalities[text_modality]
+    processor = model.processors[text_modality]
     device = model_device(model)
     out = []
     for start in range(0, len(texts), batch_size):
-        ids = mod.collate([mod.transform(mod.tokenize(t), train=False) for t in texts[start:start + batch_size]])
+        ids = processor.collate([processor.transform(processor.tokenize(t), train=False)
+                                 for t in texts[start:start + batch_size]])
         out.append(model.encode({text_modality: ids.to(device)})[text_modality].float().cpu())
     return torch.cat(out)
 

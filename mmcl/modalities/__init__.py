@@ -1,16 +1,20 @@
-"""Registered modalities. Importing this package registers the built-in ones."""
+"""Registered modalities: a processor per kind and its tower types. Importing this package registers the
+built-in ones."""
 
 from mmcl.modalities.base import (
     MissingModality,
-    Modality,
+    Processor,
     SampleError,
     TokenEmbedder,
     Tower,
     available_modalities,
-    build_modality,
-    register_modality,
+    build_processor,
+    build_token_embedder,
+    build_tower,
+    register_processor,
+    register_tower,
 )
 from mmcl.modalities import audio, text, vector, video  # noqa: F401  (registration side effect)
 
-__all__ = ["Modality", "Tower", "TokenEmbedder", "SampleError", "MissingModality", "register_modality",
-           "build_modality", "available_modalities"]
+__all__ = ["Processor", "Tower", "TokenEmbedder", "SampleError", "MissingModality", "register_processor",
+           "register_tower", "build_processor", "build_tower", "build_token_embedder", "available_modalities"]

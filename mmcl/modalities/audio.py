@@ -1,34 +1,34 @@
 """Audio: decode (torchcodec, soundfile fallback) to mono at ``sample_rate``, then the input its tower type
 reads, and the tower:
 
-- ``vit`` (default): a fixed-length log-mel window (torchaudio); :class:`AudioTower` = AST-style:
-  spectrogram patches + fixed sin-cos positions + timm ViT blocks, built from this config.
+- ``vit`` (default): a fixed-length log-mel window (torchaudio); :func:`vit_tower` = AST-style:
+  spectrogram patch tokens + fixed sin-cos positions + timm ViT blocks, built from this config.
 - ``hf``: a ``transformers`` audio encoder from a local directory (AST, the encoder of Whisper, wav2vec2,
   HuBERT, ...) fed exactly what its own feature extractor (``AutoFeatureExtractor``, same directory) makes of
   a ``seconds`` window of the waveform; :class:`HFAudioTower` pools its hidden states.
 - ``timm``: a timm image model on the same log-mel window with one input channel, from a local checkpoint
   (:class:`~mmcl.modalities.timm_towers.TimmAudioTower`; its settings are :class:`TimmTowerConfig`).
 
-A tower type is an entry of :data:`TOWER_TYPES` (its input pipeline and its builder) plus its name in
-``AudioTowerConfig.type`` (or a config class of its own in the ``tower`` union, picked by ``type``).
+A tower type is one :func:`~mmcl.modalities.base.register_tower` call: its config, its builder and the input
+pipeline (:class:`AudioInput`) the processor runs for it.
 """
 
 from __future__ import annotations
 
 import io
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Protocol, cast
+from typing import Any, Literal, Protocol, cast
 
 import torch
 import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from mmcl.config import ConfigError
-from mmcl.modalities.base import MissingModality, Modality, SampleError, TokenEmbedder, Tower, register_modality
-from mmcl.modalities.layers import PatchTokens, Trunk, init_linear_like_vit, patch_grid, sincos_nd
+from mmcl.config import ConfigError, TrunkFields
+from mmcl.modalities.base import MissingModality, Processor, SampleError, register_processor, register_tower
+from mmcl.modalities.layers import PatchTokens, TokenTower, Trunk, patch_grid
 from mmcl.modalities.pretrained import HFTower, HFTowerFields, hf_encoder, load_hf_component, load_hf_config, pool
 from mmcl.modalities.timm_towers import TimmAudioTower, TimmTowerConfig
 
@@ -37,14 +37,10 @@ CLS_MODEL_TYPES = ("audio-spectrogram-transformer",)
 
 
 @dataclass
-class AudioTowerConfig(HFTowerFields):
+class AudioTowerConfig(TrunkFields, HFTowerFields):
     #: ``vit``: the AST-style tower on log-mel built from the fields below; ``hf``: a transformers audio
     #: encoder directory (``path``) with its own feature extractor.
     type: Literal["vit", "hf"] = "vit"
-    width: int = 128
-    depth: int = 4
-    heads: int = 4
-    mlp_ratio: float = 4.0
     #: Patch size over (mel bins, frames).
     patch: int = 16
     drop_path: float = 0.0
@@ -53,6 +49,7 @@ class AudioTowerConfig(HFTowerFields):
     pooling: Literal["mean", "cls"] = "mean"
 
     def validate(self, where: str) -> None:
+        super().validate(where)
         if self.type == "hf" and not self.path:
             raise ConfigError(f"{where}.path: required with type 'hf' (a local transformers model directory)")
         if self.type == "vit" and self.path:
@@ -71,17 +68,12 @@ class AudioConfig:
     n_mels: int = 64
     n_fft: int = 400
     hop: int = 160
-    tower: AudioTowerConfig | TimmTowerConfig = field(default_factory=AudioTowerConfig)
+    #: The tower's config: a registered audio tower type (``vit``, ``hf``, ``timm``), picked by ``type``.
+    tower: Any = None
 
     @property
     def n_samples(self) -> int:
         return int(round(self.seconds * self.sample_rate))
-
-    @property
-    def n_frames(self) -> int:
-        """Spectrogram frames, cut down to a multiple of the patch size (``vit`` towers)."""
-        frames = self.n_samples // self.hop + 1
-        return frames - frames % self.tower.patch if isinstance(self.tower, AudioTowerConfig) else frames
 
 
 def _decode_torchcodec(data: bytes, sample_rate: int) -> torch.Tensor:
@@ -131,10 +123,14 @@ class AudioInput(Protocol):
 
 
 class LogMel:
-    """Log-mel input of the towers built here: ``[1, n_mels, n_frames]`` standardised per clip."""
+    """Log-mel input of the towers built here and of timm towers: ``[1, n_mels, n_frames]`` standardised per
+    clip; ``n_frames`` is cut down to a multiple of ``multiple`` (a ViT's patch size)."""
 
-    def __init__(self, cfg: AudioConfig):
+    def __init__(self, cfg: AudioConfig, multiple: int = 1):
         self.cfg = cfg
+        frames = cfg.n_samples // cfg.hop + 1
+        #: Spectrogram frames of a window.
+        self.n_frames = frames - frames % multiple
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop, n_mels=cfg.n_mels)
 
@@ -147,7 +143,7 @@ class LogMel:
     def transform(self, data: torch.Tensor, train: bool) -> torch.Tensor:
         """log-mel ``[n_mels, frames]`` -> ``[1, n_mels, n_frames]``: a window of ``seconds`` (random when
         training, centred otherwise; short clips padded with silence), standardised per clip."""
-        n, frames = self.cfg.n_frames, data.shape[1]
+        n, frames = self.n_frames, data.shape[1]
         if frames > n:
             start = _window_start(frames, n, train)
             data = data[:, start:start + n]
@@ -156,7 +152,7 @@ class LogMel:
         return ((data - data.mean()) / (data.std() + 1e-5))[None]
 
     def empty(self) -> torch.Tensor:
-        return torch.zeros(1, self.cfg.n_mels, self.cfg.n_frames)
+        return torch.zeros(1, self.cfg.n_mels, self.n_frames)
 
 
 class FeatureExtractorInput:
@@ -222,24 +218,29 @@ class FeatureExtractorInput:
             self._empty = self.extract(torch.zeros(self.cfg.n_samples))
         return self._empty
 
+    def save(self, out_dir: Path, name: str) -> dict[str, Any]:
+        """The model's config and feature extractor go to ``<name>_hf/`` (the weights are in the saved model's
+        own file)."""
+        dst = f"{name}_hf"
+        self.model_config.save_pretrained(str(out_dir / dst))
+        self.fe.save_pretrained(str(out_dir / dst))
+        return {"tower.path": dst}
+
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_fe": None}
 
 
-@register_modality
-class Audio(Modality):
+@register_processor
+class Audio(Processor):
     kind = "audio"
     Config = AudioConfig
     #: A separate audio member first, else the audio track of the video container.
     members = ("flac", "wav", "mp3", "ogg", "m4a", "mp4", "webm", "mkv")
-
-    def __init__(self, name: str, cfg: AudioConfig, base_dir=None):
-        super().__init__(name, cfg, base_dir)
-        self.input: AudioInput = TOWER_TYPES[cfg.tower.type].inputs(self)
+    input: AudioInput
 
     def decode(self, sample: dict) -> torch.Tensor:
-        """-> the whole clip (mono, resampled to ``sample_rate``) as its tower type keeps it: log-mel
-        ``[n_mels, frames]`` float32 (``vit``), the waveform ``[S]`` (``hf``)."""
+        """-> the whole clip (mono, resampled to ``sample_rate``) as its tower type's input keeps it: log-mel
+        ``[n_mels, frames]`` float32 (``vit``, ``timm``), the waveform ``[S]`` (``hf``)."""
         ext, data = self.find_member(sample)
         try:
             try:
@@ -267,72 +268,41 @@ class Audio(Modality):
     def empty(self) -> torch.Tensor:
         return self.input.empty()
 
-    def save_files(self, out_dir: Path) -> dict[str, Any]:
-        """``hf``: the model's config and feature extractor go to ``<name>_hf/`` (the weights are in the saved
-        model's own file), and the saved config builds the tower from there with ``init: config``."""
-        if not isinstance(self.input, FeatureExtractorInput):
-            return super().save_files(out_dir)
-        dst = f"{self.name}_hf"
-        self.input.model_config.save_pretrained(str(out_dir / dst))
-        self.input.fe.save_pretrained(str(out_dir / dst))
-        return {"tower.path": dst, "tower.init": "config"}
-
-    def build_tower(self) -> Tower:
-        return TOWER_TYPES[self.cfg.tower.type].build(self)
-
-    def build_token_embedder(self, width: int) -> TokenEmbedder:
-        """Shared-trunk tokens: the tower's spectrogram patches (``tower.patch``), ``width`` wide."""
-        if self.cfg.tower.type != "vit":
-            raise ConfigError(f"model.modalities.{self.name}.tower.type: a shared trunk embeds spectrogram "
-                              f"patches itself; {self.cfg.tower.type!r} towers are not available with "
-                              f"model.shared_trunk (allowed: 'vit')")
-        p = self.cfg.tower.patch
-        grid = (patch_grid(self.cfg.n_mels, p, "audio.n_mels"), self.cfg.n_frames // p)
-        return PatchTokens(nn.Conv2d(1, width, kernel_size=p, stride=p), grid, width)
+    @property
+    def n_frames(self) -> int:
+        """Spectrogram frames of the log-mel window (``vit`` and ``timm`` towers)."""
+        return self.input.n_frames
 
 
-def _hf_tower(mod: Audio) -> Tower:
-    tc, inputs = mod.cfg.tower, cast(FeatureExtractorInput, mod.input)
-    model = hf_encoder(inputs.path, inputs.where, tc.init, tc.strict)
+# ----------------------------------------------------------------------------------------------------
+# Tower types
+
+
+def spectrogram_tokens(audio: Audio, width: int, init: bool = True) -> PatchTokens:
+    """``[N, 1, n_mels, n_frames]`` -> ``[N, (n_mels/patch) * (n_frames/patch), width]`` patch tokens with
+    sin-cos positions."""
+    p = audio.cfg.tower.patch
+    grid = (patch_grid(audio.cfg.n_mels, p, "audio.n_mels"), audio.n_frames // p)
+    return PatchTokens(nn.Conv2d(1, width, kernel_size=p, stride=p), grid, width, init=init)
+
+
+def vit_tower(audio: Audio, pretrained: bool) -> TokenTower:
+    """AST-style: spectrogram patch tokens + timm ViT blocks + mean pooling."""
+    tc = audio.cfg.tower
+    return TokenTower(spectrogram_tokens(audio, tc.width, init=False), Trunk.of(tc, tc.drop_path), tc.width,
+                      init_vit=True)
+
+
+def timm_tower(audio: Audio, pretrained: bool) -> TimmAudioTower:
+    tc = audio.cfg.tower
+    checkpoint = audio.resolve(tc.checkpoint) if tc.checkpoint and pretrained else None
+    return TimmAudioTower(tc, (audio.cfg.n_mels, audio.n_frames), checkpoint, f"{audio.where}.tower")
+
+
+def hf_tower(audio: Audio, pretrained: bool) -> HFAudioTower:
+    tc, inputs = audio.cfg.tower, cast(FeatureExtractorInput, audio.input)
+    model = hf_encoder(inputs.path, inputs.where, tc.init if pretrained else "config", tc.strict)
     return HFAudioTower(model, inputs.input_name, inputs.with_mask, tc.pooling)
-
-
-@dataclass(frozen=True)
-class TowerType:
-    #: The modality -> the input pipeline its decode / transform / empty run (``AudioInput``).
-    inputs: Callable[[Audio], AudioInput]
-    #: The modality -> its tower.
-    build: Callable[[Audio], Tower]
-
-
-def _timm_tower(mod: Audio) -> Tower:
-    tc = cast(TimmTowerConfig, mod.cfg.tower)
-    checkpoint = mod.resolve(tc.checkpoint) if tc.checkpoint else None
-    return TimmAudioTower(tc, (mod.cfg.n_mels, mod.cfg.n_frames), checkpoint, f"model.modalities.{mod.name}.tower")
-
-
-class AudioTower(Tower):
-    """``[N, 1, n_mels, n_frames]`` -> ``[N, width]``."""
-
-    def __init__(self, cfg: AudioConfig):
-        super().__init__()
-        tc = cfg.tower
-        grid = (patch_grid(cfg.n_mels, tc.patch, "audio.n_mels"), cfg.n_frames // tc.patch)
-        self.embed = nn.Conv2d(1, tc.width, kernel_size=tc.patch, stride=tc.patch)
-        self.register_buffer("pos", sincos_nd(grid, tc.width)[None], persistent=False)
-        self.trunk = Trunk(tc.width, tc.depth, tc.heads, tc.mlp_ratio, tc.drop_path)
-        self.out_dim = tc.width
-        init_linear_like_vit(self)
-
-    def blocks(self) -> list[nn.Module]:
-        return list(self.trunk.blocks)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.trunk.grad_checkpointing = enable
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.embed(x).flatten(2).transpose(1, 2) + self.pos
-        return self.trunk(tokens)
 
 
 class HFAudioTower(HFTower):
@@ -356,10 +326,8 @@ class HFAudioTower(HFTower):
         return pool(hidden, frames, self.pooling)
 
 
-TOWER_TYPES: dict[str, TowerType] = {
-    "vit": TowerType(inputs=lambda mod: LogMel(mod.cfg), build=lambda mod: AudioTower(mod.cfg)),
-    "hf": TowerType(inputs=lambda mod: FeatureExtractorInput(mod.cfg, mod.resolve(mod.cfg.tower.path),
-                                                             f"model.modalities.{mod.name}"),
-                    build=_hf_tower),
-    "timm": TowerType(inputs=lambda mod: LogMel(mod.cfg), build=_timm_tower),
-}
+register_tower("audio", "vit", config=AudioTowerConfig, build=vit_tower,
+               inputs=lambda audio: LogMel(audio.cfg, multiple=audio.cfg.tower.patch), embedder=spectrogram_tokens)
+register_tower("audio", "hf", config=AudioTowerConfig, build=hf_tower,
+               inputs=lambda audio: FeatureExtractorInput(audio.cfg, audio.resolve(audio.cfg.tower.path), audio.where))
+register_tower("audio", "timm", config=TimmTowerConfig, build=timm_tower, inputs=lambda audio: LogMel(audio.cfg))

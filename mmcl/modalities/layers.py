@@ -1,6 +1,7 @@
-"""Small layers shared by the towers (video, audio): fixed sin-cos positions and a timm transformer trunk with
-optional gradient checkpointing; and the tokenisers of a shared trunk (:mod:`mmcl.shared`): patch tokens of
-a grid (video, audio) and token ids (text)."""
+"""The layers towers are made of: token embedders (patch tokens of a grid with fixed sin-cos positions:
+video, audio; token ids: text), a timm transformer :class:`Trunk` with optional gradient checkpointing, and
+:class:`TokenTower` = embedder + trunk (+ its pooling). A shared trunk (:mod:`mmcl.shared`) is one trunk
+behind every modality's embedder."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmcl.config import ConfigError
-from mmcl.modalities.base import TokenEmbedder
+from mmcl.config import ConfigError, TrunkFields
+from mmcl.modalities.base import TokenEmbedder, Tower
 
 
 def sincos_1d(n: int, dim: int) -> torch.Tensor:
@@ -37,6 +38,10 @@ def sincos_nd(shape: tuple[int, ...], dim: int) -> torch.Tensor:
 
 class Trunk(nn.Module):
     """A stack of timm ViT blocks over ``[N, L, width]`` tokens, then LayerNorm and mean pooling."""
+
+    @classmethod
+    def of(cls, fields: TrunkFields, drop_path: float = 0.0) -> Trunk:
+        return cls(fields.width, fields.depth, fields.heads, fields.mlp_ratio, drop_path)
 
     def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
@@ -89,14 +94,37 @@ def init_linear_like_vit(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+class TokenTower(Tower):
+    """A tower of this project's layers: ``x`` -> ``embed`` (a :class:`TokenEmbedder`) -> ``trunk`` (mean
+    over the valid tokens) -> ``[N, width]``. ``init_vit``: timm-style init of the whole tower once both
+    are built (the from-scratch video and audio towers)."""
+
+    def __init__(self, embed: TokenEmbedder, trunk: Trunk, width: int, init_vit: bool = False):
+        super().__init__()
+        self.embed = embed
+        self.trunk = trunk
+        self.out_dim = width
+        if init_vit:
+            init_linear_like_vit(self)
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.trunk.blocks)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.trunk.grad_checkpointing = enable
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(*self.embed(x))
+
+
 # ----------------------------------------------------------------------------------------------------
-# Tokenisers for a shared trunk
+# Token embedders
 
 
 def tubelet_stem(width: int, patch: int, tubelet: int, stem: str, stem_channels: int, where: str) -> nn.Module:
     """``[N, 3, T, S, S]`` -> ``[N, width, T / tubelet, S / patch, S / patch]``: one linear tubelet projection
     (``stem: patch``), or a 3x3 stride-2 convolution per frame then the projection of ``patch / 2`` cells
-    (``stem: conv``); the same layers as :class:`mmcl.modalities.video.VideoTower`'s embedding."""
+    (``stem: conv``)."""
     if stem == "patch":
         return nn.Conv3d(3, width, kernel_size=(tubelet, patch, patch), stride=(tubelet, patch, patch))
     if patch % 2:
@@ -112,14 +140,17 @@ def tubelet_stem(width: int, patch: int, tubelet: int, stem: str, stem_channels:
 class PatchTokens(TokenEmbedder):
     """A grid input -> ``[N, L, width]`` patch tokens plus fixed sin-cos positions over the patch ``grid``
     (every token valid). ``embed`` maps ``[N, C, *size]`` to ``[N, width, *grid]``; ``time_first``: batches
-    come as ``[N, T, C, H, W]`` (video) and are fed to it as ``[N, C, T, H, W]``."""
+    come as ``[N, T, C, H, W]`` (video) and are fed to it as ``[N, C, T, H, W]``. ``init``: timm-style init
+    here (off when the tower that holds it initialises itself and its trunk at once)."""
 
-    def __init__(self, embed: nn.Module, grid: tuple[int, ...], width: int, time_first: bool = False):
+    def __init__(self, embed: nn.Module, grid: tuple[int, ...], width: int, time_first: bool = False,
+                 init: bool = True):
         super().__init__()
         self.embed = embed
         self.time_first = time_first
         self.register_buffer("pos", sincos_nd(grid, width)[None], persistent=False)
-        init_linear_like_vit(self)
+        if init:
+            init_linear_like_vit(self)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         if self.time_first:

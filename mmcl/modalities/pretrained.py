@@ -7,14 +7,13 @@ config field, the path and the keys (refused unless the tower's config says ``st
 :func:`hf_encoder` and :class:`HFTower` turn a ``transformers`` model directory into a tower (text and audio
 use them); :func:`pool` is the tokens -> one vector pooling they share.
 
-Inside :func:`architecture_only` (``MultimodalModel.from_pretrained``: the saved safetensors hold every
-weight) the loaders build the architecture alone and read no checkpoint, so a saved model loads without
-the checkpoints it started from.
+Tower builders take ``pretrained``: False (``MultimodalModel.from_pretrained``: the saved safetensors hold every
+weight) builds the architecture alone and reads no checkpoint, so a saved model loads without the checkpoints
+it started from.
 """
 
 from __future__ import annotations
 
-import contextvars
 import inspect
 import os
 from contextlib import contextmanager
@@ -30,24 +29,6 @@ from mmcl.modalities.base import Tower
 
 #: How many key names an error lists before "... and N more".
 _SHOWN_KEYS = 5
-
-_LOAD_WEIGHTS = contextvars.ContextVar("mmcl_load_pretrained_weights", default=True)
-
-
-@contextmanager
-def architecture_only() -> Iterator[None]:
-    """Towers built inside skip their pretrained checkpoints (the caller loads all weights afterwards)."""
-    token = _LOAD_WEIGHTS.set(False)
-    try:
-        yield
-    finally:
-        _LOAD_WEIGHTS.reset(token)
-
-
-def loading_weights() -> bool:
-    """False inside :func:`architecture_only`."""
-    return _LOAD_WEIGHTS.get()
-
 
 def local_path(path: str | Path, where: str, kind: str = "directory") -> Path:
     """``path`` as an existing local ``kind`` (``"directory"`` or ``"file"``), else a one-line error."""
@@ -106,16 +87,17 @@ def load_hf_component(auto_cls: Any, path: str | Path, where: str, **kwargs: Any
                               f"{_first_line(e)}") from None
 
 
-def load_hf_model(auto_cls: Any, path: str | Path, where: str, strict: bool = True, **kwargs: Any) -> nn.Module:
+def load_hf_model(auto_cls: Any, path: str | Path, where: str, strict: bool = True, pretrained: bool = True,
+                  **kwargs: Any) -> nn.Module:
     """``auto_cls.from_pretrained`` on a local directory, offline, with the loading report checked.
 
     ``auto_cls`` is a ``transformers`` Auto class (``AutoModel``) or a concrete model class. Checkpoint keys
     outside every top-level module of the model are the task head of the checkpoint's own class (BERT's
     pre-training ``cls.*``, an AudioSet-tuned AST's ``classifier.*``), which the encoder does not have: they are
-    dropped, not a mismatch. Unexpected keys inside the model's modules (a layer more) are. Inside
-    :func:`architecture_only` the model is built from the directory's ``config.json`` alone (random weights)."""
+    dropped, not a mismatch. Unexpected keys inside the model's modules (a layer more) are. With
+    ``pretrained=False`` the model is built from the directory's ``config.json`` alone (random weights)."""
     directory = local_path(path, where)
-    if not loading_weights():
+    if not pretrained:
         from transformers import AutoConfig
 
         config = load_hf_component(AutoConfig, directory, where)
@@ -160,10 +142,7 @@ def load_state_dict_checked(module: nn.Module, path: str | Path, where: str, str
                             adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
     """Load a checkpoint file into ``module``, refusing (``strict``) missing/unexpected keys and always
     refusing shape mismatches, each named in one line. ``adapt`` rewrites the checkpoint's tensors first
-    (e.g. a timm classifier head dropped, RGB input weights summed to one channel). Nothing is read inside
-    :func:`architecture_only`."""
-    if not loading_weights():
-        return
+    (e.g. a timm classifier head dropped, RGB input weights summed to one channel)."""
     state = read_state_dict(path, where)
     if adapt is not None:
         state = adapt(state)
@@ -183,7 +162,7 @@ def load_state_dict_checked(module: nn.Module, path: str | Path, where: str, str
 # transformers directories as towers
 
 #: ``init`` of a tower read from a transformers directory: the checkpoint's weights, or only the architecture
-#: of its ``config.json`` with random weights (what a saved mmcl model uses: its weights are in its own file).
+#: of its ``config.json`` with random weights.
 HFInit = Literal["pretrained", "config"]
 
 

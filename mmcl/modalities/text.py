@@ -1,5 +1,5 @@
-"""Text: UTF-8 caption -> token ids padded to ``max_len``, and the tower that encodes them. The tower's
-``type`` picks both:
+"""Text: the processor (UTF-8 caption -> token ids padded to ``max_len``) and the registered tower types. The
+tower's ``type`` picks both the tower and the tokenizer the processor runs (its declared input):
 
 - ``bert`` (default): sentencepiece ids; :class:`TextTower` = a ``transformers`` BERT-style encoder built
   from this config, with masked-mean pooling (a CLS-pooled tiny encoder starts with near-identical
@@ -12,16 +12,16 @@
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from mmcl.config import ConfigError
-from mmcl.modalities.base import Modality, SampleError, TokenEmbedder, Tower, register_modality
+from mmcl.config import ConfigError, TrunkFields
+from mmcl.modalities.base import Processor, SampleError, Tower, register_processor, register_tower
 from mmcl.modalities.layers import IdTokens
 from mmcl.modalities.pretrained import HFTower, HFTowerFields, hf_encoder, load_hf_component, load_hf_config, pool
 
@@ -30,19 +30,17 @@ DEFAULT_SENTENCEPIECE = "tokenizer.model"
 
 
 @dataclass
-class TextTowerConfig(HFTowerFields):
+class TextTowerConfig(TrunkFields, HFTowerFields):
     #: ``bert``: a BERT-style encoder built from the fields below (random init); ``hf``: a transformers model
     #: directory (``path``).
     type: Literal["bert", "hf"] = "bert"
-    width: int = 128
     depth: int = 2
-    heads: int = 4
-    mlp_ratio: float = 4.0
     #: ``cls``: first token; ``mean``: masked mean over the tokens; ``last``: last non-pad token.
     pooling: Literal["mean", "cls", "last"] = "mean"
     dropout: float = 0.0
 
     def validate(self, where: str) -> None:
+        super().validate(where)
         if self.type == "hf" and not self.path:
             raise ConfigError(f"{where}.path: required with type 'hf' (a local transformers model directory)")
         if self.type != "hf" and self.path:
@@ -58,7 +56,8 @@ class TextConfig:
     max_len: int = 32
     #: Captions longer than this many characters are bad samples (protects the tokenizer from junk).
     max_chars: int = 2000
-    tower: TextTowerConfig = field(default_factory=TextTowerConfig)
+    #: The tower's config: a registered text tower type (``bert``, ``hf``), picked by ``type``.
+    tower: Any = None
     #: Rows of the token embedding table (``bert`` towers); 0: the tokenizer's vocabulary. With ``tokenizer: ""``
     #: and ``vocab_size > 0`` the model builds without a tokenizer file (the named configs small and base: BERT's 30522 rows, pad id 0); reading text
     #: then needs a tokenizer whose ids fit (``--set model.modalities.text.tokenizer=FILE``).
@@ -96,8 +95,20 @@ class SentencePieceTokenizer:
         pad = self.sp.pad_id()
         return pad if pad >= 0 else 0
 
-    def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+    def encode(self, text: str, max_len: int) -> torch.Tensor:
+        """-> ids ``[<= max_len]`` int64 (padded by :meth:`pad`, per use)."""
+        return torch.tensor(self.sp.encode(text)[:max_len], dtype=torch.long)
+
+    def pad(self, ids: torch.Tensor, max_len: int) -> torch.Tensor:
+        out = torch.full((max_len,), self.pad_id, dtype=torch.long)
+        out[: ids.numel()] = ids
+        return out
+
+    def empty(self, max_len: int) -> torch.Tensor:
+        return torch.full((max_len,), self.pad_id, dtype=torch.long)
+
+    def files(self) -> dict[str, str]:
+        return {"tokenizer": str(self.path)}
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "_sp": None}
@@ -109,9 +120,12 @@ class HFTokenizer:
     the right to ``max_len``. Read once here for its sizes, then lazily again in each loader worker (the
     pickled state leaves the tokenizer out)."""
 
-    def __init__(self, path: Path, where: str):
+    def __init__(self, path: Path, where: str, model_path: Path, max_len: int, modality: str):
         self.path = path
         self.where = where
+        #: The model's directory: its config is saved with the tokenizer (the tower's architecture).
+        self.model_path = model_path
+        self.model_config = load_hf_config(model_path, f"{modality}.tower.path")
         self._tok: Any = None
         tok = self.tok
         self.vocab_size = len(tok)
@@ -119,6 +133,18 @@ class HFTokenizer:
         #: Rows of an encoded caption, in order.
         self.input_names = ["input_ids", "attention_mask"] + \
             (["token_type_ids"] if "token_type_ids" in tok.model_input_names else [])
+        self._check_fits(modality, max_len)
+
+    def _check_fits(self, where: str, max_len: int) -> None:
+        """The tokenizer's ids and ``max_len`` must exist in the model's embedding tables."""
+        vocab = getattr(self.model_config, "vocab_size", None)
+        if vocab is not None and self.vocab_size > vocab:
+            raise ConfigError(f"{where}.tokenizer: tokenizer {self.path} has {self.vocab_size} tokens but the model "
+                              f"{self.model_path} has vocab_size {vocab}")
+        positions = getattr(self.model_config, "max_position_embeddings", None)
+        if positions is not None and max_len > positions:
+            raise ConfigError(f"{where}.max_len: {max_len} exceeds the model's max_position_embeddings "
+                              f"{positions} ({self.model_path})")
 
     @property
     def tok(self) -> Any:
@@ -140,43 +166,39 @@ class HFTokenizer:
                        return_attention_mask=True, return_tensors="pt")
         return torch.cat([enc[name] for name in self.input_names]).long()
 
+    def pad(self, rows: torch.Tensor, max_len: int) -> torch.Tensor:
+        """The rows ``[K, max_len]`` as they are (the tokenizer padded them)."""
+        return rows
+
+    def empty(self, max_len: int) -> torch.Tensor:
+        out = torch.zeros(len(self.input_names), max_len, dtype=torch.long)
+        out[0] = self.pad_id
+        out[1, 0] = 1  # one attended position: a row with none can make attention NaN (masked out later)
+        return out
+
+    def save(self, out_dir: Path, name: str) -> dict[str, Any]:
+        """The model's config and the tokenizer go to ``<name>_hf/`` (the weights are in the saved model's own
+        file)."""
+        dst = f"{name}_hf"
+        self.model_config.save_pretrained(str(out_dir / dst))
+        self.tok.save_pretrained(str(out_dir / dst))
+        return {"tokenizer": "", "tower.path": dst}
+
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_tok": None}
 
 
-@register_modality
-class Text(Modality):
+@register_processor
+class Text(Processor):
     kind = "text"
     Config = TextConfig
     members = ("txt", "text", "caption")
+    #: The tokenizer of the tower type (None: a ``bert`` tower built from ``vocab_size`` alone).
+    input: SentencePieceTokenizer | HFTokenizer | None
 
-    def __init__(self, name: str, cfg: TextConfig, base_dir=None):
-        super().__init__(name, cfg, base_dir)
-        where = f"model.modalities.{name}"
-        self.tokenizer: SentencePieceTokenizer | HFTokenizer | None
-        if cfg.tower.type == "hf":
-            self.model_path = self.resolve(cfg.tower.path)
-            self.model_config = load_hf_config(self.model_path, f"{where}.tower.path")
-            tokenizer_where = f"{where}.tokenizer" if cfg.tokenizer else f"{where}.tower.path"
-            self.tokenizer = HFTokenizer(self.resolve(cfg.tokenizer) if cfg.tokenizer else self.model_path,
-                                         tokenizer_where)
-            self._check_fits(where)
-        elif cfg.tokenizer or not cfg.vocab_size:
-            self.tokenizer = SentencePieceTokenizer(self.resolve(cfg.tokenizer or DEFAULT_SENTENCEPIECE))
-        else:  # built from ``vocab_size`` alone (named configs): reading text needs a tokenizer set later
-            self.tokenizer = None
-
-    def _check_fits(self, where: str) -> None:
-        """The tokenizer's ids and ``max_len`` must exist in the model's embedding tables."""
-        config, tok = self.model_config, self.tokenizer
-        vocab = getattr(config, "vocab_size", None)
-        if vocab is not None and tok.vocab_size > vocab:
-            raise ConfigError(f"{where}.tokenizer: tokenizer {tok.path} has {tok.vocab_size} tokens but the model "
-                              f"{self.model_path} has vocab_size {vocab}")
-        positions = getattr(config, "max_position_embeddings", None)
-        if positions is not None and self.cfg.max_len > positions:
-            raise ConfigError(f"{where}.max_len: {self.cfg.max_len} exceeds the model's max_position_embeddings "
-                              f"{positions} ({self.model_path})")
+    @property
+    def tokenizer(self) -> SentencePieceTokenizer | HFTokenizer | None:
+        return self.input
 
     def decode(self, sample: dict) -> torch.Tensor:
         """-> token ids ``[<= max_len]`` int64 (``bert``), or the padded rows ``[K, max_len]`` (``hf``)."""
@@ -188,76 +210,62 @@ class Text(Modality):
         return self.tokenize(text)
 
     def tokenize(self, text: str) -> torch.Tensor:
-        if self.tokenizer is None:
-            raise ConfigError(f"model.modalities.{self.name}.tokenizer: not set; reading text needs one")
+        if self.input is None:
+            raise ConfigError(f"{self.where}.tokenizer: not set; reading text needs one")
         text = text.strip()
         if not text:
             raise SampleError("empty_text")
         if len(text) > self.cfg.max_chars:
             raise SampleError("long_text", f"{len(text)} characters > max_chars {self.cfg.max_chars}")
-        if isinstance(self.tokenizer, HFTokenizer):
-            return self.tokenizer.encode(text, self.cfg.max_len)
-        return torch.tensor(self.tokenizer.encode(text)[: self.cfg.max_len], dtype=torch.long)
+        return self.input.encode(text, self.cfg.max_len)
 
     def transform(self, data: torch.Tensor, train: bool) -> torch.Tensor:
         """``bert``: ids -> ``[max_len]`` padded with the pad id. ``hf``: the rows ``[K, max_len]`` as they
         are (the tokenizer padded them): ids, attention mask[, token type ids]."""
-        if isinstance(self.tokenizer, HFTokenizer):
-            return data
-        out = torch.full((self.cfg.max_len,), self.pad_id, dtype=torch.long)
-        out[: data.numel()] = data
-        return out
+        return self.input.pad(data, self.cfg.max_len)
 
     def empty(self) -> torch.Tensor:
-        if isinstance(self.tokenizer, HFTokenizer):
-            out = torch.zeros(len(self.tokenizer.input_names), self.cfg.max_len, dtype=torch.long)
-            out[0] = self.tokenizer.pad_id
-            out[1, 0] = 1  # one attended position: a row with none can make attention NaN (masked out later)
-            return out
-        return torch.full((self.cfg.max_len,), self.pad_id, dtype=torch.long)
-
-    def files(self) -> dict[str, str]:
-        if self.tokenizer is None or isinstance(self.tokenizer, HFTokenizer):
-            return {}
-        return {"tokenizer": str(self.tokenizer.path)}
+        if self.input is None:
+            return torch.full((self.cfg.max_len,), self.pad_id, dtype=torch.long)
+        return self.input.empty(self.cfg.max_len)
 
     @property
     def pad_id(self) -> int:
-        return self.tokenizer.pad_id if self.tokenizer else 0
+        return self.input.pad_id if self.input else 0
 
     @property
     def vocab_size(self) -> int:
         """The embedding table's rows: ``vocab_size``, else the tokenizer's (which must fit in it)."""
         if not self.cfg.vocab_size:
-            return self.tokenizer.vocab_size
-        if self.tokenizer and self.tokenizer.vocab_size > self.cfg.vocab_size:
-            raise ConfigError(f"model.modalities.{self.name}.vocab_size: {self.cfg.vocab_size} is smaller than "
-                              f"the tokenizer's vocabulary ({self.tokenizer.vocab_size}, {self.tokenizer.path})")
+            return self.input.vocab_size
+        if self.input and self.input.vocab_size > self.cfg.vocab_size:
+            raise ConfigError(f"{self.where}.vocab_size: {self.cfg.vocab_size} is smaller than "
+                              f"the tokenizer's vocabulary ({self.input.vocab_size}, {self.input.path})")
         return self.cfg.vocab_size
 
-    def save_files(self, out_dir: Path) -> dict[str, Any]:
-        """``hf``: the model's config and the tokenizer go to ``<name>_hf/`` (the weights are in the saved
-        model's own file), and the saved config builds the tower from there with ``init: config``."""
-        if not isinstance(self.tokenizer, HFTokenizer):
-            return super().save_files(out_dir)
-        dst = f"{self.name}_hf"
-        self.model_config.save_pretrained(str(out_dir / dst))
-        self.tokenizer.tok.save_pretrained(str(out_dir / dst))
-        return {"tokenizer": "", "tower.path": dst, "tower.init": "config"}
 
-    def build_tower(self) -> Tower:
-        tc = self.cfg.tower
-        if isinstance(self.tokenizer, HFTokenizer):
-            model = hf_encoder(self.model_path, f"model.modalities.{self.name}.tower.path", tc.init, tc.strict)
-            return HFTextTower(model, self.tokenizer.input_names, tc.pooling)
-        return TextTower(self.cfg, self.vocab_size, self.pad_id)
+# ----------------------------------------------------------------------------------------------------
+# Tower types
 
-    def build_token_embedder(self, width: int) -> TokenEmbedder:
-        """Shared-trunk tokens: the ids embedded with learned positions, ``width`` wide; padding masked."""
-        if isinstance(self.tokenizer, HFTokenizer):
-            raise ConfigError(f"model.modalities.{self.name}.tower.type: a shared trunk embeds token ids itself; "
-                              f"'hf' towers are not available with model.shared_trunk (allowed: 'bert')")
-        return IdTokens(self.vocab_size, self.cfg.max_len, width, self.pad_id)
+
+def _sentencepiece(text: Text) -> SentencePieceTokenizer | None:
+    if text.cfg.tokenizer or not text.cfg.vocab_size:
+        return SentencePieceTokenizer(text.resolve(text.cfg.tokenizer or DEFAULT_SENTENCEPIECE))
+    return None  # built from ``vocab_size`` alone (named configs): reading text needs a tokenizer set later
+
+
+def _hf_tokenizer(text: Text) -> HFTokenizer:
+    cfg = text.cfg
+    model_path = text.resolve(cfg.tower.path)
+    where = f"{text.where}.tokenizer" if cfg.tokenizer else f"{text.where}.tower.path"
+    return HFTokenizer(text.resolve(cfg.tokenizer) if cfg.tokenizer else model_path, where, model_path,
+                       cfg.max_len, text.where)
+
+
+def _hf_tower(text: Text, pretrained: bool) -> HFTextTower:
+    tc, tok = text.cfg.tower, cast(HFTokenizer, text.input)
+    model = hf_encoder(tok.model_path, f"{text.where}.tower.path", tc.init if pretrained else "config", tc.strict)
+    return HFTextTower(model, tok.input_names, tc.pooling)
 
 
 class TextTower(Tower):
@@ -305,3 +313,9 @@ class HFTextTower(HFTower):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.model(**{name: x[:, i] for i, name in self.rows}).last_hidden_state
         return pool(hidden, x[:, 1], self.pooling)
+
+
+register_tower("text", "bert", config=TextTowerConfig, inputs=_sentencepiece,
+               build=lambda text, pretrained: TextTower(text.cfg, text.vocab_size, text.pad_id),
+               embedder=lambda text, width: IdTokens(text.vocab_size, text.cfg.max_len, width, text.pad_id))
+register_tower("text", "hf", config=TextTowerConfig, inputs=_hf_tokenizer, build=_hf_tower)

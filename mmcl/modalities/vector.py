@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mmcl.config import ConfigError
-from mmcl.modalities.base import MissingModality, Modality, SampleError, TokenEmbedder, Tower, register_modality
+from mmcl.modalities.base import MissingModality, Processor, SampleError, TokenEmbedder, Tower, register_processor, register_tower
 from mmcl.modalities.layers import init_linear_like_vit
 
 #: Activations a :class:`VectorTower` can use between its layers.
@@ -31,6 +31,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "si
 
 @dataclass
 class VectorTowerConfig:
+    type: Literal["mlp"] = "mlp"
     #: Width of the hidden layers (and the tower's output when ``depth > 0``).
     hidden: int = 128
     #: Hidden layers (Linear + activation). 0: no hidden layer, the tower passes the vector through and the
@@ -61,7 +62,8 @@ class VectorConfig:
     standardize: Literal["none", "sample", "features"] = "none"
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
-    tower: VectorTowerConfig = field(default_factory=VectorTowerConfig)
+    #: The tower's config: a registered vector tower type (``mlp``).
+    tower: Any = None
 
     def validate(self, where: str) -> None:
         if self.dim <= 0:
@@ -78,8 +80,8 @@ class VectorConfig:
                               f"(got standardize {self.standardize!r})")
 
 
-@register_modality
-class Vector(Modality):
+@register_processor
+class Vector(Processor):
     kind = "vector"
     Config = VectorConfig
     #: The one member read is per instance (config ``member``, default ``<name>.npy``): see :attr:`member`.
@@ -132,12 +134,6 @@ class Vector(Modality):
     def empty(self) -> torch.Tensor:
         return torch.zeros(self.cfg.dim)
 
-    def build_tower(self) -> Tower:
-        return VectorTower(self.cfg.dim, self.cfg.tower)
-
-    def build_token_embedder(self, width: int) -> TokenEmbedder:
-        return VectorTokens(self.cfg.dim, width, self.cfg.tower.tokens)
-
 
 class VectorTower(Tower):
     """MLP ``[N, dim] -> [N, out_dim]``: ``depth`` x (Linear -> activation); ``out_dim`` is ``hidden``, or
@@ -174,3 +170,8 @@ class VectorTokens(TokenEmbedder):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.proj(x).view(x.shape[0], self.tokens, self.width), None
+
+
+register_tower("vector", "mlp", config=VectorTowerConfig,
+               build=lambda vector, pretrained: VectorTower(vector.cfg.dim, vector.cfg.tower),
+               embedder=lambda vector, width: VectorTokens(vector.cfg.dim, width, vector.cfg.tower.tokens))

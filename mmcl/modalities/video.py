@@ -1,7 +1,7 @@
-"""Video: decode (torchcodec, PyAV fallback), uniform frame sampling, resize, normalisation, and the tower,
-picked by ``tower.type``:
+"""Video: the processor (decode with torchcodec, PyAV fallback; uniform frame sampling, resize, the input
+its tower type declares) and the registered tower types, picked by ``tower.type``:
 
-- ``tubelet`` (default): :class:`VideoTower` = 3-D tubelet patches + fixed sin-cos space-time positions + timm
+- ``tubelet`` (default): :func:`tubelet_tower` = 3-D tubelet tokens + fixed sin-cos space-time positions + timm
   ViT blocks with joint space-time attention (mean-pooling per-frame features cannot tell left from right;
   joint attention over tubelets can), trained from scratch on per-clip standardised frames;
 - ``timm``: a timm image model per frame from a local checkpoint, then a temporal module
@@ -13,7 +13,7 @@ picked by ``tower.type``:
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,20 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcl.config import ConfigError
-from mmcl.modalities.base import Modality, SampleError, TokenEmbedder, Tower, register_modality
-from mmcl.modalities.layers import PatchTokens, Trunk, init_linear_like_vit, patch_grid, sincos_nd, tubelet_stem
+from mmcl.config import ConfigError, TrunkFields
+from mmcl.modalities.base import Processor, SampleError, Tower, register_processor, register_tower
+from mmcl.modalities.layers import PatchTokens, TokenTower, Trunk, patch_grid, tubelet_stem
 from mmcl.modalities.pretrained import load_hf_component, load_hf_model, local_path
 from mmcl.modalities.timm_towers import TimmVideoTower, TimmVideoTowerConfig, timm_pretrained_cfg
 
 
 @dataclass
-class VideoTowerConfig:
+class VideoTowerConfig(TrunkFields):
     type: Literal["tubelet"] = "tubelet"
-    width: int = 128
-    depth: int = 4
-    heads: int = 4
-    mlp_ratio: float = 4.0
     patch: int = 8
     #: Frames per tubelet (temporal patch size).
     tubelet: int = 2
@@ -68,17 +64,12 @@ class VideoConfig:
     size: int = 48
     #: Decoder: torchcodec, or PyAV (also used automatically when torchcodec cannot open a clip).
     decoder: str = "torchcodec"
-    tower: VideoTowerConfig | TimmVideoTowerConfig | HFVideoTowerConfig = field(default_factory=VideoTowerConfig)
+    #: The tower's config: a registered video tower type (``tubelet``, ``timm``, ``hf``), picked by ``type``.
+    tower: Any = None
 
     def validate(self, where: str) -> None:
         if self.decoder not in ("torchcodec", "pyav"):
             raise ConfigError(f"{where}.decoder: {self.decoder!r} is not allowed (allowed: 'torchcodec', 'pyav')")
-        if not isinstance(self.tower, VideoTowerConfig):
-            return
-        if self.frames % self.tower.tubelet:
-            raise ConfigError(f"{where}.frames: {self.frames} is not a multiple of tower.tubelet {self.tower.tubelet}")
-        if self.size % self.tower.patch:
-            raise ConfigError(f"{where}.size: {self.size} is not a multiple of tower.patch {self.tower.patch}")
 
 
 def uniform_indices(n_frames: int, t: int) -> list[int]:
@@ -127,52 +118,80 @@ def _processor_output(processor: Any, frames: int, height: int, width: int) -> t
     return tuple(processor(video, return_tensors="pt")["pixel_values"][0].shape)
 
 
-@register_modality
-class Video(Modality):
+class StandardizedFrames:
+    """The input of towers trained from scratch: frames resized to ``size``, standardised per clip and
+    channel."""
+
+    resize = True
+
+    def transform(self, frames: torch.Tensor) -> torch.Tensor:
+        x = frames.float()
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        std = x.std(dim=(0, 2, 3), keepdim=True)
+        return (x - mean) / (std + 1e-3)
+
+
+class NormalizedFrames:
+    """The input of a pretrained image model: frames resized to ``size``, scaled to [0, 1] and normalised with
+    its per-channel ``mean`` / ``std``."""
+
+    resize = True
+
+    def __init__(self, mean: list[float], std: list[float]):
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def transform(self, frames: torch.Tensor) -> torch.Tensor:
+        return (frames.float() / 255.0 - self.mean) / self.std
+
+
+class HFImageProcessorFrames:
+    """The input of a transformers video model: the frames as decoded through the image processor saved in its
+    directory, checked against the model's config and the modality's ``frames`` and ``size`` (each mismatch
+    one line naming both). Saved with the model's config into ``<modality>_<dir name>/``."""
+
+    resize = False
+
+    def __init__(self, path: Path, frames: int, size: int, where: str):
+        from transformers import AutoConfig, AutoImageProcessor
+
+        field_ = f"{where}.tower.path"
+        self.path = local_path(path, field_)
+        self.processor = load_hf_component(AutoImageProcessor, self.path, field_)
+        model_cfg = load_hf_component(AutoConfig, self.path, field_)
+        wanted = getattr(model_cfg, "num_frames", frames)
+        if wanted != frames:
+            raise ConfigError(f"{where}.frames: {frames} does not fit {self.path} (its model takes num_frames "
+                              f"{wanted})")
+        wide, tall = _processor_output(self.processor, frames, 48, 64), _processor_output(self.processor, frames, 64, 48)
+        if wide != tall:
+            raise ConfigError(f"{field_}: the image processor of {self.path} makes frames of a size that depends "
+                              f"on the clip's ({wide[2:]} vs {tall[2:]}); it needs a centre crop")
+        if wide[1:] != (3, size, size):
+            raise ConfigError(f"{where}.size: {size} does not fit {self.path} (its image processor makes "
+                              f"{wide[1]}x{wide[2]}x{wide[3]} frames: set size: {wide[2]})")
+        image_size = getattr(model_cfg, "image_size", size)
+        if image_size != size:
+            raise ConfigError(f"{where}.size: {size} does not fit {self.path} (its model takes image_size "
+                              f"{image_size})")
+
+    def transform(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.processor(list(frames), return_tensors="pt")["pixel_values"][0]
+
+    def files(self) -> dict[str, str]:
+        """The model's directory: its config and image processor are copied on save (not its weights)."""
+        return {"tower.path": str(self.path)}
+
+
+@register_processor
+class Video(Processor):
     kind = "video"
     Config = VideoConfig
     members = ("mp4", "webm", "mkv", "avi", "mov")
 
-    def __init__(self, name: str, cfg: VideoConfig, base_dir: str | Path | None = None):
-        super().__init__(name, cfg, base_dir)
-        where = f"model.modalities.{name}"
-        tower = cfg.tower
-        self.processor = None
-        if isinstance(tower, TimmVideoTowerConfig):
-            pretrained = timm_pretrained_cfg(tower.model, f"{where}.tower.model")
-            self.mean = torch.tensor(tower.mean or pretrained["mean"]).view(3, 1, 1)
-            self.std = torch.tensor(tower.std or pretrained["std"]).view(3, 1, 1)
-        elif isinstance(tower, HFVideoTowerConfig):
-            self.hf_path = local_path(self.resolve(tower.path), f"{where}.tower.path")
-            self._load_processor(where)
-
-    def _load_processor(self, where: str) -> None:
-        """The HF directory's image processor, checked against the model's config and this config's
-        ``frames`` and ``size`` (each mismatch one line naming both)."""
-        from transformers import AutoConfig, AutoImageProcessor
-
-        field_ = f"{where}.tower.path"
-        self.processor = load_hf_component(AutoImageProcessor, self.hf_path, field_)
-        model_cfg = load_hf_component(AutoConfig, self.hf_path, field_)
-        t, s = self.cfg.frames, self.cfg.size
-        wanted = getattr(model_cfg, "num_frames", t)
-        if wanted != t:
-            raise ConfigError(f"{where}.frames: {t} does not fit {self.hf_path} (its model takes num_frames {wanted})")
-        wide, tall = _processor_output(self.processor, t, 48, 64), _processor_output(self.processor, t, 64, 48)
-        if wide != tall:
-            raise ConfigError(f"{field_}: the image processor of {self.hf_path} makes frames of a size that depends "
-                              f"on the clip's ({wide[2:]} vs {tall[2:]}); it needs a centre crop")
-        if wide[1:] != (3, s, s):
-            raise ConfigError(f"{where}.size: {s} does not fit {self.hf_path} (its image processor makes "
-                              f"{wide[1]}x{wide[2]}x{wide[3]} frames: set size: {wide[2]})")
-        image_size = getattr(model_cfg, "image_size", s)
-        if image_size != s:
-            raise ConfigError(f"{where}.size: {s} does not fit {self.hf_path} (its model takes image_size "
-                              f"{image_size})")
-
     def decode(self, sample: dict) -> torch.Tensor:
-        """-> ``[T, 3, size, size]`` uint8 (kept small: decoded clips may be cached in RAM); ``hf`` towers:
-        ``[T, 3, H, W]`` as decoded, for the image processor to resize."""
+        """-> ``[T, 3, size, size]`` uint8 (kept small: decoded clips may be cached in RAM); an input that
+        resizes itself (an HF image processor): ``[T, 3, H, W]`` as decoded."""
         _, data = self.find_member(sample)
         try:
             if self.cfg.decoder == "torchcodec":
@@ -190,95 +209,68 @@ class Video(Modality):
             raise SampleError("bad_video", f"{type(e).__name__}: {e}") from None
         if frames.shape[1] != 3:
             raise SampleError("bad_video", f"expected 3 channels, got {frames.shape[1]}")
-        return frames if self.processor is not None else resize_center_crop(frames, self.cfg.size)
+        return resize_center_crop(frames, self.cfg.size) if self.input.resize else frames
 
     def transform(self, data: torch.Tensor, train: bool) -> torch.Tensor:
-        """uint8 frames -> ``[T, 3, S, S]`` float32: standardised per clip and channel (``tubelet``), scaled to
-        [0, 1] and normalised with the model's mean / std (``timm``), or the image processor's output (``hf``)."""
-        if self.processor is not None:
-            return self.processor(list(data), return_tensors="pt")["pixel_values"][0]
-        x = data.float()
-        if isinstance(self.cfg.tower, TimmVideoTowerConfig):
-            return (x / 255.0 - self.mean) / self.std
-        mean = x.mean(dim=(0, 2, 3), keepdim=True)
-        std = x.std(dim=(0, 2, 3), keepdim=True)
-        return (x - mean) / (std + 1e-3)
+        """uint8 frames -> ``[T, 3, S, S]`` float32 as the tower type's input makes them."""
+        return self.input.transform(data)
 
     def empty(self) -> torch.Tensor:
         return torch.zeros(self.cfg.frames, 3, self.cfg.size, self.cfg.size)
 
-    def files(self) -> dict[str, str]:
-        """``hf`` towers: the model's directory (its config and image processor are copied on save)."""
-        return {"tower.path": str(self.hf_path)} if isinstance(self.cfg.tower, HFVideoTowerConfig) else {}
 
-    def build_tower(self) -> Tower:
-        tower, where = self.cfg.tower, f"model.modalities.{self.name}.tower"
-        if isinstance(tower, TimmVideoTowerConfig):
-            checkpoint = self.resolve(tower.checkpoint) if tower.checkpoint else None
-            return TimmVideoTower(tower, self.cfg.frames, self.cfg.size, checkpoint, where)
-        if isinstance(tower, HFVideoTowerConfig):
-            return HFVideoTower(tower, self.hf_path, where)
-        return VideoTower(self.cfg)
-
-    def build_token_embedder(self, width: int) -> TokenEmbedder:
-        """Shared-trunk tokens: the tower's tubelets (``tower.patch``, ``tubelet``, ``stem``), ``width`` wide."""
-        if self.cfg.tower.type != "tubelet":
-            raise ConfigError(f"model.modalities.{self.name}.tower.type: a shared trunk embeds tubelets itself; "
-                              f"{self.cfg.tower.type!r} towers are not available with model.shared_trunk "
-                              f"(allowed: 'tubelet')")
-        tc, n, where = self.cfg.tower, self.cfg.size // self.cfg.tower.patch, f"model.modalities.{self.name}.tower"
-        stem = tubelet_stem(width, tc.patch, tc.tubelet, tc.stem, tc.stem_channels, where)
-        return PatchTokens(stem, (self.cfg.frames // tc.tubelet, n, n), width, time_first=True)
+# ----------------------------------------------------------------------------------------------------
+# Tower types
 
 
-class VideoTower(Tower):
-    """``[N, T, 3, S, S]`` -> ``[N, width]``: tubelet embedding, sin-cos (t, h, w) positions, joint
-    space-time attention over all tubelets, mean pooling."""
+def _tubelet_input(video: Video) -> StandardizedFrames:
+    cfg, tc = video.cfg, video.cfg.tower
+    if cfg.frames % tc.tubelet:
+        raise ConfigError(f"{video.where}.frames: {cfg.frames} is not a multiple of tower.tubelet {tc.tubelet}")
+    if cfg.size % tc.patch:
+        raise ConfigError(f"{video.where}.size: {cfg.size} is not a multiple of tower.patch {tc.patch}")
+    return StandardizedFrames()
 
-    def __init__(self, cfg: VideoConfig):
-        super().__init__()
-        tc = cfg.tower
-        grid = (cfg.frames // tc.tubelet, patch_grid(cfg.size, tc.patch, "video.size"),
-                patch_grid(cfg.size, tc.patch, "video.size"))
-        if tc.stem == "conv":
-            if tc.patch % 2:
-                raise ConfigError(f"video.tower.patch: the conv stem needs an even patch, got {tc.patch}")
-            half = tc.patch // 2
-            self.embed = nn.Sequential(
-                nn.Conv3d(3, tc.stem_channels, kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
-                nn.GELU(),
-                nn.Conv3d(tc.stem_channels, tc.width, kernel_size=(tc.tubelet, half, half),
-                          stride=(tc.tubelet, half, half)),
-            )
-        else:
-            self.embed = nn.Conv3d(3, tc.width, kernel_size=(tc.tubelet, tc.patch, tc.patch),
-                                   stride=(tc.tubelet, tc.patch, tc.patch))
-        self.register_buffer("pos", sincos_nd(grid, tc.width)[None], persistent=False)
-        self.trunk = Trunk(tc.width, tc.depth, tc.heads, tc.mlp_ratio, tc.drop_path)
-        self.out_dim = tc.width
-        init_linear_like_vit(self)
 
-    def blocks(self) -> list[nn.Module]:
-        return list(self.trunk.blocks)
+def tubelet_tokens(video: Video, width: int, init: bool = True) -> PatchTokens:
+    """``[N, T, 3, S, S]`` -> ``[N, T/tubelet * (S/patch)^2, width]`` tubelet tokens with sin-cos (t, h, w)
+    positions."""
+    cfg, tc = video.cfg, video.cfg.tower
+    n = patch_grid(cfg.size, tc.patch, "video.size")
+    stem = tubelet_stem(width, tc.patch, tc.tubelet, tc.stem, tc.stem_channels, f"{video.where}.tower")
+    return PatchTokens(stem, (cfg.frames // tc.tubelet, n, n), width, time_first=True, init=init)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.trunk.grad_checkpointing = enable
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x.transpose(1, 2))  # [N, C, T, H, W] -> [N, width, t, h, w]
-        tokens = x.flatten(2).transpose(1, 2) + self.pos
-        return self.trunk(tokens)
+def tubelet_tower(video: Video, pretrained: bool) -> TokenTower:
+    """Tubelet tokens + joint space-time attention over all tubelets + mean pooling (mean-pooling per-frame
+    features cannot tell left from right; joint attention over tubelets can)."""
+    tc = video.cfg.tower
+    return TokenTower(tubelet_tokens(video, tc.width, init=False), Trunk.of(tc, tc.drop_path), tc.width,
+                      init_vit=True)
+
+
+def _timm_input(video: Video) -> NormalizedFrames:
+    tc = video.cfg.tower
+    pretrained = timm_pretrained_cfg(tc.model, f"{video.where}.tower.model")
+    return NormalizedFrames(tc.mean or pretrained["mean"], tc.std or pretrained["std"])
+
+
+def timm_tower(video: Video, pretrained: bool) -> TimmVideoTower:
+    tc = video.cfg.tower
+    checkpoint = video.resolve(tc.checkpoint) if tc.checkpoint and pretrained else None
+    return TimmVideoTower(tc, video.cfg.frames, video.cfg.size, checkpoint, f"{video.where}.tower")
 
 
 class HFVideoTower(Tower):
     """``[N, T, 3, S, S]`` (the image processor's output) -> ``[N, hidden_size]``: a transformers video model
     (``AutoModel``: VideoMAE, TimeSformer) loaded from a local directory, its last hidden states pooled."""
 
-    def __init__(self, cfg: HFVideoTowerConfig, path: Path, where: str):
+    def __init__(self, cfg: HFVideoTowerConfig, path: Path, where: str, pretrained: bool = True):
         super().__init__()
         from transformers import AutoModel
 
-        self.model = load_hf_model(AutoModel, path, f"{where}.path", strict=cfg.strict, dtype=torch.float32)
+        self.model = load_hf_model(AutoModel, path, f"{where}.path", strict=cfg.strict, pretrained=pretrained,
+                                   dtype=torch.float32)
         self.prefix = 1 if getattr(getattr(self.model, "embeddings", None), "cls_token", None) is not None else 0
         if cfg.pooling == "cls" and not self.prefix:
             raise ConfigError(f"{where}.pooling: 'cls' needs a model with a CLS token, {type(self.model).__name__} "
@@ -299,3 +291,13 @@ class HFVideoTower(Tower):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.model(pixel_values=x).last_hidden_state
         return hidden[:, 0] if self.pooling == "cls" else hidden[:, self.prefix:].mean(dim=1)
+
+
+register_tower("video", "tubelet", config=VideoTowerConfig, build=tubelet_tower, inputs=_tubelet_input,
+               embedder=tubelet_tokens)
+register_tower("video", "timm", config=TimmVideoTowerConfig, build=timm_tower, inputs=_timm_input)
+register_tower("video", "hf", config=HFVideoTowerConfig,
+               build=lambda video, pretrained: HFVideoTower(video.cfg.tower, video.input.path,
+                                                            f"{video.where}.tower", pretrained),
+               inputs=lambda video: HFImageProcessorFrames(video.resolve(video.cfg.tower.path), video.cfg.frames,
+                                                           video.cfg.size, video.where))

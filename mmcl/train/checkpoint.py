@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from mmcl.config import Config, ConfigError, to_dict
+from mmcl.persistence import WEIGHTS_NAME, read_model_dir
 
 if TYPE_CHECKING:
     from mmcl.model import MultimodalModel
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp_step_"
-WEIGHTS = "model.safetensors"
+WEIGHTS = WEIGHTS_NAME
 STATE = "state.pt"
 
 
@@ -117,7 +117,8 @@ def resolve_resume(spec: str, ckpt_root: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    return load_file(str(path / WEIGHTS)), torch.load(path / STATE, weights_only=False)
+    """The weights (an older format's converted, as ``from_pretrained`` does) and the training state."""
+    return read_model_dir(path)[1], torch.load(path / STATE, weights_only=False)
 
 
 def check_resume(path: Path, weights: dict[str, torch.Tensor], state: dict[str, Any], model: MultimodalModel,

@@ -73,7 +73,7 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
     seed_everything(cfg.train.seed + engine.rank)
     tower_lrs = apply_tower_controls(model, cfg.train.towers)
     loader = build_loader(
-        cfg.data.train, model.modalities, cfg.data.batch_size, train=True, workers=cfg.data.workers, world=world,
+        cfg.data.train, model.processors, cfg.data.batch_size, train=True, workers=cfg.data.workers, world=world,
         shuffle_buffer=cfg.data.shuffle_buffer, shard_shuffle=cfg.data.shard_shuffle, resample=cfg.data.resample,
         seed=cfg.train.seed, on_missing=cfg.data.on_missing, cache=cfg.data.cache)
     steps_total = total_steps(cfg, loader, world)
