@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mmcl.config import Config, ConfigError, from_dict
+from mmcl.data.context import SampleContext
 from mmcl.data.shards import build_loader
 from mmcl.data.synthetic import ATTRIBUTES
 from mmcl.modalities import (Processor, SampleError, TokenEmbedder, Tower, available_modalities, register_processor,
@@ -54,14 +55,14 @@ class Attributes(Processor):
             self.offsets[label] = sum(len(ATTRIBUTES[n]) for n in self.offsets)
         self.size = sum(len(ATTRIBUTES[n]) for n in cfg.names)
 
-    def decode(self, sample: dict[str, Any]) -> torch.Tensor:
+    def decode(self, sample: dict[str, Any], ctx: SampleContext | None = None) -> torch.Tensor:
         _, data = self.find_member(sample)
         labels = json.loads(data)["labels"]
         if any(n not in labels for n in self.cfg.names):
             raise SampleError("bad_attributes", "a label is missing")
         return torch.tensor([self.offsets[n] + ATTRIBUTES[n].index(labels[n]) for n in self.cfg.names])
 
-    def transform(self, data: torch.Tensor, train: bool) -> torch.Tensor:
+    def transform(self, data: torch.Tensor, train: bool, ctx: SampleContext | None = None) -> torch.Tensor:
         return data
 
     def empty(self) -> torch.Tensor:

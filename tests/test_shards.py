@@ -306,3 +306,27 @@ def test_validate_gives_the_loaders_verdict_on_every_sample(verdict_shards: tupl
     assert result["good"] == len(good) and result["samples"] == len(verdicts)
     assert loader.skipped == Counter(b["reason"] for b in result["bad"]) == Counter({**Counter(bad.values()),
                                                                                       "corrupt_tar": 1})
+
+
+def test_sample_context_draws_are_a_function_of_seed_epoch_key_purpose_alone():
+    import subprocess
+    import sys
+
+    from mmcl.data.context import SampleContext
+
+    ctx = SampleContext("clip-000001", epoch=2, seed=7, train=True)
+    here = ctx.seed_for("window")
+    # the same in another interpreter (Python's str hash is salted per process; this must not be)
+    code = ("from mmcl.data.context import SampleContext;"
+            "print(SampleContext('clip-000001', epoch=2, seed=7, train=True).seed_for('window'))")
+    there = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert here == there
+    assert 0 <= here < 2**63
+    others = {SampleContext("clip-000002", 2, 7, True).seed_for("window"),
+              SampleContext("clip-000001", 3, 7, True).seed_for("window"),
+              SampleContext("clip-000001", 2, 8, True).seed_for("window"),
+              ctx.seed_for("augment.video")}
+    assert here not in others and len(others) == 4
+    a = torch.rand(4, generator=ctx.generator("window"))
+    assert torch.equal(a, torch.rand(4, generator=SampleContext("clip-000001", 2, 7, False).generator("window")))
+    assert ctx.random("x").random() == ctx.random("x").random()

@@ -34,6 +34,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
+from mmcl.data.context import SampleContext
 from mmcl.errors import DataError
 from mmcl.modalities.base import MissingModality, Processor, SampleError
 
@@ -256,13 +257,14 @@ class SampleDecoder:
         #: The placeholders of absent modalities; their shapes are the ones a transform must give.
         self.empty = {name: proc.empty() for name, proc in processors.items()}
 
-    def decode(self, raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bool]]:
-        """-> (decoded data by modality, plus ``__meta__`` with ``with_meta``; presence by modality)."""
+    def decode(self, raw: dict[str, Any], ctx: SampleContext | None = None) -> tuple[dict[str, Any], dict[str, bool]]:
+        """-> (decoded data by modality, plus ``__meta__`` with ``with_meta``; presence by modality). ``ctx`` is
+        handed to every processor (None outside the loader)."""
         decoded: dict[str, Any] = {}
         present: dict[str, bool] = {}
         for name, proc in self.processors.items():
             try:
-                decoded[name] = proc.decode(raw)
+                decoded[name] = proc.decode(raw, ctx)
                 present[name] = True
             except MissingModality:
                 if self.on_missing == "skip":
@@ -278,7 +280,8 @@ class SampleDecoder:
             decoded["__meta__"] = parse_meta(raw)
         return decoded, present
 
-    def transform(self, decoded: dict[str, Any], present: dict[str, bool], train: bool) -> dict[str, torch.Tensor]:
+    def transform(self, decoded: dict[str, Any], present: dict[str, bool], train: bool,
+                  ctx: SampleContext | None = None) -> dict[str, torch.Tensor]:
         """-> ``{name: tensor}`` for every modality (the placeholder where absent), each of its placeholder's
         shape (``bad_shape_<name>`` otherwise)."""
         out: dict[str, torch.Tensor] = {}
@@ -287,7 +290,7 @@ class SampleDecoder:
                 out[name] = self.empty[name]
                 continue
             try:
-                tensor = proc.transform(decoded[name], train)
+                tensor = proc.transform(decoded[name], train, ctx)
             except SampleError:
                 raise
             except Exception as e:
@@ -409,7 +412,7 @@ class ShardStream(IterableDataset):
         for sample in raw:
             key = sample["__key__"]
             try:
-                out = self.decoder.decode(sample)
+                out = self.decoder.decode(sample, SampleContext(key, epoch, self.seed, self.train))
             except SampleError as e:
                 self._skip(e.reason, e.detail, key)
                 continue
@@ -423,7 +426,8 @@ class ShardStream(IterableDataset):
         """(key, {modality: tensor}, presence, metadata) of each usable sample."""
         for key, decoded, present in self._decoded_samples(epoch):
             try:
-                inputs = self.decoder.transform(decoded, present, self.train)
+                inputs = self.decoder.transform(decoded, present, self.train,
+                                                SampleContext(key, epoch, self.seed, self.train))
             except SampleError as e:
                 self._skip(e.reason, e.detail, key)
                 continue

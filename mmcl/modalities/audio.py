@@ -27,6 +27,7 @@ import torchaudio
 from torch import nn
 
 from mmcl.config import ConfigError, TrunkFields
+from mmcl.data.context import SampleContext
 from mmcl.modalities.base import MissingModality, Processor, SampleError, register_processor, register_tower
 from mmcl.modalities.layers import PatchTokens, TokenTower, Trunk, patch_grid
 from mmcl.modalities.pretrained import HFTower, HFTowerFields, hf_encoder, load_hf_component, load_hf_config, pool
@@ -238,7 +239,7 @@ class Audio(Processor):
     members = ("flac", "wav", "mp3", "ogg", "m4a", "mp4", "webm", "mkv")
     input: AudioInput
 
-    def decode(self, sample: dict) -> torch.Tensor:
+    def decode(self, sample: dict, ctx: SampleContext | None = None) -> torch.Tensor:
         """-> the whole clip (mono, resampled to ``sample_rate``) as its tower type's input keeps it: log-mel
         ``[n_mels, frames]`` float32 (``vit``, ``timm``), the waveform ``[S]`` (``hf``)."""
         ext, data = self.find_member(sample)
@@ -262,7 +263,7 @@ class Audio(Processor):
             raise SampleError("bad_audio", "non-finite samples")
         return self.input.features(wav)
 
-    def transform(self, data: torch.Tensor, train: bool) -> torch.Tensor:
+    def transform(self, data: torch.Tensor, train: bool, ctx: SampleContext | None = None) -> torch.Tensor:
         return self.input.transform(data, train)
 
     def empty(self) -> torch.Tensor:

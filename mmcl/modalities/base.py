@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from mmcl.config import TAG, ConfigError, from_dict, to_dict
+from mmcl.data.context import SampleContext
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
 
@@ -117,12 +118,14 @@ class Processor:
                 return ext, sample[ext]
         raise MissingModality(self.name)
 
-    def decode(self, sample: dict[str, Any]) -> Any:
-        """Raw tar members of one sample -> decoded data. Raises :class:`SampleError` on bad input."""
+    def decode(self, sample: dict[str, Any], ctx: SampleContext | None = None) -> Any:
+        """Raw tar members of one sample -> decoded data. Raises :class:`SampleError` on bad input. ``ctx`` (None
+        outside the loader) says which sample this is, for anything drawn per sample (:class:`SampleContext`)."""
         raise NotImplementedError
 
-    def transform(self, data: Any, train: bool) -> torch.Tensor:
-        """Decoded data -> the tensor for one sample (augment only when ``train``)."""
+    def transform(self, data: Any, train: bool, ctx: SampleContext | None = None) -> torch.Tensor:
+        """Decoded data -> the tensor for one sample (augment only when ``train``; per-sample randomness from
+        ``ctx`` when given, so that it is the same on every rank and after a resume)."""
         raise NotImplementedError
 
     def empty(self) -> torch.Tensor:

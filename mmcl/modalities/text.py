@@ -21,6 +21,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from mmcl.config import ConfigError, TrunkFields
+from mmcl.data.context import SampleContext
 from mmcl.modalities.base import Processor, SampleError, Tower, register_processor, register_tower
 from mmcl.modalities.layers import IdTokens
 from mmcl.modalities.pretrained import HFTower, HFTowerFields, hf_encoder, load_hf_component, load_hf_config, pool
@@ -200,7 +201,7 @@ class Text(Processor):
     def tokenizer(self) -> SentencePieceTokenizer | HFTokenizer | None:
         return self.input
 
-    def decode(self, sample: dict) -> torch.Tensor:
+    def decode(self, sample: dict, ctx: SampleContext | None = None) -> torch.Tensor:
         """-> token ids ``[<= max_len]`` int64 (``bert``), or the padded rows ``[K, max_len]`` (``hf``)."""
         _, data = self.find_member(sample)
         try:
@@ -219,7 +220,7 @@ class Text(Processor):
             raise SampleError("long_text", f"{len(text)} characters > max_chars {self.cfg.max_chars}")
         return self.input.encode(text, self.cfg.max_len)
 
-    def transform(self, data: torch.Tensor, train: bool) -> torch.Tensor:
+    def transform(self, data: torch.Tensor, train: bool, ctx: SampleContext | None = None) -> torch.Tensor:
         """``bert``: ids -> ``[max_len]`` padded with the pad id. ``hf``: the rows ``[K, max_len]`` as they
         are (the tokenizer padded them): ids, attention mask[, token type ids]."""
         return self.input.pad(data, self.cfg.max_len)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from mmcl.config import ConfigError
+from mmcl.data.context import SampleContext
 from mmcl.modalities.base import MissingModality, Processor, SampleError, TokenEmbedder, Tower, register_processor, register_tower
 from mmcl.modalities.layers import init_linear_like_vit
 
@@ -100,7 +101,7 @@ class Vector(Processor):
             raise MissingModality(self.name)
         return self.member, sample[self.member]
 
-    def decode(self, sample: dict[str, Any]) -> torch.Tensor:
+    def decode(self, sample: dict[str, Any], ctx: SampleContext | None = None) -> torch.Tensor:
         """``<member>`` (``.npy`` bytes of a numeric array of shape ``[dim]``) -> float32 ``[dim]``.
 
         Unreadable bytes, a pickled object, another shape, a non-numeric dtype or a non-finite entry raise
@@ -123,7 +124,7 @@ class Vector(Processor):
             raise SampleError(self.bad, "non-finite entries (or out of float32 range)")
         return out
 
-    def transform(self, data: torch.Tensor, train: bool) -> torch.Tensor:
+    def transform(self, data: torch.Tensor, train: bool, ctx: SampleContext | None = None) -> torch.Tensor:
         """``[dim]`` -> standardised float32 ``[dim]`` (no augmentation)."""
         if self.cfg.standardize == "sample":
             return (data - data.mean()) / (data.std(correction=0) + 1e-6)

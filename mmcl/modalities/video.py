@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.config import ConfigError, TrunkFields
+from mmcl.data.context import SampleContext
 from mmcl.modalities.base import Processor, SampleError, Tower, register_processor, register_tower
 from mmcl.modalities.layers import PatchTokens, TokenTower, Trunk, patch_grid, tubelet_stem
 from mmcl.modalities.pretrained import load_hf_component, load_hf_model, local_path
@@ -189,7 +190,7 @@ class Video(Processor):
     Config = VideoConfig
     members = ("mp4", "webm", "mkv", "avi", "mov")
 
-    def decode(self, sample: dict) -> torch.Tensor:
+    def decode(self, sample: dict, ctx: SampleContext | None = None) -> torch.Tensor:
         """-> ``[T, 3, size, size]`` uint8 (kept small: decoded clips may be cached in RAM); an input that
         resizes itself (an HF image processor): ``[T, 3, H, W]`` as decoded."""
         _, data = self.find_member(sample)
@@ -211,7 +212,7 @@ class Video(Processor):
             raise SampleError("bad_video", f"expected 3 channels, got {frames.shape[1]}")
         return resize_center_crop(frames, self.cfg.size) if self.input.resize else frames
 
-    def transform(self, data: torch.Tensor, train: bool) -> torch.Tensor:
+    def transform(self, data: torch.Tensor, train: bool, ctx: SampleContext | None = None) -> torch.Tensor:
         """uint8 frames -> ``[T, 3, S, S]`` float32 as the tower type's input makes them."""
         return self.input.transform(data)
 
