@@ -1,0 +1,226 @@
+"""CLIP-family checkpoints as towers (``tower: {type: clip, path: ...}``, :mod:`mmcl.modalities.clip_family`).
+
+Tiny random-weight CLIP, SigLIP and CLAP models built with transformers' own config classes and written with
+``save_pretrained`` (with a tokenizer, an image processor or a feature extractor) are real checkpoints. Every
+tower is checked against transformers' own ``get_image_features`` / ``get_text_features`` /
+``get_audio_features`` / ``logits_per_image`` on the same inputs, then the controls (lock, bf16 training),
+the self-contained save, and the one-line errors.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (
+    ClapConfig,
+    ClapFeatureExtractor,
+    ClapModel,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+    SiglipConfig,
+    SiglipImageProcessor,
+    SiglipModel,
+)
+
+from mmcl.config import ConfigError, ModelConfig, SiglipConfig as MmclSiglipConfig, from_dict
+from mmcl.model import MultimodalModel
+from mmcl.modalities import build_processor, build_tower
+from mmcl.modalities.pretrained import build_session
+
+SIZE = 32
+WORDS = "a red green blue circle square moves left right photo of dog cat the big".split()
+CAPTIONS = ["a red circle", "the big blue square moves left", "photo of a cat", "dog"]
+TOL = 1e-5
+
+
+def clip_tokenizer(max_len: int = 16) -> CLIPTokenizer:
+    """A byte-level CLIP BPE tokenizer with a tiny vocabulary (no merges: words are spelled)."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_len)
+
+
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=40, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=SIZE,
+              patch_size=8)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("clip_family")
+    tok = clip_tokenizer(max_len=40)
+    text = {**TEXT, "vocab_size": len(tok)}
+    torch.manual_seed(0)
+    models = {
+        "clip": (CLIPModel(CLIPConfig(text_config=text, vision_config=VISION, projection_dim=24,
+                                      logit_scale_init_value=2.5)),
+                 CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})),
+        "siglip": (SiglipModel(SiglipConfig(text_config={**text, "projection_size": 32}, vision_config=VISION)),
+                   SiglipImageProcessor(size={"height": SIZE, "width": SIZE})),
+        "clap": (ClapModel(ClapConfig(
+            text_config={**text, "projection_dim": 24},
+            audio_config=dict(spec_size=64, window_size=4, num_mel_bins=32, patch_size=4, patch_stride=4,
+                              depths=[1, 1], num_attention_heads=[2, 2], patch_embeds_hidden_size=16,
+                              hidden_size=32, projection_dim=24, enable_fusion=False),
+            projection_dim=24)),
+            ClapFeatureExtractor(feature_size=32, sampling_rate=16000, hop_length=160, max_length_s=1,
+                                 fft_window_size=400, frequency_max=8000, truncation="rand_trunc")),
+    }
+    out = {}
+    for name, (model, processor) in models.items():
+        if name == "siglip":  # random scale and bias: give them checkpoint-like values to find again
+            with torch.no_grad():
+                model.logit_scale.fill_(2.0)
+                model.logit_bias.fill_(-3.0)
+        model.save_pretrained(root / name)
+        processor.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        out[name] = root / name
+    full = CLIPModel.from_pretrained(out["clip"])
+    full.config.vision_config.projection_dim = full.config.projection_dim
+    vision = CLIPVisionModelWithProjection(full.config.vision_config)
+    vision.load_state_dict({k: v for k, v in full.state_dict().items()
+                            if k.startswith(("vision_model.", "visual_projection."))})
+    vision.save_pretrained(root / "clip_vision")
+    models["clip"][1].save_pretrained(root / "clip_vision")
+    out["clip_vision"] = root / "clip_vision"
+    return out
+
+
+def video_spec(path: Path, frames: int = 1, **tower: Any) -> dict[str, Any]:
+    return {"frames": frames, "size": SIZE, "tower": {"type": "clip", "path": str(path), **tower}}
+
+
+def text_spec(path: Path, **extra: Any) -> dict[str, Any]:
+    return {"max_len": 16, "tower": {"type": "clip", "path": str(path)}, **extra}
+
+
+def audio_spec(path: Path) -> dict[str, Any]:
+    return {"seconds": 1.0, "sample_rate": 16000, "tower": {"type": "clip", "path": str(path)}}
+
+
+def clip_model(dirs: dict[str, Path], family: str = "clip", frames: int = 1, objective: Any = None,
+               **model: Any) -> MultimodalModel:
+    cfg = from_dict(ModelConfig, {"embed_dim": 24 if family != "siglip" else 32, "head": "identity",
+                                  "logit_scale_init": "checkpoint",
+                                  "modalities": {"video": video_spec(dirs[family], frames),
+                                                 "text": text_spec(dirs[family])}, **model}, "model")
+    return MultimodalModel(cfg, objective)
+
+
+def frames(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, SIZE, SIZE), generator=g, dtype=torch.uint8)
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip", "clip_vision"])
+def test_video_tower_per_frame_is_get_image_features(dirs: dict[str, Path], family: str) -> None:
+    video = build_processor("video", video_spec(dirs[family], frames=3))
+    tower = build_tower(video).eval()
+    ref_cls = CLIPModel if family == "clip" else SiglipModel
+    clip = torch.stack([video.transform(f, train=False) for f in frames(3)[:, None]]).view(1, 3, 3, SIZE, SIZE)
+    pixels = clip[0]
+    with torch.no_grad():
+        ours = tower.frame_features(pixels)
+        if family == "clip_vision":
+            ref = CLIPVisionModelWithProjection.from_pretrained(dirs[family]).eval()(pixel_values=pixels).image_embeds
+        else:
+            ref = ref_cls.from_pretrained(dirs[family]).eval().get_image_features(pixel_values=pixels).pooler_output
+        assert close(ours, ref) <= TOL
+        assert close(tower(clip)[0], ref.mean(0)) <= TOL  # temporal: mean of the frames' embeddings
+    # The frames are normalised with the directory's image processor mean / std.
+    proc = (CLIPImageProcessor if family != "siglip" else SiglipImageProcessor).from_pretrained(dirs[family])
+    mean, std = torch.tensor(proc.image_mean).view(3, 1, 1), torch.tensor(proc.image_std).view(3, 1, 1)
+    assert close(pixels[0], (frames(3)[0].float() / 255 - mean) / std) <= 1e-6
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip", "clap"])
+def test_text_tower_is_get_text_features(dirs: dict[str, Path], family: str) -> None:
+    text = build_processor("text", text_spec(dirs[family]))
+    tower = build_tower(text).eval()
+    batch = torch.stack([text.transform(text.tokenize(c), train=False) for c in CAPTIONS])
+    ref_model = {"clip": CLIPModel, "siglip": SiglipModel, "clap": ClapModel}[family].from_pretrained(dirs[family])
+    tok = CLIPTokenizer.from_pretrained(dirs[family])
+    enc = tok(CAPTIONS, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    assert torch.equal(batch[:, 0], enc["input_ids"]) and torch.equal(batch[:, 1], enc["attention_mask"])
+    kwargs = {} if family == "siglip" else {"attention_mask": enc["attention_mask"]}  # SigLIP: no mask
+    with torch.no_grad():
+        ours = tower(batch)
+        ref = ref_model.eval().get_text_features(input_ids=enc["input_ids"], **kwargs).pooler_output
+    if family == "clap":  # CLAP's get_text_features returns the L2-normalised projection
+        ours = F.normalize(ours, dim=-1)
+    assert close(ours, ref) <= TOL
+
+
+def test_clap_audio_tower_is_get_audio_features(dirs: dict[str, Path]) -> None:
+    audio = build_processor("audio", audio_spec(dirs["clap"]))
+    tower = build_tower(audio).eval()
+    rng = np.random.default_rng(0)
+    waves = [torch.from_numpy(rng.standard_normal(n).astype(np.float32)) * 0.1 for n in (16000, 9000)]
+    batch = torch.stack([audio.transform(audio.input.features(w), train=False) for w in waves])
+    fe = ClapFeatureExtractor.from_pretrained(dirs["clap"])
+    ref_in = fe([w.numpy() for w in waves], sampling_rate=16000, return_tensors="pt")
+    assert close(batch, ref_in["input_features"]) == 0.0
+    with torch.no_grad():
+        ours = F.normalize(tower(batch), dim=-1)
+        ref = ClapModel.from_pretrained(dirs["clap"]).eval().get_audio_features(**ref_in).pooler_output
+    assert close(ours, ref) <= TOL
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_untrained_model_reproduces_the_checkpoints_logits(dirs: dict[str, Path], family: str) -> None:
+    """Identity heads and the checkpoint's logit scale (SigLIP: and bias): the model built from the config
+    alone scores single-frame clips against captions as the source model does."""
+    objective = MmclSiglipConfig() if family == "siglip" else None
+    model = clip_model(dirs, family, objective=objective).eval()
+    video, text = model.processors["video"], model.processors["text"]
+    clips = torch.stack([video.transform(f[None], train=False) for f in frames(3, seed=1)])
+    ids = torch.stack([text.transform(text.tokenize(c), train=False) for c in CAPTIONS])
+    ref_model = (CLIPModel if family == "clip" else SiglipModel).from_pretrained(dirs[family]).eval()
+    kwargs = {} if family == "siglip" else {"attention_mask": ids[:, 1]}
+    with torch.no_grad():
+        emb = model.encode({"video": clips, "text": ids})
+        ours = model.objective.score({"video": emb["video"]}, {"text": emb["text"]})
+        scale = model.objective.logit_scale.exp()
+        logits = scale * emb["video"] @ emb["text"].T
+        if family == "siglip":
+            logits = logits + model.objective.logit_bias
+        ref = ref_model(pixel_values=clips[:, 0], input_ids=ids[:, 0], **kwargs).logits_per_image
+    assert close(logits, ref) <= TOL
+    assert torch.equal(ours.argmax(1), ref.argmax(1))
+    assert model.objective.logit_scale.item() == pytest.approx(ref_model.logit_scale.item())
+    if family == "siglip":
+        assert model.objective.logit_bias.item() == pytest.approx(-3.0)
+
+
+def test_one_directory_feeding_two_towers_is_read_once(dirs: dict[str, Path], monkeypatch) -> None:
+    import mmcl.modalities.clip_family as cf
+
+    calls = []
+    real = cf.load_hf_model
+    monkeypatch.setattr(cf, "load_hf_model", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    model = clip_model(dirs)
+    assert calls == [dirs["clip"]]
+    names = list(model.state_dict())
+    assert any(n.startswith("towers.video.encoder.") for n in names)
+    assert any(n.startswith("towers.text.encoder.") for n in names)
+    with build_session():  # two text towers of one directory: the second gets its own copy
+        a, b = (build_tower(build_processor("text", text_spec(dirs["clip"]))) for _ in range(2))
+    assert all(p is not q for p, q in zip(a.parameters(), b.parameters()))
