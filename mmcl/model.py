@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcl.config import (FORMAT_VERSION, ClipConfig, ConfigError, ModelConfig, ObjectiveConfig, from_dict, to_dict,
-                         upgrade_config)
+from mmcl.config import (FORMAT_VERSION, ClipConfig, Config, ConfigError, ModelConfig, ObjectiveConfig, from_dict,
+                         to_dict, upgrade_config)
 from mmcl.errors import HubError
 from mmcl.hub import check_weights, eval_records, resolve_pretrained, write_model_card
 from mmcl.modalities import Processor, build_processor, build_tower
@@ -194,6 +194,26 @@ def load_processors(path: str | Path) -> dict[str, Processor]:
     p = Path(path)
     cfg = upgrade_config(read_config(p))
     return {name: build_processor(name, spec, p) for name, spec in cfg["model"]["modalities"].items()}
+
+
+#: ``mmcl eval --model config:FILE``: the model a train config builds, before any step.
+CONFIG_PREFIX = "config:"
+
+
+def train_config_spec(model_arg: str) -> str | None:
+    """The train config ``mmcl eval --model`` names (``config:FILE``, or a ``.yaml`` / ``.yml`` file), else
+    None (a model directory or Hub id)."""
+    if model_arg.startswith(CONFIG_PREFIX):
+        return model_arg[len(CONFIG_PREFIX):]
+    p = Path(model_arg)
+    return model_arg if p.suffix in (".yaml", ".yml") and p.is_file() else None
+
+
+def untrained_model(cfg: Config) -> MultimodalModel:
+    """The model ``mmcl train`` starts from for ``cfg`` (same seed, so the same initial weights on one
+    process; pretrained towers read their checkpoints), in eval mode: "zero-shot before training"."""
+    torch.manual_seed(cfg.train.seed)
+    return MultimodalModel(cfg.model, cfg.objective).eval()
 
 
 def load_model(name_or_path: str | Path, map_location: str = "cpu") -> MultimodalModel:

@@ -9,8 +9,10 @@ the self-contained save, and the one-line errors.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
+from torchcodec.decoders import VideoDecoder
 from transformers import (
     ClapConfig,
     ClapFeatureExtractor,
@@ -32,6 +36,7 @@ from transformers import (
     SiglipModel,
 )
 
+from mmcl.cli import main as mmcl_main
 from mmcl.config import ConfigError, ModelConfig, SiglipConfig as MmclSiglipConfig, from_dict
 from mmcl.model import MultimodalModel
 from mmcl.modalities import build_processor, build_tower
@@ -79,6 +84,11 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             ClapFeatureExtractor(feature_size=32, sampling_rate=16000, hop_length=160, max_length_s=1,
                                  fft_window_size=400, frequency_max=8000, truncation="rand_trunc")),
     }
+    # The synthetic world's 64 px frames, unresized (for the eval suite against a hand computation).
+    models["clip64"] = (CLIPModel(CLIPConfig(text_config=text, vision_config={**VISION, "image_size": 64,
+                                                                             "patch_size": 16},
+                                             projection_dim=24)),
+                        CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}))
     out = {}
     for name, (model, processor) in models.items():
         if name == "siglip":  # random scale and bias: give them checkpoint-like values to find again
@@ -224,3 +234,50 @@ def test_one_directory_feeding_two_towers_is_read_once(dirs: dict[str, Path], mo
     with build_session():  # two text towers of one directory: the second gets its own copy
         a, b = (build_tower(build_processor("text", text_spec(dirs["clip"]))) for _ in range(2))
     assert all(p is not q for p, q in zip(a.parameters(), b.parameters()))
+
+
+COLOURS = ["red", "green", "blue", "yellow", "magenta", "cyan"]
+
+
+def test_mmcl_eval_of_a_train_config_is_zero_shot_before_training(dirs: dict[str, Path], synthetic_data: Path,
+                                                                   tmp_path: Path) -> None:
+    """``mmcl eval --model config:FILE``: the model the config builds, before any step, evaluated; its
+    zero-shot accuracy equals the source CLIP run by transformers on the same frames and prompts."""
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"batch_size": 16, "tasks": [
+        {"name": "video->colour", "type": "zeroshot_classification", "query": ["video"], "label": "colour",
+         "classnames": COLOURS, "templates": ["a {} shape"]}]}))
+    test = str(synthetic_data / "test-{000000..000001}.tar")
+    config = tmp_path / "clip_init.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"embed_dim": 24, "head": "identity", "logit_scale_init": "checkpoint",
+                  "modalities": {"video": {**video_spec(dirs["clip64"]), "size": 64},
+                                 "text": text_spec(dirs["clip64"])}},
+        "data": {"test": test}, "eval": {"suite": str(suite)}}))
+    out = tmp_path / "eval"
+    assert mmcl_main(["eval", "--model", f"config:{config}", "--out", str(out), "--no-progress"]) == 0
+    got = json.loads((out / "results.json").read_text())["zeroshot_classification"]["video->colour"]
+
+    # By hand: the middle frame of each clip, CLIP's processor (no resize: 64 px already), CLIPModel.
+    ref = CLIPModel.from_pretrained(dirs["clip64"]).eval()
+    proc = CLIPImageProcessor.from_pretrained(dirs["clip64"], do_resize=False, do_center_crop=False)
+    tok = CLIPTokenizer.from_pretrained(dirs["clip64"])
+    images, labels = [], []
+    for i in range(2):
+        with tarfile.open(synthetic_data / f"test-00000{i}.tar") as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        for name in sorted(n for n in members if n.endswith(".mp4")):
+            dec = VideoDecoder(members[name])
+            images.append(dec.get_frame_at(dec.metadata.num_frames // 2).data)
+            labels.append(COLOURS.index(json.loads(members[name[:-3] + "json"])["labels"]["colour"]))
+    enc = tok([f"a {c} shape" for c in COLOURS], padding="max_length", truncation=True, max_length=16,
+              return_tensors="pt")
+    with torch.no_grad():
+        img = F.normalize(ref.get_image_features(**proc(images, return_tensors="pt")).pooler_output, dim=-1)
+        txt = F.normalize(ref.get_text_features(**enc).pooler_output, dim=-1)
+    pred = (ref.logit_scale.exp() * img @ txt.T).argmax(1)
+    truth = torch.tensor(labels)
+    assert got["n"] == len(labels) == 32
+    assert got["acc1"] == pytest.approx((pred == truth).float().mean().item())
+    recalls = [(pred[truth == c] == c).float().mean().item() for c in range(6) if (truth == c).any()]
+    assert got["mean_per_class_recall"] == pytest.approx(sum(recalls) / len(recalls))
