@@ -281,3 +281,123 @@ def test_mmcl_eval_of_a_train_config_is_zero_shot_before_training(dirs: dict[str
     assert got["acc1"] == pytest.approx((pred == truth).float().mean().item())
     recalls = [(pred[truth == c] == c).float().mean().item() for c in range(6) if (truth == c).any()]
     assert got["mean_per_class_recall"] == pytest.approx(sum(recalls) / len(recalls))
+
+
+def inputs_of(model: MultimodalModel, n: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    video, text = model.processors["video"], model.processors["text"]
+    t = video.cfg.frames
+    clips = torch.stack([video.transform(frames(t, seed=seed + i), train=False) for i in range(n)])
+    ids = torch.stack([text.transform(text.tokenize(CAPTIONS[i % len(CAPTIONS)]), train=False) for i in range(n)])
+    return {"video": clips, "text": ids}
+
+
+@pytest.mark.parametrize("temporal", ["transformer", "divided"])
+def test_controls_lock_unlock_lr_checkpointing_under_bf16(dirs: dict[str, Path], temporal: str) -> None:
+    """Text locked (LiT), the vision tower locked but its last block, its own lr and gradient checkpointing:
+    two AdamW steps under CPU bf16 autocast move exactly the unlocked parts; the untrained divided tower is
+    the mean of the frames' embeddings (its time attention starts as the identity)."""
+    from mmcl.config import load_config
+    from mmcl.train.optim import apply_tower_controls, build_optimizer
+
+    model = clip_model(dirs, frames=2, modalities={"video": video_spec(dirs["clip"], 2, temporal=temporal),
+                                                   "text": text_spec(dirs["clip"])})
+    x = inputs_of(model)
+    if temporal == "divided":
+        plain = clip_model(dirs, frames=2).eval()
+        with torch.no_grad():
+            assert close(model.eval().towers["video"](x["video"]), plain.towers["video"](x["video"])) <= TOL
+    cfg = load_config(base={"train": {"lr": 1e-3, "towers": {
+        "text": {"lock": True},
+        "video": {"lock": True, "unlocked_blocks": 1, "lr": 1e-2, "grad_checkpointing": True}}}})
+    lrs = apply_tower_controls(model, cfg.train.towers)
+    assert lrs == {"video": 1e-2}
+    assert model.towers["video"].encoder.is_activation_checkpointing
+    opt = build_optimizer(model, cfg, lrs)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model.objective(model(x))
+        assert torch.isfinite(loss)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = model.state_dict()
+    blocks = model.towers["video"].blocks()
+    last = {f"towers.video.{n}" for n, p in model.towers["video"].named_parameters()
+            if any(p is q for q in blocks[-1].parameters())}
+    first_vision = {k for k in after if k.startswith("towers.video.encoder.") and k not in last}
+    for k in after:
+        if k.startswith("towers.text.") or k in first_vision:
+            assert torch.equal(after[k], before[k]), k
+    assert last and all(not torch.equal(after[k], before[k]) for k in last)
+    assert not torch.equal(after["heads.text.weight"], before["heads.text.weight"])
+    if temporal == "transformer":
+        assert any(not torch.equal(after[k], before[k]) for k in after if k.startswith("towers.video.temporal_module."))
+
+
+def test_save_pretrained_round_trip_without_the_source_directories(dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Video and text of one CLIP, audio from CLAP: the saved directory holds every weight in safetensors and
+    copies the configs, tokenizers, image processor and feature extractor (no source weights); it loads
+    with the sources gone and gives the same embeddings."""
+    src = tmp_path / "src"
+    shutil.copytree(dirs["clip"], src / "clip")
+    shutil.copytree(dirs["clap"], src / "clap")
+    cfg = from_dict(ModelConfig, {"embed_dim": 24, "head": "identity", "heads": {"audio": "linear"},
+                                  "logit_scale_init": "checkpoint", "modalities": {
+                                      "video": video_spec(src / "clip", 2, temporal="divided"),
+                                      "text": text_spec(src / "clip"), "audio": audio_spec(src / "clap")}}, "model")
+    model = MultimodalModel(cfg).eval()
+    x = inputs_of(model, n=2)
+    audio = model.processors["audio"]
+    x["audio"] = torch.stack([audio.transform(audio.input.features(torch.randn(12000) * 0.1), train=False)
+                              for _ in range(2)])
+    with torch.no_grad():
+        ref = model.encode(x)
+    saved = model.save_pretrained(tmp_path / "saved")
+    shutil.rmtree(src)
+    names = sorted(p.name for p in saved.rglob("*") if p.is_file())
+    assert not [n for n in names if n.endswith((".bin", ".pt")) or (n.endswith(".safetensors") and
+                                                                    n != "model.safetensors")]
+    assert "preprocessor_config.json" in names and "tokenizer.json" in names
+    loaded = MultimodalModel.from_pretrained(saved).eval()
+    with torch.no_grad():
+        got = loaded.encode(x)
+    for m in ref:
+        assert torch.equal(got[m], ref[m]), m
+    assert loaded.objective.logit_scale.item() == pytest.approx(2.5)
+
+
+def error_of(spec: dict[str, Any], modality: str = "video") -> str:
+    with pytest.raises(ConfigError) as e:
+        build_tower(build_processor(modality, spec))
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_bad_inputs_are_one_line_each(dirs: dict[str, Path], tmp_path: Path) -> None:
+    # A directory that is not a CLIP-family model for the requested type.
+    msg = error_of(video_spec(dirs["clap"]))
+    assert "is a 'clap' model, not a CLIP-family model with a tower for video" in msg and "clip_vision_model" in msg
+    bert = tmp_path / "bert"
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(bert)
+    assert "is a 'bert' model, not a CLIP-family model with a tower for text" in error_of(text_spec(bert), "text")
+    assert "(allowed model types: clap, clap_audio_model)" in error_of(audio_spec(dirs["clip"]), "audio")
+    # A vision config whose image size does not fit video.size.
+    msg = error_of({**video_spec(dirs["clip"]), "size": 48})
+    assert msg.startswith("model.modalities.video.size: 48 does not fit") and "image_size 32" in msg
+    # A tokenizer whose max length is below text.max_len.
+    short = tmp_path / "short_tok"
+    clip_tokenizer(max_len=8).save_pretrained(short)
+    msg = error_of(text_spec(dirs["clip"], tokenizer=str(short)), "text")
+    assert "max_len: 16 exceeds the tokenizer's model_max_length 8" in msg
+    # Identity heads need the tower's width; the checkpoint's logit scale needs two towers of one checkpoint.
+    with pytest.raises(ConfigError, match=r"^model.head: identity needs the video tower's width 24 to equal "
+                                          r"model.embed_dim 16"):
+        clip_model(dirs, embed_dim=16)
+    with pytest.raises(ConfigError, match=r"^model.logit_scale_init: 'checkpoint' needs identity-headed towers"):
+        clip_model(dirs, heads={"text": "linear"})

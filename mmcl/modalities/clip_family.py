@@ -126,7 +126,7 @@ def clip_source(path: Path, kind: str, where: str) -> Source:
     elif model_type in PARTS and PARTS[model_type][1] == kind:
         family, joint = PARTS[model_type][0], False
     else:
-        raise ConfigError(f"{where}: {path} is a {model_type!r} model, not a CLIP-family model with a {kind} tower "
+        raise ConfigError(f"{where}: {path} is a {model_type!r} model, not a CLIP-family model with a tower for {kind} "
                           f"(allowed model types: {', '.join(allowed_types(kind))})")
     named = [a for a in (getattr(config, "architectures", None) or []) if a in CLASSES[model_type]]
     return Source(path, family, FAMILIES[family][kind], named[0] if named else DEFAULT_CLASS[model_type], config,
@@ -202,9 +202,9 @@ class ClipTower(Tower):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable:
-            self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
-            self.encoder.gradient_checkpointing_disable()
+            self.encoder.activation_checkpointing_disable()
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.projection(pooled) if self.projection is not None else pooled
