@@ -401,3 +401,114 @@ def test_bad_inputs_are_one_line_each(dirs: dict[str, Path], tmp_path: Path) -> 
         clip_model(dirs, embed_dim=16)
     with pytest.raises(ConfigError, match=r"^model.logit_scale_init: 'checkpoint' needs identity-headed towers"):
         clip_model(dirs, heads={"text": "linear"})
+
+
+# ----------------------------------------------------------------------------------------------------
+# open_clip checkpoints
+
+
+def to_open_clip(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """A transformers ``CLIPModel`` state dict in open_clip's (OpenAI's) layout, as open_clip saves it."""
+    out = {"logit_scale": state["logit_scale"]}
+    for side, src, dst in (("vision", "vision_model.", "visual."), ("text", "text_model.", "")):
+        for i in range(layers):
+            a, b = f"{src}encoder.layers.{i}.", f"{dst}transformer.resblocks.{i}."
+            for p in ("weight", "bias"):
+                out[f"{b}attn.in_proj_{p}"] = torch.cat([state[f"{a}self_attn.{n}_proj.{p}"] for n in "qkv"])
+                for x, y in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
+                             ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                    out[f"{b}{y}.{p}"] = state[f"{a}{x}.{p}"]
+    out["visual.class_embedding"] = state["vision_model.embeddings.class_embedding"]
+    out["visual.conv1.weight"] = state["vision_model.embeddings.patch_embedding.weight"]
+    out["visual.positional_embedding"] = state["vision_model.embeddings.position_embedding.weight"]
+    for p in ("weight", "bias"):
+        out[f"visual.ln_pre.{p}"] = state[f"vision_model.pre_layrnorm.{p}"]
+        out[f"visual.ln_post.{p}"] = state[f"vision_model.post_layernorm.{p}"]
+        out[f"ln_final.{p}"] = state[f"text_model.final_layer_norm.{p}"]
+    out["visual.proj"] = state["visual_projection.weight"].T
+    out["token_embedding.weight"] = state["text_model.embeddings.token_embedding.weight"]
+    out["positional_embedding"] = state["text_model.embeddings.position_embedding.weight"]
+    out["text_projection"] = state["text_projection.weight"].T
+    return out
+
+
+@pytest.fixture(scope="module")
+def open_clip_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A transformers CLIP directory with CLIP's token order (end-of-text the highest id) and the same weights
+    as an open_clip state dict + model config JSON (OpenAI normalisation, QuickGELU)."""
+    root = tmp_path_factory.mktemp("open_clip")
+    vocab: dict[str, int] = {}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=40)
+    n = len(vocab)
+    torch.manual_seed(1)
+    model = CLIPModel(CLIPConfig(text_config={**TEXT, "vocab_size": n, "bos_token_id": n - 2, "eos_token_id": n - 1,
+                                              "pad_token_id": n - 1},
+                                 vision_config=VISION, projection_dim=24, logit_scale_init_value=2.5))
+    model.save_pretrained(root / "hf")
+    tok.save_pretrained(root / "hf")
+    tok.save_pretrained(root / "tokenizer")
+    CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}).save_pretrained(
+        root / "hf")
+    torch.save(to_open_clip(model.state_dict(), 2), root / "open_clip.pt")
+    (root / "config.json").write_text(json.dumps({
+        "embed_dim": 24, "quick_gelu": True,
+        "vision_cfg": {"image_size": SIZE, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8,
+                       "mlp_ratio": 2.0},
+        "text_cfg": {"context_length": 40, "vocab_size": n, "width": 32, "heads": 2, "layers": 2, "mlp_ratio": 2.0}}))
+    return {"hf": root / "hf", "ckpt": root / "open_clip.pt", "config": root / "config.json",
+            "tokenizer": root / "tokenizer"}
+
+
+def open_clip_model(pair: dict[str, Path], **video: Any) -> MultimodalModel:
+    oc = {"type": "clip", "open_clip": str(pair["ckpt"]), "open_clip_config": str(pair["config"])}
+    cfg = from_dict(ModelConfig, {"embed_dim": 24, "head": "identity", "logit_scale_init": "checkpoint", "modalities": {
+        "video": {"frames": 2, "size": SIZE, "tower": {**oc, **video}},
+        "text": {"max_len": 16, "tokenizer": str(pair["tokenizer"]), "tower": oc}}}, "model")
+    return MultimodalModel(cfg).eval()
+
+
+def test_open_clip_state_dict_and_transformers_directory_give_the_same_embeddings(
+        open_clip_pair: dict[str, Path], tmp_path: Path) -> None:
+    ours = open_clip_model(open_clip_pair)
+    hf = MultimodalModel(from_dict(ModelConfig, {"embed_dim": 24, "head": "identity", "modalities": {
+        "video": video_spec(open_clip_pair["hf"], 2), "text": text_spec(open_clip_pair["hf"])}}, "model")).eval()
+    x = inputs_of(hf)
+    assert torch.equal(inputs_of(ours)["video"], x["video"]) and torch.equal(inputs_of(ours)["text"], x["text"])
+    with torch.no_grad():
+        a, b = ours.encode(x), hf.encode(x)
+        assert close(ours.towers["video"].frame_features(x["video"][0]),
+                     hf.towers["video"].frame_features(x["video"][0])) <= TOL
+    for m in ("video", "text"):
+        assert close(a[m], b[m]) <= TOL, m
+    assert ours.objective.logit_scale.item() == pytest.approx(2.5)
+    # Saved and loaded without the checkpoint: the config JSON and the tokenizer are copied.
+    saved = ours.save_pretrained(tmp_path / "saved")
+    moved = tmp_path / "moved"
+    shutil.move(str(open_clip_pair["ckpt"]), moved)
+    try:
+        loaded = MultimodalModel.from_pretrained(saved).eval()
+        with torch.no_grad():
+            assert all(torch.equal(loaded.encode(x)[m], a[m]) for m in a)
+    finally:
+        shutil.move(str(moved), open_clip_pair["ckpt"])
+
+
+def test_open_clip_mismatch_lists_missing_and_unexpected_keys(open_clip_pair: dict[str, Path], tmp_path: Path) -> None:
+    state = torch.load(open_clip_pair["ckpt"], weights_only=True)
+    state.pop("visual.ln_post.weight")
+    state.pop("transformer.resblocks.1.ln_2.bias")
+    state["visual.extra.weight"] = torch.zeros(1)
+    state["transformer.resblocks.2.ln_1.weight"] = torch.zeros(32)
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    oc = {"type": "clip", "open_clip": str(bad), "open_clip_config": str(open_clip_pair["config"])}
+    msg = error_of({"frames": 1, "size": SIZE, "tower": oc})
+    assert msg.startswith("model.modalities.video.tower.open_clip: checkpoint") and "\n" not in msg
+    assert "1 missing keys (norm.weight)" in msg and "1 unexpected keys (visual.extra.weight)" in msg
+    msg = error_of({"max_len": 16, "tokenizer": str(open_clip_pair["tokenizer"]), "tower": oc}, "text")
+    assert "1 missing keys (encoder.encoder.layers.1.layer_norm2.bias)" in msg
+    assert "1 unexpected keys (transformer.resblocks.2.ln_1.weight)" in msg

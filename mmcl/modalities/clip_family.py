@@ -299,14 +299,25 @@ class ClipVideoTower(ClipTower):
                                   f"{out_dim}")
             self.temporal_module = TemporalTransformer(frames, out_dim, cfg.temporal_depth, cfg.temporal_heads)
         elif cfg.temporal == "divided":
-            layers = self.encoder.encoder.layers
+            layers = self.layer_stack()
             for i, layer in enumerate(layers):
-                attn = layer.self_attn
-                layers[i] = _DividedLayer(layer, attn.embed_dim, attn.num_heads, frames, prefix, i == 0)
+                layers[i] = self.divided(layer, i == 0, frames, prefix)
+
+    def layer_stack(self) -> nn.Module:
+        """The encoder's sequence of transformer layers (where ``divided`` puts its time attention)."""
+        return self.encoder.encoder.layers
+
+    def divided(self, layer: nn.Module, first: bool, frames: int, prefix: int) -> nn.Module:
+        """``layer`` with time attention before it (the first one also adds time positions)."""
+        attn = layer.self_attn
+        return _DividedLayer(layer, attn.embed_dim, attn.num_heads, frames, prefix, first)
+
+    def own_blocks(self) -> list[nn.Module]:
+        return hf_blocks(self.encoder)
 
     def blocks(self) -> list[nn.Module]:
         extra = list(self.temporal_module.trunk.blocks) if self.temporal == "transformer" else []
-        own = list(self.encoder.encoder.layers) if self.temporal == "divided" else hf_blocks(self.encoder)
+        own = list(self.layer_stack()) if self.temporal == "divided" else self.own_blocks()
         return own + extra
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
