@@ -512,3 +512,27 @@ def test_open_clip_mismatch_lists_missing_and_unexpected_keys(open_clip_pair: di
     msg = error_of({"max_len": 16, "tokenizer": str(open_clip_pair["tokenizer"]), "tower": oc}, "text")
     assert "1 missing keys (encoder.encoder.layers.1.layer_norm2.bias)" in msg
     assert "1 unexpected keys (transformer.resblocks.2.ln_1.weight)" in msg
+
+
+@pytest.mark.parametrize("recipe", ["clip_init", "clip_init_gram"])
+def test_recipes_build_with_their_checkpoints_set_on_the_command_line(dirs: dict[str, Path], recipe: str) -> None:
+    """configs/train/clip_init*.yaml with the paths (and this test's tiny sizes) as --set overrides: video and
+    text from one CLIP in its joint space, audio from CLAP behind a linear head, text locked."""
+    from mmcl.config import load_config
+    from mmcl.model import untrained_model
+    from mmcl.train.optim import apply_tower_controls
+
+    m = "model.modalities"
+    cfg = load_config(recipe, [f"{m}.video.tower.path={dirs['clip']}", f"{m}.text.tower.path={dirs['clip']}",
+                               f"{m}.audio.tower.path={dirs['clap']}", "model.embed_dim=24", f"{m}.video.size={SIZE}",
+                               f"{m}.video.frames=2", f"{m}.text.max_len=16", f"{m}.audio.sample_rate=16000",
+                               f"{m}.audio.seconds=1.0"])
+    model = untrained_model(cfg)
+    apply_tower_controls(model, cfg.train.towers)
+    assert not any(p.requires_grad for p in model.towers["text"].parameters())
+    assert torch.equal(model.heads["video"].weight, torch.eye(24))
+    assert not torch.equal(model.heads["audio"].weight, torch.eye(24))
+    if recipe == "clip_init":
+        assert model.objective.logit_scale.item() == pytest.approx(2.5)
+    else:
+        assert cfg.objective.name == "gram"
