@@ -536,3 +536,8 @@ def test_recipes_build_with_their_checkpoints_set_on_the_command_line(dirs: dict
         assert model.objective.logit_scale.item() == pytest.approx(2.5)
     else:
         assert cfg.objective.name == "gram"
+
+
+def test_temporal_heads_must_divide_the_width(dirs: dict[str, Path]) -> None:
+    msg = error_of(video_spec(dirs["clip"], 2, temporal="transformer", temporal_heads=5))
+    assert msg == "model.modalities.video.tower.temporal_heads: 5 does not divide the embedding width 24"

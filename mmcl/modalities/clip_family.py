@@ -294,9 +294,6 @@ class ClipVideoTower(ClipTower):
         self.frames = frames
         self.temporal = cfg.temporal
         if cfg.temporal == "transformer":
-            if out_dim % cfg.temporal_heads:
-                raise ConfigError(f"temporal_heads: {cfg.temporal_heads} does not divide the embedding width "
-                                  f"{out_dim}")
             self.temporal_module = TemporalTransformer(frames, out_dim, cfg.temporal_depth, cfg.temporal_heads)
         elif cfg.temporal == "divided":
             layers = self.layer_stack()
@@ -345,6 +342,12 @@ def _video_input(video: Video) -> Any:
     return ClipFrames(video)
 
 
+def check_temporal(cfg: ClipVideoTowerConfig, width: int, where: str) -> None:
+    """The temporal transformer's heads must divide the embedding width."""
+    if cfg.temporal == "transformer" and width % cfg.temporal_heads:
+        raise ConfigError(f"{where}.temporal_heads: {cfg.temporal_heads} does not divide the embedding width {width}")
+
+
 def _video_tower(video: Video, pretrained: bool) -> Tower:
     tc = video.cfg.tower
     where = f"{video.where}.tower"
@@ -355,8 +358,10 @@ def _video_tower(video: Video, pretrained: bool) -> Tower:
     frames = cast(ClipFrames, video.input)
     source = frames.source
     encoder, projection, joint = read_parts(source, f"{where}.path", tc.strict, pretrained)
+    width = _out_dim(encoder, projection)
+    check_temporal(tc, width, where)
     prefix = 1 if source.family == "clip" else 0  # CLIP's class token; SigLIP has none
-    return ClipVideoTower(encoder, projection, _out_dim(encoder, projection), joint, tc, video.cfg.frames, prefix)
+    return ClipVideoTower(encoder, projection, width, joint, tc, video.cfg.frames, prefix)
 
 
 # ----------------------------------------------------------------------------------------------------

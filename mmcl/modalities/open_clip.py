@@ -31,7 +31,7 @@ from torch import nn
 
 from mmcl.config import ConfigError
 from mmcl.modalities.base import Tower, copy_model_file
-from mmcl.modalities.clip_family import ClipTextTower, ClipVideoTower, JointSpace
+from mmcl.modalities.clip_family import ClipTextTower, ClipVideoTower, JointSpace, check_temporal
 from mmcl.modalities.pretrained import check_keys, load_once, local_path, read_state_dict
 from mmcl.modalities.text import HFTokenizer, Text
 from mmcl.modalities.timm_towers import timm_blocks
@@ -171,8 +171,9 @@ def open_clip_video_tower(video: Video, pretrained: bool) -> Tower:
         check_keys(missing, unexpected, where, str(path), f"the ViT of {inputs.config_path}", tc.strict)
         model.load_state_dict(converted, strict=False)
         joint = _joint(state, path)
-    return OpenClipVideoTower(model, None, int(inputs.spec["embed_dim"]), joint, tc, video.cfg.frames,
-                              prefix=model.num_prefix_tokens)
+    width = int(inputs.spec["embed_dim"])
+    check_temporal(tc, width, f"{video.where}.tower")
+    return OpenClipVideoTower(model, None, width, joint, tc, video.cfg.frames, prefix=model.num_prefix_tokens)
 
 
 # ----------------------------------------------------------------------------------------------------
