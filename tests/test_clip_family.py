@@ -31,10 +31,14 @@ from transformers import (
     CLIPModel,
     CLIPTokenizer,
     CLIPVisionModelWithProjection,
+    Siglip2Config,
+    Siglip2ImageProcessor,
+    Siglip2Model,
     SiglipConfig,
     SiglipImageProcessor,
     SiglipModel,
 )
+from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
 
 from mmcl.cli import main as mmcl_main
 from mmcl.config import ConfigError, ModelConfig, SiglipConfig as MmclSiglipConfig, from_dict
@@ -75,6 +79,10 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                  CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})),
         "siglip": (SiglipModel(SiglipConfig(text_config={**text, "projection_size": 32}, vision_config=VISION)),
                    SiglipImageProcessor(size={"height": SIZE, "width": SIZE})),
+        "siglip2": (Siglip2Model(Siglip2Config(
+            text_config={**text, "projection_size": 32},
+            vision_config={k: v for k, v in VISION.items() if k != "image_size"} | {"num_patches": 16})),
+            Siglip2ImageProcessor(patch_size=8, max_num_patches=16)),
         "clap": (ClapModel(ClapConfig(
             text_config={**text, "projection_dim": 24},
             audio_config=dict(spec_size=64, window_size=4, num_mel_bins=32, patch_size=4, patch_stride=4,
@@ -97,7 +105,8 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 model.logit_bias.fill_(-3.0)
         model.save_pretrained(root / name)
         processor.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
+        if name != "siglip2":  # AutoTokenizer reads a SigLIP2 directory's tokenizer as Gemma's: tests name CLIP's
+            tok.save_pretrained(root / name)
         out[name] = root / name
     full = CLIPModel.from_pretrained(out["clip"])
     full.config.vision_config.projection_dim = full.config.projection_dim
@@ -140,37 +149,48 @@ def close(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
-@pytest.mark.parametrize("family", ["clip", "siglip", "clip_vision"])
+FAMILY_CLASS = {"clip": CLIPModel, "siglip": SiglipModel, "siglip2": Siglip2Model, "clap": ClapModel}
+IMAGE_PROCESSOR = {"clip": CLIPImageProcessor, "clip_vision": CLIPImageProcessor, "siglip": SiglipImageProcessor,
+                   "siglip2": Siglip2ImageProcessor}
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip", "siglip2", "clip_vision"])
 def test_video_tower_per_frame_is_get_image_features(dirs: dict[str, Path], family: str) -> None:
     video = build_processor("video", video_spec(dirs[family], frames=3))
     tower = build_tower(video).eval()
-    ref_cls = CLIPModel if family == "clip" else SiglipModel
     clip = torch.stack([video.transform(f, train=False) for f in frames(3)[:, None]]).view(1, 3, 3, SIZE, SIZE)
     pixels = clip[0]
     with torch.no_grad():
         ours = tower.frame_features(pixels)
         if family == "clip_vision":
             ref = CLIPVisionModelWithProjection.from_pretrained(dirs[family]).eval()(pixel_values=pixels).image_embeds
+        elif family == "siglip2":  # NaFlex input: the processor's own patch layout, a 4 x 4 grid, no padding
+            patches = torch.stack([convert_image_to_patches(f, 8) for f in pixels])
+            ref = Siglip2Model.from_pretrained(dirs[family]).eval().get_image_features(
+                pixel_values=patches, pixel_attention_mask=torch.ones(3, 16, dtype=torch.long),
+                spatial_shapes=torch.tensor([[4, 4]] * 3)).pooler_output
         else:
-            ref = ref_cls.from_pretrained(dirs[family]).eval().get_image_features(pixel_values=pixels).pooler_output
+            ref = FAMILY_CLASS[family].from_pretrained(dirs[family]).eval().get_image_features(
+                pixel_values=pixels).pooler_output
         assert close(ours, ref) <= TOL
         assert close(tower(clip)[0], ref.mean(0)) <= TOL  # temporal: mean of the frames' embeddings
     # The frames are normalised with the directory's image processor mean / std.
-    proc = (CLIPImageProcessor if family != "siglip" else SiglipImageProcessor).from_pretrained(dirs[family])
+    proc = IMAGE_PROCESSOR[family].from_pretrained(dirs[family])
     mean, std = torch.tensor(proc.image_mean).view(3, 1, 1), torch.tensor(proc.image_std).view(3, 1, 1)
     assert close(pixels[0], (frames(3)[0].float() / 255 - mean) / std) <= 1e-6
 
 
-@pytest.mark.parametrize("family", ["clip", "siglip", "clap"])
+@pytest.mark.parametrize("family", ["clip", "siglip", "siglip2", "clap"])
 def test_text_tower_is_get_text_features(dirs: dict[str, Path], family: str) -> None:
-    text = build_processor("text", text_spec(dirs[family]))
+    text = build_processor("text", text_spec(dirs[family], **({"tokenizer": str(dirs["clip"])}
+                                                              if family == "siglip2" else {})))
     tower = build_tower(text).eval()
     batch = torch.stack([text.transform(text.tokenize(c), train=False) for c in CAPTIONS])
-    ref_model = {"clip": CLIPModel, "siglip": SiglipModel, "clap": ClapModel}[family].from_pretrained(dirs[family])
-    tok = CLIPTokenizer.from_pretrained(dirs[family])
+    ref_model = FAMILY_CLASS[family].from_pretrained(dirs[family])
+    tok = CLIPTokenizer.from_pretrained(dirs["clip"])
     enc = tok(CAPTIONS, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
     assert torch.equal(batch[:, 0], enc["input_ids"]) and torch.equal(batch[:, 1], enc["attention_mask"])
-    kwargs = {} if family == "siglip" else {"attention_mask": enc["attention_mask"]}  # SigLIP: no mask
+    kwargs = {} if family.startswith("siglip") else {"attention_mask": enc["attention_mask"]}  # SigLIP: no mask
     with torch.no_grad():
         ours = tower(batch)
         ref = ref_model.eval().get_text_features(input_ids=enc["input_ids"], **kwargs).pooler_output

@@ -2,16 +2,17 @@
 image-text (or audio-text) model, each with the model's own pooling and projection, so that towers from one
 checkpoint start in its joint embedding space.
 
-A local transformers directory of a two-tower model (``CLIPModel``, ``SiglipModel``, ``Siglip2Model`` (text
-only), ``ClapModel``) or of one of its single-tower parts (``CLIPVisionModelWithProjection``,
+A local transformers directory of a two-tower model (``CLIPModel``, ``SiglipModel``, ``Siglip2Model``,
+``ClapModel``) or of one of its single-tower parts (``CLIPVisionModelWithProjection``,
 ``CLIPTextModel``, ``SiglipVisionModel``, ``ClapAudioModelWithProjection``, ...) feeds:
 
-- **video** (CLIP, SigLIP): the vision transformer on every frame, then its own pooling (CLIP: the CLS token
+- **video** (CLIP, SigLIP, SigLIP2): the vision transformer on every frame, then its own pooling (CLIP: the CLS token
   through ``post_layernorm``; SigLIP: its attention-pooling head) and visual projection: exactly
   ``get_image_features`` per frame (:meth:`ClipVideoTower.frame_features`); then a temporal module (``mean``,
   ``transformer``, or ``divided`` space-time attention as the timm video tower has). Frames are normalised
   with the directory's image processor ``image_mean`` / ``image_std``; its vision ``image_size`` must be
-  ``video.size``.
+  ``video.size`` (SigLIP2's NaFlex towers take any multiple of their patch size: each frame is its grid of
+  patches).
 - **text** (CLIP, SigLIP, SigLIP2, CLAP): the text transformer with its own pooling (CLIP: the EOS token;
   SigLIP: the last position through its head, captions padded to ``max_len`` without a mask, as SigLIP was
   trained; CLAP: RoBERTa's pooler) and text projection: exactly ``get_text_features``. The directory's
@@ -68,7 +69,8 @@ FAMILIES: dict[str, dict[str, Part]] = {
              "text": Part("text_model", "text_projection", "text_config")},
     "siglip": {"video": Part("vision_model", None, "vision_config"),
                "text": Part("text_model", None, "text_config")},
-    "siglip2": {"text": Part("text_model", None, "text_config")},
+    "siglip2": {"video": Part("vision_model", None, "vision_config"),
+                "text": Part("text_model", None, "text_config")},
     "clap": {"audio": Part("audio_model", "audio_projection", "audio_config"),
              "text": Part("text_model", "text_projection", "text_config")},
 }
@@ -76,14 +78,14 @@ FAMILIES: dict[str, dict[str, Part]] = {
 PARTS: dict[str, tuple[str, str]] = {
     "clip_vision_model": ("clip", "video"), "clip_text_model": ("clip", "text"),
     "siglip_vision_model": ("siglip", "video"), "siglip_text_model": ("siglip", "text"),
-    "siglip2_text_model": ("siglip2", "text"),
+    "siglip2_vision_model": ("siglip2", "video"), "siglip2_text_model": ("siglip2", "text"),
     "clap_audio_model": ("clap", "audio"), "clap_text_model": ("clap", "text"),
 }
 #: The class read when ``config.json`` names no (or no known) architecture.
 DEFAULT_CLASS = {"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model", "clap": "ClapModel",
                  "clip_vision_model": "CLIPVisionModelWithProjection", "clip_text_model": "CLIPTextModelWithProjection",
                  "siglip_vision_model": "SiglipVisionModel", "siglip_text_model": "SiglipTextModel",
-                 "siglip2_text_model": "Siglip2TextModel", "clap_audio_model": "ClapAudioModelWithProjection",
+                 "siglip2_vision_model": "Siglip2VisionModel", "siglip2_text_model": "Siglip2TextModel", "clap_audio_model": "ClapAudioModelWithProjection",
                  "clap_text_model": "ClapTextModelWithProjection"}
 #: The classes accepted per model type (``config.json`` ``architectures``).
 CLASSES = {**{k: {v} for k, v in DEFAULT_CLASS.items()},
@@ -260,10 +262,15 @@ class ClipFrames(NormalizedFrames):
         where = f"{video.where}.tower.path"
         self.path = local_path(video.resolve(tc.path), where)
         self.source = clip_source(self.path, "video", where)
-        size = int(self.source.part_config.image_size)
-        if size != video.cfg.size:
+        part = self.source.part_config
+        if self.source.family == "siglip2":  # NaFlex: any grid of patches up to its position table
+            patch, most = int(part.patch_size), int(part.num_patches)
+            if video.cfg.size % patch or (video.cfg.size // patch) ** 2 > most:
+                raise ConfigError(f"{video.where}.size: {video.cfg.size} does not fit {self.path} (its vision config "
+                                  f"takes a multiple of patch_size {patch} with at most num_patches {most} patches)")
+        elif int(part.image_size) != video.cfg.size:
             raise ConfigError(f"{video.where}.size: {video.cfg.size} does not fit {self.path} (its vision config "
-                              f"has image_size {size}: set size: {size})")
+                              f"has image_size {part.image_size}: set size: {part.image_size})")
         from transformers import AutoImageProcessor
 
         processor = load_hf_component(AutoImageProcessor, self.path, where)
@@ -334,6 +341,21 @@ class ClipVideoTower(ClipTower):
         return self.temporal_module(feats) if self.temporal == "transformer" else feats.mean(dim=1)
 
 
+class Siglip2VideoTower(ClipVideoTower):
+    """SigLIP2 (NaFlex) frames: each ``[3, S, S]`` frame as its ``(S/p)^2`` patches of ``p * p * 3`` values in
+    the order of ``Siglip2ImageProcessor`` (rows, columns, then pixels and channels), every patch attended,
+    the position table resized to the ``S/p x S/p`` grid by the model."""
+
+    def frame_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        m, c, s, _ = pixels.shape
+        p = int(self.encoder.config.patch_size)
+        g = s // p
+        patches = pixels.reshape(m, c, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(m, g * g, p * p * c)
+        mask = torch.ones(m, g * g, dtype=torch.long, device=pixels.device)
+        shapes = torch.tensor([[g, g]], device=pixels.device).expand(m, 2)
+        return self.encoder(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes).pooler_output
+
+
 def _video_input(video: Video) -> Any:
     if video.cfg.tower.open_clip:
         from mmcl.modalities.open_clip import OpenClipFrames
@@ -361,7 +383,8 @@ def _video_tower(video: Video, pretrained: bool) -> Tower:
     width = _out_dim(encoder, projection)
     check_temporal(tc, width, where)
     prefix = 1 if source.family == "clip" else 0  # CLIP's class token; SigLIP has none
-    return ClipVideoTower(encoder, projection, width, joint, tc, video.cfg.frames, prefix)
+    cls = Siglip2VideoTower if source.family == "siglip2" else ClipVideoTower
+    return cls(encoder, projection, width, joint, tc, video.cfg.frames, prefix)
 
 
 # ----------------------------------------------------------------------------------------------------
