@@ -9,8 +9,8 @@ the self-contained save, and the one-line errors.
 
 from __future__ import annotations
 
-import io
 import json
+import pickle
 import shutil
 import tarfile
 from pathlib import Path
@@ -374,6 +374,9 @@ def test_save_pretrained_round_trip_without_the_source_directories(dirs: dict[st
                               for _ in range(2)])
     with torch.no_grad():
         ref = model.encode(x)
+    # Processors travel to loader workers pickled (tokenizers and extractors are read again there).
+    restored = pickle.loads(pickle.dumps(model.processors))
+    assert torch.equal(restored["text"].transform(restored["text"].tokenize(CAPTIONS[1]), train=False), x["text"][1])
     saved = model.save_pretrained(tmp_path / "saved")
     shutil.rmtree(src)
     names = sorted(p.name for p in saved.rglob("*") if p.is_file())
@@ -561,3 +564,47 @@ def test_recipes_build_with_their_checkpoints_set_on_the_command_line(dirs: dict
 def test_temporal_heads_must_divide_the_width(dirs: dict[str, Path]) -> None:
     msg = error_of(video_spec(dirs["clip"], 2, temporal="transformer", temporal_heads=5))
     assert msg == "model.modalities.video.tower.temporal_heads: 5 does not divide the embedding width 24"
+
+
+def test_mmcl_train_from_clip_and_clap_keeps_the_locked_text_tower(dirs: dict[str, Path], synthetic_data: Path,
+                                                                    tmp_path: Path) -> None:
+    """Three steps of the trainer on the synthetic world's mp4 / flac / txt shards (one loader worker): video and
+    text from one CLIP, audio from CLAP, text locked, anchor text. The locked text
+    tower is still the checkpoint's, bit for bit; the video tower and the heads moved."""
+    from safetensors.torch import load_file
+
+    from mmcl.config import load_config
+    from mmcl.train.loop import train
+
+    cfg = load_config(base={
+        "model": {"embed_dim": 24, "head": "identity", "heads": {"audio": "linear"}, "logit_scale_init": "checkpoint",
+                  "modalities": {"video": {**video_spec(dirs["clip64"], 2), "size": 64},
+                                 "text": text_spec(dirs["clip64"]), "audio": audio_spec(dirs["clap"])}},
+        "objective": {"name": "clip", "mode": "anchor", "anchor": "text"},
+        "data": {"train": str(synthetic_data / "train-{000000..000001}.tar"), "batch_size": 8, "workers": 1,
+                 "shuffle_buffer": 0},
+        "train": {"steps": 3, "lr": 1e-3, "warmup_steps": 1, "log_every": 1, "progress": False, "threads": 1,
+                  "towers": {"text": {"lock": True}, "video": {"lr": 1e-4}}}})
+    train(cfg, tmp_path / "run")
+    final = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    source = CLIPModel.from_pretrained(dirs["clip64"]).state_dict()
+    text_keys = [k for k in final if k.startswith("towers.text.")]
+    assert text_keys
+    for k in text_keys:
+        name = k.removeprefix("towers.text.").replace("encoder.", "text_model.", 1).replace("projection.",
+                                                                                           "text_projection.", 1)
+        assert torch.equal(final[k], source[name]), k
+    vision = [k for k in final if k.startswith("towers.video.encoder.") and k.endswith("weight")]
+    assert any(not torch.equal(final[k], source[k.replace("towers.video.encoder.", "vision_model.", 1)])
+               for k in vision)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r][-1] == 3
+
+
+def test_mmcl_eval_errors_are_one_line(tmp_path: Path, capsys) -> None:
+    for args, expected in [(["--model", "config:missing.yaml"], "config file not found: missing.yaml"),
+                           (["--model", str(tmp_path), "--set", "train.lr=1"], "--set: only with a train config"),
+                           (["--model", str(tmp_path)], "--suite: required")]:
+        assert mmcl_main(["eval", *args, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("mmcl eval: error:") and expected in err and "\n" not in err, err
