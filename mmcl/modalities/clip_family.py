@@ -85,8 +85,8 @@ PARTS: dict[str, tuple[str, str]] = {
 DEFAULT_CLASS = {"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model", "clap": "ClapModel",
                  "clip_vision_model": "CLIPVisionModelWithProjection", "clip_text_model": "CLIPTextModelWithProjection",
                  "siglip_vision_model": "SiglipVisionModel", "siglip_text_model": "SiglipTextModel",
-                 "siglip2_vision_model": "Siglip2VisionModel", "siglip2_text_model": "Siglip2TextModel", "clap_audio_model": "ClapAudioModelWithProjection",
-                 "clap_text_model": "ClapTextModelWithProjection"}
+                 "siglip2_vision_model": "Siglip2VisionModel", "siglip2_text_model": "Siglip2TextModel",
+                 "clap_audio_model": "ClapAudioModelWithProjection", "clap_text_model": "ClapTextModelWithProjection"}
 #: The classes accepted per model type (``config.json`` ``architectures``).
 CLASSES = {**{k: {v} for k, v in DEFAULT_CLASS.items()},
            "clip_vision_model": {"CLIPVisionModelWithProjection", "CLIPVisionModel"},
