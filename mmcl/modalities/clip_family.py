@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mmcl.config import ConfigError
 from mmcl.modalities.audio import Audio, FeatureExtractorInput
@@ -203,10 +205,15 @@ class ClipTower(Tower):
         return hf_blocks(self.encoder)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            self.encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            self.encoder.activation_checkpointing_disable()
+        """Checkpoint every transformers ``GradientCheckpointingLayer`` of the encoder (their own mechanism, set
+        on the layers: CLAP's audio model does not offer ``activation_checkpointing_enable`` but its stages are
+        such layers; under ``divided`` they are the space layers)."""
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        for layer in self.encoder.modules():
+            if isinstance(layer, GradientCheckpointingLayer):
+                layer.gradient_checkpointing = enable
+                layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.projection(pooled) if self.projection is not None else pooled
