@@ -41,7 +41,7 @@ from transformers import (
 from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
 
 from mmcl.cli import main as mmcl_main
-from mmcl.config import ConfigError, ModelConfig, SiglipConfig as MmclSiglipConfig, from_dict
+from mmcl.config import ConfigError, GramConfig, ModelConfig, SiglipConfig as MmclSiglipConfig, from_dict
 from mmcl.model import MultimodalModel
 from mmcl.modalities import build_processor, build_tower
 from mmcl.modalities.pretrained import build_session
@@ -431,6 +431,11 @@ def test_bad_inputs_are_one_line_each(dirs: dict[str, Path], tmp_path: Path) -> 
         clip_model(dirs, embed_dim=16)
     with pytest.raises(ConfigError, match=r"^model.logit_scale_init: 'checkpoint' needs identity-headed towers"):
         clip_model(dirs, heads={"text": "linear"})
+    with pytest.raises(ConfigError, match=r"^model.logit_scale_init: 'checkpoint' needs an objective with a logit "
+                                          r"scale \(clip, siglip, symile\), not 'gram'$"):
+        clip_model(dirs, objective=GramConfig())
+    with pytest.raises(ConfigError, match=r"^model.heads.audio: no such modality \(allowed: video, text\)$"):
+        clip_model(dirs, heads={"audio": "linear"})
 
 
 # ----------------------------------------------------------------------------------------------------
