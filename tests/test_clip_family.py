@@ -520,6 +520,14 @@ def test_open_clip_state_dict_and_transformers_directory_give_the_same_embedding
     for m in ("video", "text"):
         assert close(a[m], b[m]) <= TOL, m
     assert ours.objective.logit_scale.item() == pytest.approx(2.5)
+    # Divided space-time attention in the timm ViT starts as the identity; the controls reach its blocks.
+    divided = open_clip_model(open_clip_pair, temporal="divided")
+    with torch.no_grad():
+        assert close(divided.encode({"video": x["video"]})["video"], a["video"]) <= TOL
+    blocks = divided.towers["video"].blocks()
+    assert len(blocks) == 2 and all(hasattr(blk, "time") for blk in blocks)
+    divided.towers["video"].set_grad_checkpointing(True)
+    assert divided.towers["video"].encoder.grad_checkpointing
     # Saved and loaded without the checkpoint: the config JSON and the tokenizer are copied.
     saved = ours.save_pretrained(tmp_path / "saved")
     moved = tmp_path / "moved"
