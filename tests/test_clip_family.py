@@ -279,9 +279,10 @@ def test_mmcl_eval_of_a_train_config_is_zero_shot_before_training(dirs: dict[str
         "model": {"embed_dim": 24, "head": "identity", "logit_scale_init": "checkpoint",
                   "modalities": {"video": {**video_spec(dirs["clip64"]), "size": 64},
                                  "text": text_spec(dirs["clip64"])}},
-        "data": {"test": test}, "eval": {"suite": str(suite)}}))
+        "eval": {"suite": str(suite)}}))
     out = tmp_path / "eval"
-    assert mmcl_main(["eval", "--model", f"config:{config}", "--out", str(out), "--no-progress"]) == 0
+    assert mmcl_main(["eval", "--model", f"config:{config}", "--set", f"data.test={test}", "--out", str(out),
+                      "--no-progress"]) == 0
     got = json.loads((out / "results.json").read_text())["zeroshot_classification"]["video->colour"]
 
     # By hand: the middle frame of each clip, CLIP's processor (no resize: 64 px already), CLIPModel.
