@@ -36,9 +36,14 @@ def _add_eval(sub) -> None:
                                    "and write results.json, one JSON per task, summary.md and PNG plots to --out. "
                                    "Encoded datasets are cached under OUT/cache, so a re-run with other prompts "
                                    "does not encode the data again.")
-    p.add_argument("--suite", required=True, help="suite YAML, or a name under configs/eval (e.g. synthetic)")
+    p.add_argument("--suite", help="suite YAML, or a name under configs/eval (e.g. synthetic); default with a "
+                                   "train config as --model: its eval.suite")
     p.add_argument("--model", required=True, help="a save_pretrained directory, a run's checkpoints/step_N "
-                                                   "directory, or a Hub repo id (from the local HF cache when offline)")
+                                                   "directory, a Hub repo id (from the local HF cache when offline), "
+                                                   "or a train config (config:FILE, or a .yaml file): the model it "
+                                                   "builds before any step (zero-shot before training)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="with a train config as --model: override its fields, as mmcl train --set (repeatable)")
     p.add_argument("--out", required=True, help="output directory (results.json, one JSON per task, summary.md, "
                                                  "plots, cache/)")
     p.add_argument("--data", default="", help="held-out shards for tasks whose data is 'test'")
@@ -223,12 +228,26 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from mmcl.config import load_config
     from mmcl.eval.suite import load_suite, run_suite
-    from mmcl.model import load_model
+    from mmcl.model import load_model, train_config_spec, untrained_model
 
-    suite = load_suite(args.suite)
-    model = load_model(args.model)
-    results = run_suite(model, suite, args.data, workers=args.workers, out_dir=args.out, model_name=args.model,
+    spec = train_config_spec(args.model)
+    suite_name, data = args.suite, args.data
+    if spec is not None:
+        cfg = load_config(spec, args.overrides)
+        model = untrained_model(cfg)
+        suite_name, data = suite_name or cfg.eval.suite, data or cfg.data.test
+        if not suite_name:
+            raise ConfigError(f"eval.suite: {spec} names no eval suite (give --suite FILE)")
+    else:
+        if args.overrides:
+            raise ConfigError("--set: only with a train config as --model (config:FILE)")
+        if not suite_name:
+            raise ConfigError("--suite: required (a suite YAML, or a name under configs/eval)")
+        model = load_model(args.model)
+    suite = load_suite(suite_name)
+    results = run_suite(model, suite, data, workers=args.workers, out_dir=args.out, model_name=args.model,
                         cache=args.cache, progress=args.progress)
     _print_results(results)
     print(f"\nreports in {args.out}")

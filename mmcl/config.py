@@ -238,11 +238,27 @@ class ModelConfig:
     #: One shared transformer trunk for all modalities instead of separate towers (each modality's ``tower``
     #: settings then only shape its tokeniser: patch, tubelet, stem).
     shared_trunk: SharedTrunkConfig | None = None
+    #: The projection head of every modality to ``embed_dim``: a bias-free linear layer with random initial
+    #: weights, or one that starts as the identity (towers already in one embedding space, e.g. video and
+    #: text of one CLIP: the tower's width must be ``embed_dim``). ``heads`` overrides it per modality.
+    head: Literal["linear", "identity"] = "linear"
+    heads: dict[str, Literal["linear", "identity"]] = field(default_factory=dict)
+    #: The objective's initial logit scale (and SigLIP bias): its own ``init_logit_scale``, or the
+    #: checkpoint's that the identity-headed towers come from (``checkpoint``: they must share one two-tower
+    #: checkpoint, e.g. one CLIPModel directory).
+    logit_scale_init: Literal["objective", "checkpoint"] = "objective"
 
     def validate(self, where: str) -> None:
         _positive(where, embed_dim=self.embed_dim)
         if not self.modalities:
             raise ConfigError(f"{where}.modalities: at least two modalities are required")
+        unknown = [m for m in self.heads if m not in self.modalities]
+        if unknown:
+            raise ConfigError(f"{where}.heads.{unknown[0]}: no such modality (allowed: {', '.join(self.modalities)})")
+
+    def head_of(self, modality: str) -> str:
+        """The head type of ``modality``: its ``heads`` entry, else ``head``."""
+        return self.heads.get(modality, self.head)
 
 
 @dataclass

@@ -12,14 +12,55 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcl.config import (FORMAT_VERSION, ClipConfig, ConfigError, ModelConfig, ObjectiveConfig, from_dict, to_dict,
-                         upgrade_config)
+from mmcl.config import (FORMAT_VERSION, ClipConfig, Config, ConfigError, ModelConfig, ObjectiveConfig, from_dict,
+                         to_dict, upgrade_config)
 from mmcl.errors import HubError
 from mmcl.hub import check_weights, eval_records, resolve_pretrained, write_model_card
 from mmcl.modalities import Processor, build_processor, build_tower
+from mmcl.modalities.pretrained import build_session
 from mmcl.objectives import build_objective
 from mmcl.persistence import CONFIG_NAME, read_config, read_model_dir, weights_file, write_model_dir
 from mmcl.shared import build_shared_towers, encode_shared
+
+
+def make_head(name: str, width: int, model_cfg: ModelConfig) -> nn.Linear:
+    """The bias-free ``[width] -> [embed_dim]`` projection of modality ``name``: random (``linear``) or the
+    identity matrix (``identity``: the tower's width must be ``embed_dim``)."""
+    head = nn.Linear(width, model_cfg.embed_dim, bias=False)
+    if model_cfg.head_of(name) == "identity":
+        if width != model_cfg.embed_dim:
+            field_ = f"model.heads.{name}" if name in model_cfg.heads else "model.head"
+            raise ConfigError(f"{field_}: identity needs the {name} tower's width {width} to equal model.embed_dim "
+                              f"{model_cfg.embed_dim} (set embed_dim: {width}, or a linear head for {name})")
+        with torch.no_grad():
+            head.weight.copy_(torch.eye(width))
+    return head
+
+
+def init_scale_from_checkpoint(model: MultimodalModel) -> None:
+    """``model.logit_scale_init: checkpoint``: the objective's logit scale (and SigLIP bias) become those of the
+    two-tower checkpoint that at least two identity-headed towers come from (their :attr:`joint` space)."""
+    where = "model.logit_scale_init"
+    by_source: dict[str, list[Any]] = {}
+    for name, tower in model.towers.items():
+        joint = getattr(tower, "joint", None)
+        if joint is not None and joint.logit_scale is not None and model.model_cfg.head_of(name) == "identity":
+            by_source.setdefault(joint.source, []).append(joint)
+    shared = [joints for joints in by_source.values() if len(joints) >= 2]
+    if len(shared) != 1:
+        found = ", ".join(f"{src} ({len(j)} towers)" for src, j in by_source.items()) or "none"
+        raise ConfigError(f"{where}: 'checkpoint' needs identity-headed towers from exactly one two-tower checkpoint "
+                          f"(CLIP / SigLIP / CLAP directory) shared by two or more of them; found: {found} "
+                          f"(allowed: 'objective', 'checkpoint')")
+    joint = shared[0][0]
+    objective = model.objective
+    if not hasattr(objective, "logit_scale") or "logit_scale" not in objective.scalars:
+        raise ConfigError(f"{where}: 'checkpoint' needs an objective with a logit scale (clip, siglip, symile), "
+                          f"not {model.objective_cfg.name!r}")
+    with torch.no_grad():
+        objective.logit_scale.fill_(joint.logit_scale)
+        if joint.logit_bias is not None and hasattr(objective, "logit_bias"):
+            objective.logit_bias.fill_(joint.logit_bias)
 
 
 class MultimodalModel(nn.Module):
@@ -49,15 +90,17 @@ class MultimodalModel(nn.Module):
             raise ConfigError("model.modalities: at least two modalities are required")
         with torch.device(device) if device is not None else nullcontext():
             if model_cfg.shared_trunk is None:
-                self.towers = nn.ModuleDict({name: build_tower(p, pretrained) for name, p in self.processors.items()})
+                with build_session():  # a checkpoint feeding two towers is read once
+                    self.towers = nn.ModuleDict({name: build_tower(p, pretrained)
+                                                 for name, p in self.processors.items()})
                 widths = {name: tower.out_dim for name, tower in self.towers.items()}
             else:
                 self.towers = build_shared_towers(self.processors, model_cfg.shared_trunk)
                 widths = dict.fromkeys(self.processors, model_cfg.shared_trunk.width)
-            self.heads = nn.ModuleDict({
-                name: nn.Linear(width, model_cfg.embed_dim, bias=False) for name, width in widths.items()
-            })
+            self.heads = nn.ModuleDict({name: make_head(name, width, model_cfg) for name, width in widths.items()})
             self.objective = build_objective(self.objective_cfg, list(self.processors), model_cfg.embed_dim)
+        if model_cfg.logit_scale_init == "checkpoint" and pretrained:
+            init_scale_from_checkpoint(self)
 
     @property
     def modality_names(self) -> list[str]:
@@ -151,6 +194,26 @@ def load_processors(path: str | Path) -> dict[str, Processor]:
     p = Path(path)
     cfg = upgrade_config(read_config(p))
     return {name: build_processor(name, spec, p) for name, spec in cfg["model"]["modalities"].items()}
+
+
+#: ``mmcl eval --model config:FILE``: the model a train config builds, before any step.
+CONFIG_PREFIX = "config:"
+
+
+def train_config_spec(model_arg: str) -> str | None:
+    """The train config ``mmcl eval --model`` names (``config:FILE``, or a ``.yaml`` / ``.yml`` file), else
+    None (a model directory or Hub id)."""
+    if model_arg.startswith(CONFIG_PREFIX):
+        return model_arg[len(CONFIG_PREFIX):]
+    p = Path(model_arg)
+    return model_arg if p.suffix in (".yaml", ".yml") and p.is_file() else None
+
+
+def untrained_model(cfg: Config) -> MultimodalModel:
+    """The model ``mmcl train`` starts from for ``cfg`` (same seed, so the same initial weights on one
+    process; pretrained towers read their checkpoints), in eval mode: "zero-shot before training"."""
+    torch.manual_seed(cfg.train.seed)
+    return MultimodalModel(cfg.model, cfg.objective).eval()
 
 
 def load_model(name_or_path: str | Path, map_location: str = "cpu") -> MultimodalModel:

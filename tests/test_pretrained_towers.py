@@ -423,9 +423,9 @@ def test_tokenizer_and_positions_that_do_not_fit(dirs: dict[str, Path], tmp_path
 def test_unknown_tower_types_and_options(dirs: dict[str, Path]) -> None:
     text, audio = text_spec(dirs["bert"]), audio_spec(dirs["hubert"])
     assert one_line_error({"text": {"tower": {"type": "gpt"}}, "audio": audio}) == (
-        "model.modalities.text.tower.type: 'gpt' is not allowed (allowed: 'bert', 'hf')")
+        "model.modalities.text.tower.type: 'gpt' is not allowed (allowed: 'bert', 'hf', 'clip')")
     assert one_line_error({"text": text, "audio": {"tower": {"type": "hubert"}}}) == (
-        "model.modalities.audio.tower.type: 'hubert' is not allowed (allowed: 'vit', 'hf', 'timm')")
+        "model.modalities.audio.tower.type: 'hubert' is not allowed (allowed: 'vit', 'hf', 'timm', 'clip')")
     assert one_line_error({"text": text, "audio": audio_spec(dirs["whisper"], pooling="cls")}) == (
         "model.modalities.audio.tower.pooling: 'cls' needs a model with a CLS token "
         "(audio-spectrogram-transformer); whisper has none (allowed: 'mean')")

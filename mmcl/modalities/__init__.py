@@ -15,6 +15,7 @@ from mmcl.modalities.base import (
     register_tower,
 )
 from mmcl.modalities import audio, text, vector, video  # noqa: F401  (registration side effect)
+from mmcl.modalities import clip_family  # noqa: F401,E402  (after the modalities whose tower types it adds)
 
 __all__ = ["Processor", "Tower", "TokenEmbedder", "SampleError", "MissingModality", "register_processor",
            "register_tower", "build_processor", "build_tower", "build_token_embedder", "available_modalities"]

@@ -169,7 +169,7 @@ class FeatureExtractorInput:
         self.path = path
         self.where = f"{where}.tower.path"
         self.model_config = load_hf_config(path, self.where)
-        if cfg.tower.pooling == "cls" and self.model_config.model_type not in CLS_MODEL_TYPES:
+        if getattr(cfg.tower, "pooling", "mean") == "cls" and self.model_config.model_type not in CLS_MODEL_TYPES:
             raise ConfigError(f"{where}.tower.pooling: 'cls' needs a model with a CLS token "
                               f"({', '.join(CLS_MODEL_TYPES)}); {self.model_config.model_type} has none "
                               f"(allowed: 'mean')")

@@ -221,6 +221,44 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Ten
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+#: Models read during one build (:func:`load_once`), by key; None outside a build.
+_LOADED: dict[Any, Any] | None = None
+
+
+@contextmanager
+def build_session() -> Iterator[None]:
+    """While building one model: what :func:`load_once` reads is read once (one CLIP directory feeding the
+    video and the text tower is loaded a single time), then released."""
+    global _LOADED
+    outer = _LOADED
+    if outer is None:
+        _LOADED = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _LOADED = None
+
+
+def load_once(key: Any, load: Callable[[], Any]) -> Any:
+    """``load()``, or inside :func:`build_session` the value already loaded under ``key``."""
+    if _LOADED is None:
+        return load()
+    if key not in _LOADED:
+        _LOADED[key] = load()
+    return _LOADED[key]
+
+
+def hf_blocks(model: nn.Module) -> list[nn.Module]:
+    """A transformers model's stack of transformer layers: the last ``ModuleList`` of transformers'
+    ``GradientCheckpointingLayer`` (wav2vec2's convolutional feature layers come before it)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)
+              and all(isinstance(layer, GradientCheckpointingLayer) for layer in m)]
+    return list(stacks[-1]) if stacks else []
+
+
 class HFTower(Tower):
     """A transformers encoder as a tower. Its blocks are the model's stack of transformer layers (the
     last ``ModuleList`` of transformers' ``GradientCheckpointingLayer``: wav2vec2's convolutional feature
@@ -232,11 +270,7 @@ class HFTower(Tower):
         self.out_dim = int(model.config.hidden_size)
 
     def blocks(self) -> list[nn.Module]:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
-        stacks = [m for m in self.model.modules() if isinstance(m, nn.ModuleList) and len(m)
-                  and all(isinstance(layer, GradientCheckpointingLayer) for layer in m)]
-        return list(stacks[-1]) if stacks else []
+        return hf_blocks(self.model)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable:
