@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import (
     ASTConfig,
     ASTFeatureExtractor,
@@ -279,8 +280,6 @@ def test_whisper_fits_the_window(dirs: dict[str, Path], tmp_path: Path) -> None:
     transformers' own encoder loaded with ``max_source_positions: 50`` and the checkpoint's first positions,
     pooled over the real audio; and a save_pretrained round trip keeps it. ``chunk: full`` is the 2 s chunk."""
     path = dirs["whisper2"]
-    from safetensors.torch import load_file
-
     table = load_file(str(path / "model.safetensors"))["encoder.embed_positions.weight"]
     assert table.shape == (100, 32)
     torch.manual_seed(0)
@@ -340,7 +339,7 @@ def test_ast_cls_pooling(dirs: dict[str, Path]) -> None:
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["ast", "wav2vec2"])
+@pytest.mark.parametrize("name", ["ast", "wav2vec2", "hubert"])
 def test_synthesised_clip_through_the_pipeline(dirs: dict[str, Path], name: str) -> None:
     """A synthetic world clip (2 s, FLAC in a sample dict) through decode -> transform -> collate -> tower
     equals the extractor and model on the centred 1 s window of the original float audio (FLAC keeps 16
