@@ -4,7 +4,7 @@ padded to the extractor's 30 s chunk), feature extraction and encoder forward (n
 the CPU seconds per clip (this process, all threads: the figure to trust on a shared machine).
 
     python bench/whisper_window.py [--seconds 2 5 10] [--batch 4] [--repeat 3] [--size tiny|base]
-                                   [--threads N] [--device cpu|cuda]
+                                   [--threads 1] [--device cpu|cuda]
 
 The encoder has Whisper's real architecture (``tiny``: 4 layers of width 384, 80 mel bins, 1500 positions;
 ``base``: 6 of 512) with random weights, built from a transformers config and saved with its feature
@@ -71,7 +71,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="clips per forward")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs per row (best shown)")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (0: torch's default; 1, the default, is the steady figure on a shared CPU)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     if args.threads:
