@@ -212,7 +212,8 @@ class FeatureExtractorInput:
         self.max_length: int | None = None
         if self.layout == "whisper" and cfg.tower.chunk == "window":
             positions = math.ceil(math.ceil(cfg.n_samples / fe.hop_length) / WHISPER_FRAMES_PER_POSITION)
-            if positions < self.model_config.max_source_positions:
+            # A model without a fixed length is refused by fit_positions, naming this field.
+            if positions < getattr(self.model_config, "max_source_positions", math.inf):
                 self.positions = positions
                 self.max_length = positions * WHISPER_FRAMES_PER_POSITION * fe.hop_length
         self._empty: torch.Tensor | None = None
