@@ -522,8 +522,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 #: Version of a saved model's ``config.json`` (``mmcl_format``). 1: the objective was one flat mapping of
-#: every objective's options; 2: only the chosen objective's own options.
-FORMAT_VERSION = 2
+#: every objective's options; 2: only the chosen objective's own options; 3: ``hf`` audio towers pool over the
+#: frames of real audio and cut a Whisper-family encoder to the window (``pooling``, ``chunk``).
+FORMAT_VERSION = 3
 
 
 def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -531,6 +532,8 @@ def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
 
     v1 -> v2: the objective keeps the chosen objective's own fields and drops the others' (the objective
     it builds is the same: ``init_logit_scale: null``, v1's "the objective's default", is dropped too).
+    v2 -> v3: an ``hf`` audio tower keeps what it computed: the extractor's whole chunk (``chunk: full``) and
+    ``pooling: mean`` over every frame (``mean_padded``).
     """
     version = config.get("mmcl_format", 1)
     if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
@@ -544,6 +547,13 @@ def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
         if cls is not None:  # an unknown name is left for from_dict to report
             own = _member_fields(cls)
             out["objective"] = {k: v for k, v in objective.items() if k in own and v is not None}
+    if version < 3:
+        for name, spec in (out.get("model") or {}).get("modalities", {}).items():
+            tower = spec.get("tower") or {}
+            if spec.get("kind", name) == "audio" and tower.get("type") == "hf":
+                tower.setdefault("chunk", "full")
+                if tower.get("pooling", "mean") == "mean":
+                    tower["pooling"] = "mean_padded"
     out["mmcl_format"] = FORMAT_VERSION
     return out
 

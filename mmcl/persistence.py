@@ -1,6 +1,7 @@
 """A saved model directory: its file names, writing and reading it, and converting what older formats saved
 (format version: :data:`mmcl.config.FORMAT_VERSION`, 2 since the objective's config kept only its own fields
-and the towers made of a token embedder hold it under ``embed``).
+and the towers made of a token embedder hold it under ``embed``, 3 since ``hf`` audio towers pool over real
+audio and fit Whisper to the window).
 
 ``save_pretrained`` writes ``config.json`` (``{"mmcl_format", "model", "objective"}``), ``model.safetensors``,
 the files the processors read (tokenizers; a transformers tower's config with its tokenizer, feature extractor
@@ -60,7 +61,8 @@ def read_model_dir(path: Path, map_location: str = "cpu") -> tuple[dict[str, Any
 def upgrade(config: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A saved ``config.json`` mapping and its weights of any earlier format -> this format (``FORMAT_VERSION``,
     :data:`mmcl.config.FORMAT_VERSION`). v1 -> v2: the objective's config (:func:`mmcl.config.upgrade_config`)
-    and the keys of the towers made of a token embedder (:func:`upgrade_state_dict_v1`)."""
+    and the keys of the towers made of a token embedder (:func:`upgrade_state_dict_v1`); v2 -> v3: the ``hf``
+    audio towers' ``chunk`` and ``pooling`` (config only, the weights are as they were)."""
     upgraded = upgrade_config(config)  # refuses an unknown format first
     if config.get("mmcl_format", 1) < 2:
         state = upgrade_state_dict_v1(config, state)

@@ -26,6 +26,9 @@ SAVED = sorted(p for p in FIXTURES.glob("compat_v*/*") if (p / "expected.safeten
 def test_fixtures_exist() -> None:
     """Format 1 (the first saved format) with every layout: separate towers, shared trunk, timm, transformers."""
     assert {p.name for p in SAVED if p.parent.name == "compat_v1"} == {"towers", "shared", "timm", "hf_text"}
+    # Format 2: transformers audio towers (Whisper with its whole chunk, HuBERT, wav2vec2 with a mask), which
+    # format 3 pools over real audio only and fits to the window: saved ones keep what they computed.
+    assert {p.name for p in SAVED if p.parent.name == "compat_v2"} == {"hf_audio"}
 
 
 @pytest.mark.parametrize("saved", SAVED, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -74,7 +77,7 @@ def test_v1_objective_config_upgrades_to_the_same_objective(case: str) -> None:
     changed, parameters, attributes = V1_CASES[case]
     v1 = {"mmcl_format": 1, "model": {}, "objective": {**V1_OBJECTIVE, "name": name, **changed}}
     upgraded = upgrade_config(v1)
-    assert upgraded["mmcl_format"] == FORMAT_VERSION == 2 and v1["mmcl_format"] == 1
+    assert upgraded["mmcl_format"] == FORMAT_VERSION == 3 and v1["mmcl_format"] == 1
     cfg = from_dict(ObjectiveConfig, upgraded["objective"], "objective")
     assert cfg.name == name
     objective = build_objective(cfg, ["video", "audio", "text"], embed_dim=8)
@@ -88,5 +91,19 @@ def test_v1_objective_config_upgrades_to_the_same_objective(case: str) -> None:
 
 
 def test_upgrade_refuses_a_newer_format() -> None:
-    with pytest.raises(ValueError, match=r"mmcl_format: 3 is not allowed \(allowed: 1..2"):
-        upgrade_config({"mmcl_format": 3, "model": {}})
+    with pytest.raises(ValueError, match=r"mmcl_format: 4 is not allowed \(allowed: 1..3"):
+        upgrade_config({"mmcl_format": 4, "model": {}})
+
+
+def test_v2_hf_audio_towers_keep_their_chunk_and_pooling() -> None:
+    """Format 2 fed Whisper its whole chunk and mean-pooled every frame of models given no mask: v3 says so
+    explicitly; a pooling or chunk that was set stays."""
+    towers = {"a": {"type": "hf", "path": "a_hf"}, "b": {"type": "hf", "path": "b_hf", "pooling": "cls"},
+              "c": {"type": "vit"}}
+    v2 = {"mmcl_format": 2, "model": {"modalities": {
+        name: {"kind": "audio", "tower": tower} for name, tower in towers.items()} | {"text": {}}}}
+    got = upgrade_config(v2)["model"]["modalities"]
+    assert got["a"]["tower"] == {"type": "hf", "path": "a_hf", "chunk": "full", "pooling": "mean_padded"}
+    assert got["b"]["tower"] == {"type": "hf", "path": "b_hf", "chunk": "full", "pooling": "cls"}
+    assert got["c"]["tower"] == {"type": "vit"} and got["text"] == {}
+    assert "chunk" not in v2["model"]["modalities"]["a"]["tower"]

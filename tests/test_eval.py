@@ -278,6 +278,54 @@ def test_every_task_type(model: MultimodalModel, synthetic_data: Path, test_spli
                     "zeroshot_classification_video_audio_to_pitch_confusion.png"]
 
 
+def test_classnames_from_labels_and_per_query_ranks(model, test_split: str, tmp_path: Path):
+    """``classnames: from_labels`` is the sorted distinct labels of the evaluated data (through
+    ``classname_map``); ``<type>_<task>_ranks.jsonl`` holds per query its key, the rank of its true item and
+    the top 5, against a hand computation from the model's embeddings (cosines: the CLIP objective's order)."""
+    keys, colours = [], []
+    for i in range(2):
+        with tarfile.open(test_split.replace("{000000..000001}", f"00000{i}")) as tf:
+            for member in tf:
+                if member.name.endswith(".json"):
+                    keys.append(member.name.split(".")[0])
+                    colours.append(json.loads(tf.extractfile(member).read())["labels"]["colour"])
+    present = sorted(set(colours))
+    assert len(present) >= 5  # so that the top 5 of classification is not every class
+    (tmp_path / "names.json").write_text(json.dumps({"map": {c: f"{c} coloured" for c in present}}))
+    suite = load_suite(write_suite(tmp_path / "s.yaml", [
+        {**COLOUR, "name": "listed", "classnames": present},
+        {**COLOUR, "name": "from labels", "classnames": "from_labels"},
+        {**COLOUR, "name": "mapped", "classnames": "from_labels", "classname_map": "names.json#map"},
+        {"name": "text->video", "type": "retrieval", "query": ["text"], "candidates": ["video"]}]))
+    out = tmp_path / "out"
+    results = run_suite(model, suite, test_split, out_dir=out, progress=False)["zeroshot_classification"]
+    assert results["from labels"] == results["listed"] and results["listed"]["n_classes"] == len(present)
+
+    enc = encode_dataset(model, test_split, ["video", "text"], 16, progress=False)
+    assert enc["keys"] == keys
+    names = [f"{c} coloured" for c in present]
+    classifier = F.normalize(encode_texts(model, [f"a {n} shape" for n in names]), dim=-1)
+    tasks = {"zeroshot_classification_mapped": (enc["emb"]["video"] @ classifier.T, names,
+                                                [names[present.index(c)] for c in colours]),
+             "retrieval_text_to_video": (enc["emb"]["text"] @ enc["emb"]["video"].T, keys, keys)}
+    for stem, (cos, candidates, truth) in tasks.items():
+        lines = [json.loads(line) for line in (out / f"{stem}_ranks.jsonl").read_text().splitlines()]
+        assert [r["key"] for r in lines] == keys
+        for row, line, true in zip(cos, lines, truth):
+            assert len(set(row.tolist())) == row.numel()  # no ties: a plain sort is the reference
+            j = candidates.index(true)
+            assert line["rank"] == 1 + int((row > row[j]).sum())
+            assert line["top5"] == [candidates[c] for c in row.argsort(descending=True)[:5].tolist()]
+            if stem.startswith("zeroshot"):
+                assert line["label"] == true
+    acc1 = np.mean([json.loads(line)["rank"] == 1
+                    for line in (out / "zeroshot_classification_mapped_ranks.jsonl").read_text().splitlines()])
+    assert results["mapped"]["acc1"] == pytest.approx(acc1, abs=1e-6)
+    assert sorted(p.name for p in out.glob("*_ranks.jsonl")) == [
+        "retrieval_text_to_video_ranks.jsonl", "zeroshot_classification_from_labels_ranks.jsonl",
+        "zeroshot_classification_listed_ranks.jsonl", "zeroshot_classification_mapped_ranks.jsonl"]
+
+
 def test_cached_embeddings_are_reused_and_equal(model, test_split: str, tmp_path: Path, caplog):
     tasks = [COLOUR, {"name": "text->video", "type": "retrieval", "query": ["text"], "candidates": ["video"]}]
     first = run_suite(model, load_suite(write_suite(tmp_path / "a.yaml", tasks)), test_split, out_dir=tmp_path / "o",
@@ -329,6 +377,10 @@ def test_manifest_dataset(model, synthetic_data: Path, tmp_path: Path, monkeypat
     ({"name": "t", "type": "retrieval", "query": ["text"], "candidates": ["video"], "captions": "refs"},
      "has no captions under 'refs'"),
     ({**COLOUR, "data": "/nonexistent/shard-{000..001}.tar"}, "shard not found"),
+    ({**COLOUR, "classnames": "from_labels", "classname_map": {"red": "red"}},
+     "label 'blue' in "),
+    ({**COLOUR, "classnames": "from_labels", "classname_map": {c: "one" for c in COLOUR["classnames"]}},
+     "classname_map maps labels 'blue' and 'cyan' to the same class name 'one'"),
 ])
 def test_bad_data_fails_before_encoding(model, test_split: str, tmp_path: Path, monkeypatch, task, message):
     def tripwire(*args, **kwargs):
@@ -349,6 +401,9 @@ def test_bad_data_fails_before_encoding(model, test_split: str, tmp_path: Path, 
     ([{"name": "p", "type": "linear_probe", "query": ["audio"], "label": "pitch"}], "needs a training split"),
     ([{"name": "r", "type": "retrieval", "query": ["video"], "candidates": ["video"]}], "both a query and a candidate"),
     ([COLOUR, COLOUR], "'video->colour' is used by another task"),
+    ([{**COLOUR, "classname_map": "missing.json"}], "classname_map: file not found"),
+    ([{"name": "r", "type": "retrieval", "query": ["text"], "candidates": ["video"], "classname_map": {"a": "b"}}],
+     "classname_map: only for zeroshot_classification and linear_probe tasks"),
 ])
 def test_bad_suite_files(tmp_path: Path, tasks, message):
     with pytest.raises(ConfigError) as e:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import (
     ASTConfig,
     ASTFeatureExtractor,
@@ -81,15 +82,20 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         root / "gpt2")
     out["gpt2"] = root / "gpt2"
     # 1 s of audio: AST with 100 frames of 32 mel bins, Whisper with 100 frames (50 positions) of 16 bins.
+    whisper = dict(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                   encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_target_positions=16, vocab_size=64,
+                   pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    # Whisper with a 2 s chunk (100 positions) whose position table is not the sinusoids a fresh model gets.
+    whisper2 = WhisperModel(WhisperConfig(**whisper, max_source_positions=100))
+    with torch.no_grad():
+        whisper2.encoder.embed_positions.weight.normal_()
     models = {
         "ast": (ASTModel(ASTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                    num_mel_bins=32, max_length=100, frequency_stride=10, time_stride=10)),
                 ASTFeatureExtractor(num_mel_bins=32, max_length=100)),
-        "whisper": (WhisperModel(WhisperConfig(
-            d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-            encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=50,
-            max_target_positions=16, vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-            decoder_start_token_id=1)), WhisperFeatureExtractor(feature_size=16, chunk_length=1)),
+        "whisper": (WhisperModel(WhisperConfig(**whisper, max_source_positions=50)),
+                    WhisperFeatureExtractor(feature_size=16, chunk_length=1)),
+        "whisper2": (whisper2, WhisperFeatureExtractor(feature_size=16, chunk_length=2)),
         # wav2vec2 "large" style: layer-norm feature encoder, the extractor returns an attention mask.
         "wav2vec2": (Wav2Vec2Model(Wav2Vec2Config(
             hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(16, 16),
@@ -209,36 +215,55 @@ def extractor_inputs(name: str, path: Path, waves: list[np.ndarray]) -> dict[str
     return dict(fe(waves, sampling_rate=SR, return_tensors="pt", **pad))
 
 
+def real_frames(name: str, config: Any, lengths: list[int], hop: int = 160) -> torch.Tensor:
+    """Encoder frames that cover ``lengths`` samples of real audio, by hand: Whisper's mel frames (one per
+    ``hop`` started) halved by its stride-2 convolution, rounded up; wav2vec2 / HuBERT's samples through each
+    convolution (``(n - kernel) // stride + 1``)."""
+    frames = torch.tensor(lengths)
+    if name.startswith("whisper"):
+        return -(-(-(-frames // hop)) // 2)
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride):
+        frames = (frames - kernel) // stride + 1
+    return frames
+
+
 def direct_embeddings(name: str, path: Path, inputs: dict[str, torch.Tensor], lengths: list[int],
-                      pooling: str = "mean") -> torch.Tensor:
-    """The transformers model run directly, pooled by hand: over all output frames (AST tokens, Whisper's
-    fixed window), or over the frames of real audio (wav2vec2 with a mask: lengths through its convs)."""
+                      pooling: str = "mean", encoder: Any = None) -> torch.Tensor:
+    """The transformers model run directly (``encoder``: this one instead of the directory's), pooled by
+    hand: over all AST tokens, or over the output frames of real audio (:func:`real_frames`). The model gets
+    the extractor's attention mask where wav2vec2's makes one (Whisper's and HuBERT's get none)."""
     model = AutoModel.from_pretrained(str(path)).eval()
-    encoder = model.get_encoder() if name == "whisper" else model
+    if encoder is None:
+        encoder = model.get_encoder() if name.startswith("whisper") else model
+    model_inputs = {k: v for k, v in inputs.items() if k != "attention_mask" or name == "wav2vec2"}
     with torch.no_grad():
-        hidden = encoder(**inputs).last_hidden_state
-    frames = torch.full((len(lengths),), hidden.shape[1])
-    if "attention_mask" in inputs:
-        frames = torch.tensor(lengths)
-        for kernel, stride in zip(model.config.conv_kernel, model.config.conv_stride):
-            frames = (frames - kernel) // stride + 1
+        hidden = encoder(**model_inputs).last_hidden_state
+    frames = torch.full((len(lengths),), hidden.shape[1]) if name == "ast" else \
+        real_frames(name, model.config, lengths)
     return reference_pool(hidden, frames, pooling)
 
 
 @pytest.mark.parametrize("name", ["ast", "whisper", "wav2vec2", "hubert"])
 def test_audio_tower_equals_transformers(dirs: dict[str, Path], name: str) -> None:
-    """transform + collate produce exactly the feature extractor's batch; the tower's output is the model's
-    (the encoder's, for Whisper) mean-pooled hidden states."""
+    """transform + collate produce exactly the feature extractor's batch with the mask of real audio; the
+    tower's output is the model's (the encoder's, for Whisper) ``last_hidden_state`` averaged over the
+    positions that cover the real audio of each clip (a full one and a padded 0.6 s one), counted by hand."""
     audio = build_processor("audio", audio_spec(dirs[name]))
     waves = clips()
     x = audio.collate([audio.transform(torch.from_numpy(w), train=False) for w in waves])
     inputs = extractor_inputs(name, dirs[name], waves)
-    if name == "wav2vec2":
-        assert set(inputs) == {"input_values", "attention_mask"}
-        assert torch.equal(x, torch.stack([inputs["input_values"], inputs["attention_mask"].float()], dim=1))
+    if name == "whisper":
+        mask = WhisperFeatureExtractor.from_pretrained(str(dirs[name]))(
+            waves, sampling_rate=SR, return_tensors="pt", return_attention_mask=True)["attention_mask"]
+        assert mask.sum(1).tolist() == [100, 60]
+        assert torch.equal(x, torch.cat([inputs["input_features"], mask[:, None].float()], dim=1))
+    elif name in ("wav2vec2", "hubert"):
+        real = torch.stack([torch.arange(SR) < len(w) for w in waves]).float()
+        assert torch.equal(x, torch.stack([inputs["input_values"], real], dim=1))
+        if name == "wav2vec2":
+            assert torch.equal(inputs["attention_mask"].float(), real)
     else:
-        (key,) = [k for k in inputs if k != "attention_mask"]
-        assert torch.equal(x, inputs[key])
+        assert torch.equal(x, inputs["input_values"])
 
     tower = build_tower(audio).eval()
     assert isinstance(tower, HFAudioTower) and len(tower.blocks()) == 2
@@ -247,6 +272,61 @@ def test_audio_tower_equals_transformers(dirs: dict[str, Path], name: str) -> No
     want = direct_embeddings(name, dirs[name], inputs, [len(w) for w in waves])
     assert got.shape == (2, 32)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_whisper_fits_the_window(dirs: dict[str, Path], tmp_path: Path) -> None:
+    """A 1 s window on a Whisper checkpoint with a 2 s chunk: by default (``chunk: window``) the encoder keeps
+    the checkpoint's first 50 of 100 positions exactly and runs on 100 mel frames (50 positions); it equals
+    transformers' own encoder loaded with ``max_source_positions: 50`` and the checkpoint's first positions,
+    pooled over the real audio; and a save_pretrained round trip keeps it. ``chunk: full`` is the 2 s chunk."""
+    path = dirs["whisper2"]
+    table = load_file(str(path / "model.safetensors"))["encoder.embed_positions.weight"]
+    assert table.shape == (100, 32)
+    torch.manual_seed(0)
+    model = MultimodalModel(from_dict(ModelConfig, {"embed_dim": 8, "modalities": {
+        "audio": audio_spec(path), "full": {"kind": "audio", **audio_spec(path, chunk="full")}}}, "model"),
+        ClipConfig()).eval()
+    audio, tower = model.processors["audio"], model.towers["audio"]
+    assert torch.equal(tower.model.embed_positions.weight, table[:50])
+    waves = clips()
+    x = audio.collate([audio.transform(torch.from_numpy(w), train=False) for w in waves])
+    assert x.shape == (2, 17, 100) and x[:, -1].sum(1).tolist() == [100, 60]
+    with torch.no_grad():
+        hidden = tower.model(input_features=x[:, :-1]).last_hidden_state
+        got = tower(x)
+    assert hidden.shape == (2, 50, 32)
+
+    fe = WhisperFeatureExtractor.from_pretrained(str(path))
+    inputs = dict(fe(waves, sampling_rate=SR, return_tensors="pt", max_length=SR))
+    assert torch.equal(x[:, :-1], inputs["input_features"])
+    reference = WhisperModel.from_pretrained(str(path), max_source_positions=50, ignore_mismatched_sizes=True)
+    encoder = reference.get_encoder().eval()
+    with torch.no_grad():
+        encoder.embed_positions.weight.copy_(table[:50])
+    want = direct_embeddings("whisper2", path, inputs, [len(w) for w in waves], encoder=encoder)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    full, full_tower = model.processors["full"], model.towers["full"]
+    xf = full.collate([full.transform(torch.from_numpy(w), train=False) for w in waves])
+    assert xf.shape == (2, 17, 200) and xf[:, -1].sum(1).tolist() == [100, 60]
+    assert torch.equal(full_tower.model.embed_positions.weight, table)
+    with torch.no_grad():
+        got_full = full_tower(xf)
+    inputs = dict(fe(waves, sampling_rate=SR, return_tensors="pt"))
+    want_full = direct_embeddings("whisper2", path, inputs, [len(w) for w in waves])
+    torch.testing.assert_close(got_full, want_full, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got_full, got, atol=1e-3)  # the 2 s encoder attends over the padding too
+
+    with torch.no_grad():
+        before = model.encode({"audio": x, "full": xf})
+    loaded = MultimodalModel.from_pretrained(model.save_pretrained(tmp_path / "saved")).eval()
+    for name, batch in (("audio", x), ("full", xf)):
+        processor = loaded.processors[name]
+        assert torch.equal(processor.collate([processor.transform(torch.from_numpy(w), train=False) for w in waves]),
+                           batch)
+    with torch.no_grad():
+        after = loaded.encode({"audio": x, "full": xf})
+    assert all(torch.equal(after[m], before[m]) for m in before)
 
 
 def test_ast_cls_pooling(dirs: dict[str, Path]) -> None:
@@ -259,7 +339,7 @@ def test_ast_cls_pooling(dirs: dict[str, Path]) -> None:
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["ast", "wav2vec2"])
+@pytest.mark.parametrize("name", ["ast", "wav2vec2", "hubert"])
 def test_synthesised_clip_through_the_pipeline(dirs: dict[str, Path], name: str) -> None:
     """A synthetic world clip (2 s, FLAC in a sample dict) through decode -> transform -> collate -> tower
     equals the extractor and model on the centred 1 s window of the original float audio (FLAC keeps 16

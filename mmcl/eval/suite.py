@@ -31,7 +31,7 @@ from mmcl.eval.data import (
     shards_from_manifest,
 )
 from mmcl.eval.linear_probe import DEFAULT_WEIGHT_DECAYS, linear_probe
-from mmcl.eval.metrics import confusion_matrix, recall_curve
+from mmcl.eval.metrics import confusion_matrix, recall_curve, true_ranks
 from mmcl.eval.retrieval import retrieval
 from mmcl.eval.zeroshot import encode_texts, model_device, zeroshot_classification
 from mmcl.errors import DataError, EvalError
@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 TASK_TYPES = ("zeroshot_classification", "retrieval", "linear_probe")
 #: Longest K of the recall@K curve.
 CURVE_MAX_K = 50
+#: ``classnames`` value that takes the class names from the evaluated data's labels.
+FROM_LABELS = "from_labels"
+#: Candidates listed per query in ``<type>_<task>_ranks.jsonl``.
+RANKS_TOP_K = 5
 
 
 @dataclass
@@ -59,8 +63,13 @@ class TaskConfig:
     #: Classification and linear probe: the key under ``json["labels"]`` holding the class name (dotted
     #: for nested keys).
     label: str = ""
-    #: Class names, or a JSON file of them (a list, or ``file.json#key`` for a list under a key).
+    #: Class names, or a JSON file of them (a list, or ``file.json#key`` for a list under a key), or
+    #: ``from_labels``: the sorted distinct labels of the evaluated data (a linear probe's: of ``train_data``,
+    #: its default), each through ``classname_map``.
     classnames: list[str] | str = field(default_factory=list)
+    #: Label -> class name (inline, or a JSON file of an object, ``file.json#key`` as ``classnames``): each
+    #: sample's label is mapped before it is matched to the class names (a label it lacks is an error).
+    classname_map: dict[str, str] | str = field(default_factory=dict)
     #: Prompt templates with a ``{}`` for the class name, or a JSON file of them (as ``classnames``).
     templates: list[str] | str = field(default_factory=lambda: ["{}"])
     #: The text modality that encodes prompts and captions.
@@ -84,7 +93,10 @@ class TaskConfig:
         if classify and not self.label:
             raise ConfigError(f"{where}.label: a {self.type} task needs the label key")
         if self.type == "zeroshot_classification" and not self.classnames:
-            raise ConfigError(f"{where}.classnames: a zeroshot_classification task needs class names")
+            raise ConfigError(f"{where}.classnames: a zeroshot_classification task needs class names "
+                              f"(a list, a JSON file or {FROM_LABELS!r})")
+        if self.classname_map and not classify:
+            raise ConfigError(f"{where}.classname_map: only for zeroshot_classification and linear_probe tasks")
         if isinstance(self.classnames, list) and len(set(self.classnames)) != len(self.classnames):
             raise ConfigError(f"{where}.classnames: a class name is listed twice")
         if isinstance(self.templates, list):
@@ -145,10 +157,9 @@ class SuiteConfig:
             seen.add(task.name)
 
 
-def _read_list(value: list[str] | str, base: Path, where: str) -> list[str]:
-    """An inline list, or the list in a JSON file (``file.json`` or ``file.json#key``)."""
-    if isinstance(value, list):
-        return value
+def _read_json(value: str, base: Path, where: str) -> tuple[Any, str, str]:
+    """The JSON node named by ``file.json`` or ``file.json#key`` (relative to ``base``) -> (node, path
+    text, key)."""
     path_text, _, key = value.partition("#")
     path = Path(path_text).expanduser()
     path = path if path.is_absolute() else base / path
@@ -162,17 +173,37 @@ def _read_list(value: list[str] | str, base: Path, where: str) -> list[str]:
         if not isinstance(node, dict) or key not in node:
             raise ConfigError(f"{where}: {path} has no key {key!r}")
         node = node[key]
+    return node, f"{path}{'#' + key if key else ''}", key
+
+
+def _read_list(value: list[str] | str, base: Path, where: str) -> list[str]:
+    """An inline list, or the list in a JSON file (``file.json`` or ``file.json#key``)."""
+    if isinstance(value, list):
+        return value
+    node, name, _ = _read_json(value, base, where)
     if not isinstance(node, list) or not node or not all(isinstance(x, str) for x in node):
-        raise ConfigError(f"{where}: {path}{'#' + key if key else ''} is not a non-empty list of strings")
+        raise ConfigError(f"{where}: {name} is not a non-empty list of strings")
     return node
+
+
+def _read_map(value: dict[str, str] | str, base: Path, where: str) -> dict[str, str]:
+    """An inline mapping, or the object of strings in a JSON file (``file.json`` or ``file.json#key``)."""
+    if isinstance(value, dict):
+        return value
+    node, name, _ = _read_json(value, base, where)
+    if not isinstance(node, dict) or not node or not all(isinstance(v, str) for v in node.values()):
+        raise ConfigError(f"{where}: {name} is not a non-empty JSON object of strings (label -> class name)")
+    return {str(k): v for k, v in node.items()}
 
 
 def resolve_files(suite: SuiteConfig, base: Path) -> SuiteConfig:
     """Read the class names and templates given as JSON files (relative to ``base``) into the suite."""
     for i, task in enumerate(suite.tasks):
         where = f"suite.tasks[{i}]"
-        if isinstance(task.classnames, str):
+        if isinstance(task.classnames, str) and task.classnames != FROM_LABELS:
             task.classnames = _read_list(task.classnames, base, f"{where}.classnames")
+        if isinstance(task.classname_map, str):
+            task.classname_map = _read_map(task.classname_map, base, f"{where}.classname_map")
         if isinstance(task.templates, str):
             task.templates = _read_list(task.templates, base, f"{where}.templates")
         task.validate(where)
@@ -223,7 +254,8 @@ def _label_of(meta: dict, key: str) -> Any:
     return _meta_path(meta.get("labels", meta), key)
 
 
-def _labels(task: TaskConfig, metas: list[tuple[str, dict]], spec: str) -> list[str]:
+def _raw_labels(task: TaskConfig, metas: list[tuple[str, dict]], spec: str) -> list[str]:
+    """Each sample's label as its JSON holds it (as a string)."""
     out = []
     for key, meta in metas:
         try:
@@ -232,6 +264,43 @@ def _labels(task: TaskConfig, metas: list[tuple[str, dict]], spec: str) -> list[
             raise EvalError(f"task {task.name}: sample {key} of {spec} has no label {task.label!r} in its json "
                             f"(a {task.type} task needs labelled data)") from None
     return out
+
+
+def _class_name(task: TaskConfig, label: str, spec: str) -> str:
+    """A label through the task's ``classname_map`` (itself without one)."""
+    if not task.classname_map:
+        return label
+    if label not in task.classname_map:
+        raise EvalError(f"task {task.name}: label {label!r} in {spec} is not in classname_map "
+                        f"({len(task.classname_map)} labels)")
+    return task.classname_map[label]
+
+
+def _labels(task: TaskConfig, metas: list[tuple[str, dict]], spec: str) -> list[str]:
+    """Each sample's class name: its label through ``classname_map``."""
+    return [_class_name(task, label, spec) for label in _raw_labels(task, metas, spec)]
+
+
+def _label_order(label: str) -> tuple[int, float, str]:
+    """Sort key of labels: integers by value, before other labels in string order."""
+    try:
+        return 0, float(int(label)), ""
+    except ValueError:
+        return 1, 0.0, label
+
+
+def classnames_from_labels(task: TaskConfig, metas: list[tuple[str, dict]], spec: str) -> list[str]:
+    """``classnames: from_labels``: the sorted distinct labels of ``metas``, each through ``classname_map``;
+    two labels mapped to one class name are refused."""
+    labels = sorted(set(_raw_labels(task, metas, spec)), key=_label_order)
+    names = [_class_name(task, label, spec) for label in labels]
+    seen: dict[str, str] = {}
+    for label, name in zip(labels, names):
+        if name in seen:
+            raise EvalError(f"task {task.name}: classname_map maps labels {seen[name]!r} and {label!r} to the "
+                            f"same class name {name!r}")
+        seen[name] = label
+    return names
 
 
 def _check_classes(task: TaskConfig, names: list[str], spec: str, classnames: list[str]) -> None:
@@ -265,10 +334,12 @@ def _match_labels(task: TaskConfig, key: str, meta: dict, spec: str) -> tuple[st
                         f"{task.match_labels} in its json") from None
 
 
-def _classnames(task: TaskConfig, train_names: list[str] | None) -> list[str]:
-    if task.classnames:
+def _classnames(task: TaskConfig, metas: list[tuple[str, dict]], spec: str) -> list[str]:
+    """The task's class names: its list, else (``from_labels``, or a linear probe without any) those of the
+    labels of ``metas`` (the evaluated data; a linear probe's training split)."""
+    if isinstance(task.classnames, list) and task.classnames:
         return list(task.classnames)
-    return sorted(set(train_names or []))
+    return classnames_from_labels(task, metas, spec)
 
 
 def check_data(task: TaskConfig, spec: str, train_spec: str = "",
@@ -289,13 +360,13 @@ def check_data(task: TaskConfig, spec: str, train_spec: str = "",
             _match_labels(task, key, meta, spec)
         return
     names = _labels(task, metas, spec)
-    train_names = None
+    classnames = _classnames(task, metas, spec) if task.type == "zeroshot_classification" else None
     if task.type == "linear_probe":
         if scans[train_spec] is None:
             return
-        train_names = _labels(task, scans[train_spec], train_spec)
-        _check_classes(task, train_names, train_spec, _classnames(task, train_names))
-    _check_classes(task, names, spec, _classnames(task, train_names))
+        classnames = _classnames(task, scans[train_spec], train_spec)
+        _check_classes(task, _labels(task, scans[train_spec], train_spec), train_spec, classnames)
+    _check_classes(task, names, spec, classnames or [])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -344,6 +415,21 @@ class TaskOutput:
     confusion: torch.Tensor | None = None
     #: Retrieval: mean R@K for K = 1 .. min(candidates, CURVE_MAX_K).
     curve: list[float] = field(default_factory=list)
+    #: One record per query (:func:`query_ranks`), written as ``<type>_<task>_ranks.jsonl``.
+    ranks: list[dict[str, Any]] = field(default_factory=list)
+
+
+def query_ranks(scores: torch.Tensor, positives: torch.Tensor, rows: list[dict[str, Any]],
+                candidates: list[str], k: int = RANKS_TOP_K) -> list[dict[str, Any]]:
+    """Per query (``scores [Nq, Nc]``, ``positives`` bool ``[Nq, Nc]``, ``rows``: each query's own fields,
+    its ``key`` first): ``rank``, the expected 1-based rank of its first true candidate (ties broken uniformly
+    at random, as the metrics count them: fractional inside a tie), and ``top{k}``, the ``candidates`` names
+    (sample keys, or class names) of its ``k`` best-scored candidates, best first (a tie in the listed
+    order of the candidates)."""
+    ranks = true_ranks(scores, positives).tolist()
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k].tolist()
+    return [{**row, "rank": int(r) if float(r).is_integer() else r, f"top{k}": [candidates[j] for j in best]}
+            for row, r, best in zip(rows, ranks, order)]
 
 
 def _kept(task: TaskConfig, data: dict[str, Any], mods: list[str], spec: str) -> torch.Tensor:
@@ -357,13 +443,21 @@ def _kept(task: TaskConfig, data: dict[str, Any], mods: list[str], spec: str) ->
     return idx
 
 
+def _kept_metas(task: TaskConfig, data: dict[str, Any], spec: str) -> list[tuple[str, dict]]:
+    """``(key, json)`` of the samples that have every query modality."""
+    return [(data["keys"][i], data["meta"][i]) for i in _kept(task, data, task.query, spec).tolist()]
+
+
 def _classification_inputs(task: TaskConfig, data: dict[str, Any], spec: str,
-                           classnames: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                           classnames: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
+    """-> (query embeddings ``{m: [N, D]}``, class indices ``[N]``, sample keys) of the samples that have
+    every query modality."""
     idx = _kept(task, data, task.query, spec)
     names = _labels(task, [(data["keys"][i], data["meta"][i]) for i in idx.tolist()], spec)
     _check_classes(task, names, spec, classnames)
     index = {c: i for i, c in enumerate(classnames)}
-    return {m: data["emb"][m][idx] for m in task.query}, torch.tensor([index[n] for n in names])
+    keys = [data["keys"][i] for i in idx.tolist()]
+    return {m: data["emb"][m][idx] for m in task.query}, torch.tensor([index[n] for n in names]), keys
 
 
 def _side(model, task: TaskConfig, mods: list[str], data: dict[str, Any],
@@ -384,6 +478,21 @@ def _side(model, task: TaskConfig, mods: list[str], data: dict[str, Any],
     return {m: side[m] for m in mods}, clip
 
 
+def _row_names(task: TaskConfig, mods: list[str], data: dict[str, Any], idx: torch.Tensor,
+               clip: torch.Tensor) -> list[dict[str, Any]]:
+    """Per row of a retrieval side: ``{"key"}`` of its clip, and ``"caption"`` (the caption's position among
+    the clip's) where the side has a row per caption."""
+    keys = [data["keys"][i] for i in idx[clip].tolist()]
+    if not (task.captions and task.text in mods):
+        return [{"key": k} for k in keys]
+    seen: dict[int, int] = {}
+    rows = []
+    for owner, k in zip(clip.tolist(), keys):
+        rows.append({"key": k, "caption": seen.get(owner, 0)})
+        seen[owner] = rows[-1]["caption"] + 1
+    return rows
+
+
 def _retrieval(model, task: TaskConfig, data: dict[str, Any], spec: str) -> TaskOutput:
     idx = _kept(task, data, task.encoded, spec)
     query, q_clip = _side(model, task, task.query, data, idx)
@@ -396,7 +505,10 @@ def _retrieval(model, task: TaskConfig, data: dict[str, Any], spec: str) -> Task
         code = torch.tensor([codes[a] for a in attrs])
         same = code[q_clip][:, None] == code[c_clip][None, :]
     metrics, scores = retrieval(model, query, candidates, positives=positives, same_attrs=same)
-    return TaskOutput(metrics, curve=recall_curve(scores, positives, min(scores.shape[1], CURVE_MAX_K)))
+    ranks = query_ranks(scores, positives, _row_names(task, task.query, data, idx, q_clip),
+                        [r["key"] for r in _row_names(task, task.candidates, data, idx, c_clip)])
+    return TaskOutput(metrics, curve=recall_curve(scores, positives, min(scores.shape[1], CURVE_MAX_K)),
+                      ranks=ranks)
 
 
 def dataset_name(task: TaskConfig, spec: str) -> str:
@@ -417,22 +529,23 @@ def _run_task(model, task: TaskConfig, data: dict[str, Any], train: dict[str, An
         out.dataset = dataset_name(task, spec)
         return out
     if task.type == "zeroshot_classification":
-        classnames = list(task.classnames)
-        query, labels = _classification_inputs(task, data, spec, classnames)
+        classnames = _classnames(task, _kept_metas(task, data, spec), spec)
+        query, labels, keys = _classification_inputs(task, data, spec, classnames)
         metrics, scores = zeroshot_classification(model, query, labels, classnames, task.templates, task.text)
     else:
         if train is None:
             raise EvalError(f"task {task.name}: a linear probe needs its encoded training split")
-        train_idx = _kept(task, train, task.query, train_spec)
-        classnames = _classnames(task, _labels(task, [(train["keys"][i], train["meta"][i])
-                                                      for i in train_idx.tolist()], train_spec))
-        train_x, train_y = _classification_inputs(task, train, train_spec, classnames)
-        query, labels = _classification_inputs(task, data, spec, classnames)
+        classnames = _classnames(task, _kept_metas(task, train, train_spec), train_spec)
+        train_x, train_y, _ = _classification_inputs(task, train, train_spec, classnames)
+        query, labels, keys = _classification_inputs(task, data, spec, classnames)
         metrics, scores = linear_probe(torch.cat([train_x[m] for m in task.query], dim=1), train_y,
                                        torch.cat([query[m] for m in task.query], dim=1), labels,
                                        len(classnames), task.weight_decays)
+    positives = torch.nn.functional.one_hot(labels, len(classnames)).bool()
+    rows = [{"key": k, "label": classnames[c]} for k, c in zip(keys, labels.tolist())]
     return TaskOutput(metrics, dataset=dataset_name(task, spec), classnames=classnames,
-                      confusion=confusion_matrix(scores, labels, len(classnames)))
+                      confusion=confusion_matrix(scores, labels, len(classnames)),
+                      ranks=query_ranks(scores, positives, rows, classnames))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -598,8 +711,9 @@ def task_file_stem(task: TaskConfig) -> str:
 def write_reports(results: dict[str, Any], suite: SuiteConfig, out: Path, model_name: str = "",
                   outputs: dict[str, TaskOutput] | None = None) -> None:
     """``out/results.json``, ``out/<type>_<task>.json`` per task ({dataset, model, task, name, metrics}),
-    ``out/summary.md`` and, given the tasks' ``outputs``, ``out/<type>_<task>_confusion.png`` per
-    classification task and ``out/<type>_<task>_recall.png`` per retrieval task."""
+    ``out/summary.md`` and, given the tasks' ``outputs``, ``out/<type>_<task>_ranks.jsonl`` per task (one
+    line per query: :func:`query_ranks`), ``out/<type>_<task>_confusion.png`` per classification task and
+    ``out/<type>_<task>_recall.png`` per retrieval task."""
     from mmcl.eval.plots import confusion_matrix_png, recall_curve_png
 
     out.mkdir(parents=True, exist_ok=True)
@@ -611,6 +725,8 @@ def write_reports(results: dict[str, Any], suite: SuiteConfig, out: Path, model_
         (out / f"{stem}.json").write_text(json.dumps(
             {"dataset": dataset, "model": model_name, "task": task.type, "name": task.name,
              "metrics": results[task.type][task.name]}, indent=2))
+        if output is not None and output.ranks:
+            (out / f"{stem}_ranks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in output.ranks))
         if output is not None and output.confusion is not None:
             plots.append(confusion_matrix_png(output.confusion, output.classnames, out / f"{stem}_confusion.png",
                                               f"{task.name} ({task.type})"))

@@ -5,7 +5,9 @@ reads, and the tower:
   spectrogram patch tokens + fixed sin-cos positions + timm ViT blocks, built from this config.
 - ``hf``: a ``transformers`` audio encoder from a local directory (AST, the encoder of Whisper, wav2vec2,
   HuBERT, ...) fed exactly what its own feature extractor (``AutoFeatureExtractor``, same directory) makes of
-  a ``seconds`` window of the waveform; :class:`HFAudioTower` pools its hidden states.
+  a ``seconds`` window of the waveform, with a mask of the real audio in it; :class:`HFAudioTower` pools its
+  hidden states over the frames that cover real audio. A Whisper-family encoder is cut to the window
+  (``chunk: window``, :func:`fit_positions`) instead of the extractor's 30 s chunk.
 - ``timm``: a timm image model on the same log-mel window with one input channel, from a local checkpoint
   (:class:`~mmcl.modalities.timm_towers.TimmAudioTower`; its settings are :class:`TimmTowerConfig`).
 
@@ -36,6 +38,11 @@ from mmcl.modalities.timm_towers import TimmAudioTower, TimmTowerConfig
 #: transformers ``model_type`` of the audio encoders whose first token is a CLS token (``pooling: cls``).
 CLS_MODEL_TYPES = ("audio-spectrogram-transformer",)
 
+#: Input layouts of an ``hf`` audio tower (see :class:`FeatureExtractorInput`).
+HFLayout = Literal["spectrogram", "whisper", "waveform"]
+#: Mel frames per Whisper encoder position (its second convolution has stride 2).
+WHISPER_FRAMES_PER_POSITION = 2
+
 
 @dataclass
 class AudioTowerConfig(TrunkFields, HFTowerFields):
@@ -45,9 +52,16 @@ class AudioTowerConfig(TrunkFields, HFTowerFields):
     #: Patch size over (mel bins, frames).
     patch: int = 16
     drop_path: float = 0.0
-    #: ``mean`` over time (over the real frames where the extractor marks padding); ``cls``: the first token
-    #: of a model that has one (AST). The ``vit`` tower mean-pools.
-    pooling: Literal["mean", "cls"] = "mean"
+    #: ``mean`` over the encoder frames that cover real audio (Whisper: 2 mel frames per position;
+    #: wav2vec2 / HuBERT: the samples through their convolutions; AST: every token); ``cls``: the first token
+    #: of a model that has one (AST); ``mean_padded``: every frame, padding included, unless the model takes
+    #: an attention mask (what models saved before format 3 did; kept for them). The ``vit`` tower mean-pools.
+    pooling: Literal["mean", "cls", "mean_padded"] = "mean"
+    #: ``hf`` with a Whisper-family encoder (a fixed 30 s chunk): ``window`` cuts the extractor's chunk and the
+    #: encoder's positional embeddings (their first positions, unchanged) to ``seconds``, when shorter;
+    #: ``full`` feeds the whole chunk, the window padded (the encoder then attends over the padding too).
+    #: Other models ignore it.
+    chunk: Literal["window", "full"] = "window"
 
     def validate(self, where: str) -> None:
         super().validate(where)
@@ -158,11 +172,17 @@ class LogMel:
 
 class FeatureExtractorInput:
     """The input of a transformers audio encoder: a ``seconds`` window of the waveform through the model's
-    own feature extractor, so the tower gets exactly what the extractor makes of the window: AST
-    ``[frames, mel]`` and Whisper ``[mel, frames]`` (padded / cut by the extractor to the model's length),
-    wav2vec2 / HuBERT ``[S]`` (padded to ``seconds``), or ``[2, S]`` (values, attention mask) where the
-    extractor makes a mask. Reads the model's config (``model_config``) and the extractor here, then the
-    extractor lazily again in each loader worker (it is left out of the pickled state)."""
+    own feature extractor, so the tower gets exactly what the extractor makes of the window (``layout``):
+
+    - ``spectrogram`` (AST): ``[frames, mel]``, padded / cut by the extractor to the model's length;
+    - ``whisper``: ``[mel + 1, frames]``, the extractor's log-mel with its frame mask of real audio as the last
+      row; ``frames`` is the extractor's 30 s chunk, or with ``chunk: window`` the window rounded up to whole
+      encoder positions (:attr:`positions`);
+    - ``waveform`` (wav2vec2, HuBERT, WavLM): ``[2, S]``, the values padded to ``seconds`` and the mask of real
+      samples (the model receives the mask only where its extractor makes one: :attr:`model_mask`).
+
+    Reads the model's config (``model_config``) and the extractor here, then the extractor lazily again in
+    each loader worker (it is left out of the pickled state)."""
 
     def __init__(self, cfg: AudioConfig, path: Path, where: str):
         self.cfg = cfg
@@ -179,12 +199,23 @@ class FeatureExtractorInput:
             raise ConfigError(f"{where}.sample_rate: {cfg.sample_rate} differs from the feature extractor's "
                               f"sampling_rate {fe.sampling_rate} ({path})")
         self.input_name: str = fe.model_input_names[0]
-        from transformers import Wav2Vec2FeatureExtractor
+        from transformers import Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
 
         # Waveform extractors (wav2vec2, HuBERT, WavLM) pad to what they are asked; AST and Whisper pad or cut
-        # the features to their model's fixed length themselves.
-        self.pad_waveform = isinstance(fe, Wav2Vec2FeatureExtractor)
-        self.with_mask = self.pad_waveform and bool(fe.return_attention_mask)
+        # the features to their model's fixed length themselves (Whisper's: ``max_length`` samples).
+        self.layout: HFLayout = "waveform" if isinstance(fe, Wav2Vec2FeatureExtractor) else \
+            "whisper" if isinstance(fe, WhisperFeatureExtractor) else "spectrogram"
+        #: Whether the model itself takes the attention mask (its extractor makes one).
+        self.model_mask = self.layout == "waveform" and bool(fe.return_attention_mask)
+        #: Encoder positions of a Whisper-family model cut to the window (None: the checkpoint's all).
+        self.positions: int | None = None
+        self.max_length: int | None = None
+        if self.layout == "whisper" and cfg.tower.chunk == "window":
+            positions = math.ceil(math.ceil(cfg.n_samples / fe.hop_length) / WHISPER_FRAMES_PER_POSITION)
+            # A model without a fixed length is refused by fit_positions, naming this field.
+            if positions < getattr(self.model_config, "max_source_positions", math.inf):
+                self.positions = positions
+                self.max_length = positions * WHISPER_FRAMES_PER_POSITION * fe.hop_length
         self._empty: torch.Tensor | None = None
 
     @property
@@ -200,12 +231,20 @@ class FeatureExtractorInput:
         return wav.float()
 
     def extract(self, wav: torch.Tensor) -> torch.Tensor:
-        """One waveform window ``[<= n_samples]`` -> the extractor's model input for it."""
-        kwargs = {"padding": "max_length", "max_length": self.cfg.n_samples, "truncation": True} \
-            if self.pad_waveform else {}
+        """One waveform window ``[<= n_samples]`` -> the extractor's model input for it (see ``layout``)."""
+        kwargs: dict[str, Any] = {}
+        if self.layout == "waveform":
+            kwargs = {"padding": "max_length", "max_length": self.cfg.n_samples, "truncation": True}
+        elif self.layout == "whisper":
+            kwargs = {"return_attention_mask": True, "max_length": self.max_length}
         out = self.fe(wav.numpy(), sampling_rate=self.fe.sampling_rate, return_tensors="pt", **kwargs)
         x = out[self.input_name][0]
-        return torch.stack([x, out["attention_mask"][0].to(x.dtype)]) if self.with_mask else x
+        if self.layout == "whisper":
+            return torch.cat([x, out["attention_mask"][0, None].to(x.dtype)])
+        if self.layout == "waveform":
+            real = (torch.arange(x.numel()) < wav.numel()).to(x.dtype)
+            return torch.stack([x, real])
+        return x
 
     def transform(self, data: torch.Tensor, train: bool) -> torch.Tensor:
         n = self.cfg.n_samples
@@ -303,28 +342,65 @@ def timm_tower(audio: Audio, pretrained: bool) -> TimmAudioTower:
 def hf_tower(audio: Audio, pretrained: bool) -> HFAudioTower:
     tc, inputs = audio.cfg.tower, cast(FeatureExtractorInput, audio.input)
     model = hf_encoder(inputs.path, inputs.where, tc.init if pretrained else "config", tc.strict)
-    return HFAudioTower(model, inputs.input_name, inputs.with_mask, tc.pooling)
+    if inputs.positions is not None:
+        fit_positions(model, inputs.positions, f"{audio.where}.tower.chunk")
+    return HFAudioTower(model, inputs.input_name, inputs.layout, inputs.model_mask, tc.pooling)
+
+
+def fit_positions(model: nn.Module, positions: int, where: str) -> None:
+    """Cut a Whisper-family encoder (fixed ``max_source_positions``, learned or sinusoidal position table
+    ``embed_positions``) to its first ``positions``: the table keeps the checkpoint's first rows exactly and
+    the encoder then takes ``WHISPER_FRAMES_PER_POSITION * positions`` mel frames."""
+    table = getattr(model, "embed_positions", None)
+    if not isinstance(table, nn.Embedding) or not hasattr(model.config, "max_source_positions"):
+        raise ConfigError(f"{where}: 'window' needs a Whisper-family encoder (embed_positions, "
+                          f"max_source_positions); {type(model).__name__} has none (allowed: 'full')")
+    cut = nn.Embedding(positions, table.embedding_dim, device=table.weight.device, dtype=table.weight.dtype)
+    with torch.no_grad():
+        cut.weight.copy_(table.weight[:positions])
+    cut.weight.requires_grad_(table.weight.requires_grad)
+    model.embed_positions = cut
+    model.config.max_source_positions = positions
+    if hasattr(model, "max_source_positions"):
+        model.max_source_positions = positions
 
 
 class HFAudioTower(HFTower):
-    """A transformers audio encoder: the feature extractor's batch (see :class:`FeatureExtractorInput`) ->
-    ``[N, hidden]``, pooled over time (over the frames of real audio where the extractor made a mask)."""
+    """A transformers audio encoder: the feature extractor's batch (see :class:`FeatureExtractorInput`;
+    ``[N, mel + 1, frames]`` Whisper, ``[N, 2, S]`` waveform, ``[N, frames, mel]`` AST) -> ``[N, hidden]``,
+    pooled over the encoder frames that cover real audio. A batch without the mask (``[N, mel, frames]``,
+    ``[N, S]``: the extractor's output alone) counts every frame as real."""
 
-    def __init__(self, model: nn.Module, input_name: str, with_mask: bool, pooling: str):
+    def __init__(self, model: nn.Module, input_name: str, layout: HFLayout, model_mask: bool, pooling: str):
         super().__init__(model)
         self.input_name = input_name
-        self.with_mask = with_mask
+        self.layout = layout
+        self.model_mask = model_mask
         self.pooling = pooling
 
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (the model input, the mask of real input ``[N, frames or S]`` or None)."""
+        if self.layout == "whisper" and x.shape[1] == self.model.config.num_mel_bins + 1:
+            return x[:, :-1], x[:, -1]
+        if self.layout == "waveform" and x.ndim == 3:
+            return x[:, 0], x[:, 1]
+        return x, None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.with_mask:
-            return pool(self.model(**{self.input_name: x}).last_hidden_state, None, self.pooling)
-        mask = x[:, 1].long()
-        hidden = self.model(**{self.input_name: x[:, 0], "attention_mask": mask}).last_hidden_state
-        # Which output frames cover real audio: the model's own mapping through its convolutions (the one its
-        # sequence-classification head pools with).
-        frames = self.model._get_feature_vector_attention_mask(hidden.shape[1], mask)
-        return pool(hidden, frames, self.pooling)
+        values, real = self._split(x)
+        kwargs = {self.input_name: values}
+        if self.model_mask and real is not None:
+            kwargs["attention_mask"] = real.long()
+        hidden = self.model(**kwargs).last_hidden_state
+        frames = None
+        if real is not None and (self.pooling == "mean" or self.model_mask):
+            if self.layout == "whisper":
+                frames = real[:, ::WHISPER_FRAMES_PER_POSITION][:, :hidden.shape[1]]
+            else:
+                # The model's own mapping of samples to output frames through its convolutions (the one its
+                # sequence-classification head pools with).
+                frames = self.model._get_feature_vector_attention_mask(hidden.shape[1], real.long())
+        return pool(hidden, frames, "mean" if self.pooling == "mean_padded" else self.pooling)
 
 
 register_tower("audio", "vit", config=AudioTowerConfig, build=vit_tower,
