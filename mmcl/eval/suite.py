@@ -32,6 +32,7 @@ from mmcl.eval.data import (
 )
 from mmcl.eval.linear_probe import DEFAULT_WEIGHT_DECAYS, linear_probe
 from mmcl.eval.metrics import confusion_matrix, recall_curve
+from mmcl.eval.multilabel import multilabel_classification
 from mmcl.eval.retrieval import retrieval
 from mmcl.eval.zeroshot import encode_texts, model_device, zeroshot_classification
 from mmcl.errors import DataError, EvalError
@@ -74,6 +75,16 @@ class TaskConfig:
     train_data: str = ""
     #: Linear probe: the L2 weight decays tried (picked on a held-out fifth of ``train_data``).
     weight_decays: list[float] = field(default_factory=lambda: list(DEFAULT_WEIGHT_DECAYS))
+    #: Zero-shot classification: ``label`` holds a list of class names per sample (AudioSet), scored by
+    #: the mean average precision over classes (``mmcl.eval.multilabel``).
+    multilabel: bool = False
+    #: False: classes without samples stay in the classifier (a benchmark's fixed class list over a
+    #: partial copy) and are left out of the per-class means, instead of failing the task.
+    require_every_class: bool = True
+    #: Retrieval: also report mAP@K (AudioCaps, Clotho: 10); 0: not reported.
+    map_k: int = 0
+    #: Extra fields of the task's JSON report (a benchmark's ``language``, ``protocol``, ``n``, ``missing``).
+    report: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
         if not self.query:
@@ -112,6 +123,10 @@ class TaskConfig:
                 raise ConfigError(f"{where}.weight_decays: one or more values >= 0")
         elif self.train_data:
             raise ConfigError(f"{where}.train_data: only for linear_probe tasks")
+        if self.multilabel and self.type != "zeroshot_classification":
+            raise ConfigError(f"{where}.multilabel: only for zeroshot_classification tasks")
+        if self.map_k < 0 or (self.map_k and self.type != "retrieval"):
+            raise ConfigError(f"{where}.map_k: a K >= 1 for retrieval tasks (0: no mAP@K)")
 
     @property
     def modalities(self) -> list[str]:
@@ -223,11 +238,16 @@ def _label_of(meta: dict, key: str) -> Any:
     return _meta_path(meta.get("labels", meta), key)
 
 
-def _labels(task: TaskConfig, metas: list[tuple[str, dict]], spec: str) -> list[str]:
-    out = []
+def _labels(task: TaskConfig, metas: list[tuple[str, dict]], spec: str) -> list[Any]:
+    """One class name per sample; for a multi-label task, a tuple of names (a single name counts as one)."""
+    out: list[Any] = []
     for key, meta in metas:
         try:
-            out.append(str(_label_of(meta, task.label)))
+            value = _label_of(meta, task.label)
+            if task.multilabel:
+                out.append(tuple(map(str, value)) if isinstance(value, list) else (str(value),))
+            else:
+                out.append(str(value))
         except (KeyError, IndexError, TypeError, ValueError):
             raise EvalError(f"task {task.name}: sample {key} of {spec} has no label {task.label!r} in its json "
                             f"(a {task.type} task needs labelled data)") from None
@@ -235,11 +255,13 @@ def _labels(task: TaskConfig, metas: list[tuple[str, dict]], spec: str) -> list[
 
 
 def _check_classes(task: TaskConfig, names: list[str], spec: str, classnames: list[str]) -> None:
+    if task.multilabel:
+        names = [n for labels in names for n in labels]
     unknown = sorted(set(names) - set(classnames))
     if unknown:
         raise EvalError(f"task {task.name}: label {unknown[0]!r} in {spec} is not among the class names "
                         f"({', '.join(classnames)})")
-    empty = [c for c in classnames if c not in set(names)]
+    empty = [c for c in classnames if c not in set(names)] if task.require_every_class else []
     if empty:
         raise EvalError(f"task {task.name}: class {empty[0]!r} has no samples in {spec}")
 
@@ -363,7 +385,13 @@ def _classification_inputs(task: TaskConfig, data: dict[str, Any], spec: str,
     names = _labels(task, [(data["keys"][i], data["meta"][i]) for i in idx.tolist()], spec)
     _check_classes(task, names, spec, classnames)
     index = {c: i for i, c in enumerate(classnames)}
-    return {m: data["emb"][m][idx] for m in task.query}, torch.tensor([index[n] for n in names])
+    query = {m: data["emb"][m][idx] for m in task.query}
+    if task.multilabel:  # [N, C] bool targets
+        targets = torch.zeros(len(names), len(classnames), dtype=torch.bool)
+        for row, labels in enumerate(names):
+            targets[row, [index[n] for n in labels]] = True
+        return query, targets
+    return query, torch.tensor([index[n] for n in names])
 
 
 def _side(model, task: TaskConfig, mods: list[str], data: dict[str, Any],
@@ -395,7 +423,7 @@ def _retrieval(model, task: TaskConfig, data: dict[str, Any], spec: str) -> Task
         codes = {a: i for i, a in enumerate(sorted(set(attrs)))}
         code = torch.tensor([codes[a] for a in attrs])
         same = code[q_clip][:, None] == code[c_clip][None, :]
-    metrics, scores = retrieval(model, query, candidates, positives=positives, same_attrs=same)
+    metrics, scores = retrieval(model, query, candidates, positives=positives, same_attrs=same, map_k=task.map_k)
     return TaskOutput(metrics, curve=recall_curve(scores, positives, min(scores.shape[1], CURVE_MAX_K)))
 
 
@@ -419,6 +447,9 @@ def _run_task(model, task: TaskConfig, data: dict[str, Any], train: dict[str, An
     if task.type == "zeroshot_classification":
         classnames = list(task.classnames)
         query, labels = _classification_inputs(task, data, spec, classnames)
+        if task.multilabel:
+            metrics, _ = multilabel_classification(model, query, labels, classnames, task.templates, task.text)
+            return TaskOutput(metrics, dataset=dataset_name(task, spec), classnames=classnames)
         metrics, scores = zeroshot_classification(model, query, labels, classnames, task.templates, task.text)
     else:
         if train is None:
@@ -565,11 +596,17 @@ def results_table(results: dict[str, Any]) -> str:
     """A markdown table of every task's metrics; classification tables give the chance level (1 / classes)
     beside acc1 and "—" for acc5 below 5 classes."""
     sections = []
-    zs = results.get("zeroshot_classification", {})
+    zs = {k: m for k, m in results.get("zeroshot_classification", {}).items() if "mAP" not in m}
+    ml = {k: m for k, m in results.get("zeroshot_classification", {}).items() if "mAP" in m}
     if zs:
         lines = ["| zero-shot task | acc1 | chance | acc5 | mean per-class recall | n | classes |",
                  "|---|---|---|---|---|---|---|"]
         lines += [f"{_classification_row(name, m)} |" for name, m in zs.items()]
+        sections.append(lines)
+    if ml:
+        lines = ["| multi-label task | mAP | n | classes | classes with a positive |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {_fmt(m['mAP'])} | {m['n']} | {m['n_classes']} | {m['n_classes_scored']} |"
+                  for name, m in ml.items()]
         sections.append(lines)
     lp = results.get("linear_probe", {})
     if lp:
@@ -610,7 +647,7 @@ def write_reports(results: dict[str, Any], suite: SuiteConfig, out: Path, model_
         dataset = output.dataset if output else dataset_name(task, task.data)
         (out / f"{stem}.json").write_text(json.dumps(
             {"dataset": dataset, "model": model_name, "task": task.type, "name": task.name,
-             "metrics": results[task.type][task.name]}, indent=2))
+             "metrics": results[task.type][task.name], **task.report}, indent=2))
         if output is not None and output.confusion is not None:
             plots.append(confusion_matrix_png(output.confusion, output.classnames, out / f"{stem}_confusion.png",
                                               f"{task.name} ({task.type})"))
