@@ -28,6 +28,7 @@ from mmcl.eval.benchmarks import benchmark_names, clean_name, get_benchmark, run
 from mmcl.eval.metrics import average_precision, map_at_k, multilabel_metrics
 from mmcl.eval.suite import encode_dataset
 from mmcl.eval.zeroshot import encode_texts
+from mmcl.hub import read_eval_dir
 from mmcl.model import MultimodalModel
 
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg makes the test media")
@@ -147,7 +148,7 @@ class Media:
         root.mkdir(parents=True, exist_ok=True)
 
     def _made(self, kind: str, c: int) -> Path:
-        path = self.root / f"{kind}{c}.{ {'wav': 'wav', 'mp4': 'mp4', 'avi': 'avi'}[kind] }"
+        path = self.root / f"{kind}{c}.{kind}"  # kind: wav, mp4 (H.264 + AAC) or avi (MPEG-4 part 2, silent)
         if not path.exists():
             tone = ["-f", "lavfi", "-i", f"sine=frequency={TONES[c]}:duration=1:sample_rate=16000"]
             if kind == "wav":
@@ -448,6 +449,8 @@ def test_cli_standard_suite_writes_one_table_and_the_model_index(model: Multimod
     assert {r["task"]["name"] for r in index["results"]} == {
         "Zero-shot classification: esc50 audio", "Retrieval: clotho text->audio", "Retrieval: clotho audio->text"}
     assert (esc.parent / "ESC-50-master.mmcl-cache").is_dir()  # the cache beside the copy
+    records = read_eval_dir(out)  # what `mmcl push --eval OUT` puts in the model card
+    assert sorted(r["name"] for r in records) == ["clotho audio->text", "clotho text->audio", "esc50 audio"]
     assert "reports in" in capsys.readouterr().out
 
     # One benchmark by name; its cache is reused.
