@@ -11,6 +11,7 @@ import itertools
 import json
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -209,7 +210,10 @@ def make_audioset(root: Path, media: Media) -> dict[str, Any]:
         ytid = f"-{i}xYz_{i}Ab{i}"
         mids = ",".join(AUDIOSET_CLASSES[c][1] for c in ls)
         rows.append(f'{ytid}, {10 * i}.000, {10 * i + 10}.000, "{mids}"')
-        media.put(root / "eval_segments" / (f"Y{ytid}.wav" if i % 2 else f"{ytid}_{10 * i}.000.flac"), ls[0])
+        if i == 5:  # a video clip: only its audio track is built (no task reads video)
+            media.put(root / "eval_segments" / f"Y{ytid}.mp4", ls[0], "mp4")
+        else:
+            media.put(root / "eval_segments" / (f"Y{ytid}.wav" if i % 2 else f"{ytid}_{10 * i}.000.flac"), ls[0])
     rows.append('zzMissing01, 0.000, 10.000, "/m/09x0r"')
     (root / "eval_segments.csv").write_text(
         "# Segments csv created Sun Mar  5 10:54:25 2017\n# num_ykey=7, num_segs=7, num_labels=4\n"
@@ -382,6 +386,8 @@ def test_benchmark_from_a_mini_copy_in_its_released_layout(name: str, model: Mul
         assert metrics["acc1"] == pytest.approx((top[:, 0] == labels).double().mean().item())
         assert metrics["acc5"] == pytest.approx((top == labels[:, None]).any(1).double().mean().item())
     if name == "audioset":
+        with tarfile.open(spec) as tar:
+            assert sorted({m.name.rsplit(".", 1)[1] for m in tar}) == ["flac", "json"]
         classnames = [d for _, _, d in AUDIOSET_CLASSES]
         scores, labels = _independent_classification(model, spec, "audio", classnames, bench.spec["templates"],
                                                       lambda m: m["labels"]["label"])

@@ -62,8 +62,16 @@ def default_cache(root: Path) -> Path:
     return root.parent / f"{root.name}.mmcl-cache"
 
 
-def _shard_dir(cache: Path, bench: Benchmark, manifest: Manifest, options: Any) -> Path:
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(options), sort_keys=True).encode())
+def runnable_tasks(bench: Benchmark, manifest: Manifest, mods: dict[str, str]) -> list[dict[str, Any]]:
+    """The benchmark's tasks (its data file's entries) that run: optional ones only where the model has
+    their modalities and, for video, the copy's clips are videos."""
+    has_video = any(c.is_video for c in manifest.clips)
+    return [t for t in bench.tasks if all(k in mods for k in _task_kinds(t))
+            and not ("video" in _task_kinds(t) and not has_video)]
+
+
+def _shard_dir(cache: Path, bench: Benchmark, manifest: Manifest, options: Any, video: bool) -> Path:
+    h = hashlib.sha256(json.dumps([dataclasses.asdict(options), video], sort_keys=True).encode())
     for c in manifest.clips:
         st = Path(c.path).stat()
         h.update(json.dumps([c.key, c.path, st.st_size, st.st_mtime_ns, c.label, c.captions]).encode())
@@ -71,22 +79,23 @@ def _shard_dir(cache: Path, bench: Benchmark, manifest: Manifest, options: Any) 
 
 
 def build_benchmark_shards(bench: Benchmark, manifest: Manifest, cache: Path, workers: int = 1,
-                           progress: bool = True, options: Any = None) -> tuple[str, dict[str, Any]]:
+                           progress: bool = True, options: Any = None, video: bool = True) -> tuple[str, dict[str, Any]]:
     """The manifest's clips as shards under ``cache/shards/`` (built once: a re-run with the same clips and
     options reuses them). Each clip is one sample (no windowing); labels under ``json["labels"]["label"]``,
-    captions under ``json["extra"]["captions"]``. Returns (shard spec, build report)."""
+    captions under ``json["extra"]["captions"]``. ``video=False`` (no task reads video): a video clip gives
+    only its audio track. Returns (shard spec, build report)."""
     from data_tools.build import build_shards
     from data_tools.media import EncodeOptions
     from data_tools.sources import Input, sanitize_key
 
     options = options or EncodeOptions(window=0.0)
-    out = _shard_dir(cache, bench, manifest, options)
+    out = _shard_dir(cache, bench, manifest, options, video)
     items, seen = [], set()
     for i, c in enumerate(manifest.clips):
         key = sanitize_key(c.key)
         key = key if key not in seen else f"{key}_{i}"
         seen.add(key)
-        kind = "video" if c.is_video else "audio"
+        kind = "video" if c.is_video and video else "audio"
         item = Input(index=i, key=key, source=c.path, **{kind: c.path})
         if c.label is not None:
             item.labels = {"label": c.label}
@@ -105,14 +114,9 @@ def build_benchmark_shards(bench: Benchmark, manifest: Manifest, cache: Path, wo
 
 def benchmark_suite(bench: Benchmark, manifest: Manifest, mods: dict[str, str], spec: str,
                     report: dict[str, Any], batch_size: int) -> SuiteConfig:
-    """The eval-suite tasks of a benchmark on its built shards (optional tasks only where the model and
-    the clips have their modalities)."""
-    has_video = any(c.is_video for c in manifest.clips)
+    """The eval-suite tasks of a benchmark on its built shards (:func:`runnable_tasks`)."""
     tasks = []
-    for t in bench.tasks:
-        kinds = _task_kinds(t)
-        if any(k not in mods for k in kinds) or ("video" in kinds and not has_video):
-            continue
+    for t in runnable_tasks(bench, manifest, mods):
         common = dict(name=f"{bench.name} {t['name']}", type=t["type"], query=[mods[k] for k in t["query"]],
                       data=spec, dataset=bench.name, text=mods["text"], report=report)
         if t["type"] == "retrieval":
@@ -152,8 +156,9 @@ def run_benchmark(model, name: str, root: str | Path, out_dir: str | Path, *, pr
     mods = check_model(bench, model)
     manifest = manifest or read_copy(bench, root, protocol)
     cache = Path(cache_dir) if cache_dir is not None else default_cache(Path(root))
+    video = any("video" in _task_kinds(t) for t in runnable_tasks(bench, manifest, mods))
     spec, build = build_benchmark_shards(bench, manifest, cache, workers=max(1, workers), progress=progress,
-                                         options=options)
+                                         options=options, video=video)
     info = {"benchmark": bench.name, "language": bench.spec.get("language", "en"), "protocol": manifest.protocol,
             "protocol_description": bench.protocols[manifest.protocol]["description"], "n": manifest.listed,
             "missing": len(manifest.missing), "rejected": build["rejected"]}
