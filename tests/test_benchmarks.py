@@ -470,12 +470,16 @@ def test_a_path_of_another_layout_is_one_line(tmp_path: Path, model: MultimodalM
     (tmp_path / "meta" / "esc50.csv").write_text("file,label\nx.wav,dog\n")
     with pytest.raises(DataError, match=r"not a ESC-50 copy \(esc50.csv has no column 'filename'"):
         run_benchmark(model, "esc50", tmp_path, tmp_path / "out")
-    for name in benchmark_names():
-        with pytest.raises(DataError, match="expected") as e:
-            run_benchmark(model, name, tmp_path / "nothing", tmp_path / "out")
-        assert "\n" not in str(e.value)
     empty = tmp_path / "empty"
     empty.mkdir()
+    for name in benchmark_names():
+        bench = get_benchmark(name)
+        with pytest.raises(DataError, match="not a directory; expected") as e:
+            run_benchmark(model, name, tmp_path / "nothing", tmp_path / "out")
+        assert "\n" not in str(e.value)
+        with pytest.raises(DataError, match=f"not a {bench.title} copy .no .*; expected") as e:
+            run_benchmark(model, name, empty, tmp_path / "out")
+        assert "\n" not in str(e.value) and bench.layout in str(e.value)
     assert mmcl_main(["eval", "--suite", "clotho", "--data", str(empty), "--model", "x", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "clotho_captions_evaluation.csv" in err

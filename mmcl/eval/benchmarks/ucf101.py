@@ -18,7 +18,7 @@ class UCF101(Benchmark):
         self.check_root(root)
         ind = self.find(root, "ucfTrainTestlist/classInd.txt")
         raw = []
-        for line in ind.read_text().splitlines():
+        for line in filter(str.strip, ind.read_text().splitlines()):
             parts = line.split()
             if len(parts) != 2 or not parts[0].isdigit():
                 raise self.not_a_copy(root, f"classInd.txt line {line!r} is not 'INDEX ClassName'")
@@ -26,10 +26,8 @@ class UCF101(Benchmark):
         classes = [name for _, name in sorted(raw)]
         test = self.find(root, f"ucfTrainTestlist/{self.protocols[protocol]['file']}")
         clips, missing = [], []
-        for line in test.read_text().splitlines():
-            rel = line.split()[0] if line.strip() else ""
-            if not rel:
-                continue
+        for line in filter(str.strip, test.read_text().splitlines()):
+            rel = line.split()[0]  # a train list adds the class index after the path
             folder = rel.split("/")[0]
             if folder not in classes:
                 raise self.not_a_copy(root, f"{test.name} lists {rel!r}, whose class {folder!r} is not in "
