@@ -51,7 +51,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--cache", help="where a benchmark's shards and embeddings are cached (default: beside the copy, "
                                    "COPY.mmcl-cache)")
     p.add_argument("--batch-size", type=int, default=64, help="benchmark encoding batch size (default: 64)")
-    p.add_argument("--workers", type=int, default=0, help="loader processes (default: 0)")
+    p.add_argument("--workers", type=int, default=0, help="loader processes (default: 0); for a benchmark also the "
+                                                         "processes building its shards (at least 1)")
     p.add_argument("--no-cache", dest="cache_embeddings", action="store_false", help="encode again even when cached")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 

@@ -372,6 +372,9 @@ def test_benchmark_from_a_mini_copy_in_its_released_layout(name: str, model: Mul
         if name in ("audiocaps", "clotho"):
             assert 0.0 <= report["metrics"]["mAP@10"] <= 1.0
     assert (out / "missing.txt").read_text().count("\tmissing") == 1
+    summary = (out / "summary.md").read_text()
+    assert ("| multi-label task | mAP |" in summary) == (name == "audioset")
+    assert (" mAP@10 |" in summary) == (name in ("audiocaps", "clotho"))
 
     # The numbers against an independent computation from the model's own embeddings of the built clips.
     spec = info["shards"]

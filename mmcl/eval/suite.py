@@ -616,12 +616,15 @@ def results_table(results: dict[str, Any]) -> str:
         sections.append(lines)
     rt = results.get("retrieval", {})
     if rt:
+        maps = sorted({k for m in rt.values() for k in m if k.startswith("mAP@")})  # tasks with map_k
         lines = ["| retrieval | R@1 | R@5 | R@10 | median rank | mean rank | n | R@1 tie ceiling "
-                 "| R@1 attribute match |", "|---|---|---|---|---|---|---|---|---|"]
+                 "| R@1 attribute match |" + "".join(f" {k} |" for k in maps), "|---|---|---|---|---|---|---|---|---|"
+                 + "---|" * len(maps)]
         for name, m in rt.items():
             lines.append(f"| {name} | {_fmt(m['R@1'])} | {_fmt(m['R@5'])} | {_fmt(m['R@10'])} "
                          f"| {_fmt(m['median_rank'])} | {_fmt(m['mean_rank'])} | {m['n']} "
-                         f"| {_fmt(m.get('R@1_tie_ceiling', '-'))} | {_fmt(m.get('R@1_attribute_match', '-'))} |")
+                         f"| {_fmt(m.get('R@1_tie_ceiling', '-'))} | {_fmt(m.get('R@1_attribute_match', '-'))} |"
+                         + "".join(f" {_fmt(m.get(k, '-'))} |" for k in maps))
         sections.append(lines)
     return "\n\n".join("\n".join(lines) for lines in sections)
 

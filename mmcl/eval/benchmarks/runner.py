@@ -23,6 +23,10 @@ from mmcl.eval.suite import SuiteConfig, TaskConfig, run_suite, task_file_stem
 
 log = logging.getLogger(__name__)
 
+#: Clips per shard of a built benchmark: enough shards for several loader workers (the loader splits shards,
+#: not samples, between them).
+SHARD_CLIPS = 256
+
 #: The cross-benchmark table's metric columns: (header, metric key).
 TABLE_COLUMNS = [("acc@1", "acc1"), ("acc@5", "acc5"), ("mean per-class recall", "mean_per_class_recall"),
                  ("mAP", "mAP"), ("R@1", "R@1"), ("R@5", "R@5"), ("R@10", "R@10"), ("median rank", "median_rank"),
@@ -71,7 +75,7 @@ def runnable_tasks(bench: Benchmark, manifest: Manifest, mods: dict[str, str]) -
 
 
 def _shard_dir(cache: Path, bench: Benchmark, manifest: Manifest, options: Any, video: bool) -> Path:
-    h = hashlib.sha256(json.dumps([dataclasses.asdict(options), video], sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps([dataclasses.asdict(options), video, SHARD_CLIPS], sort_keys=True).encode())
     for c in manifest.clips:
         st = Path(c.path).stat()
         h.update(json.dumps([c.key, c.path, st.st_size, st.st_mtime_ns, c.label, c.captions]).encode())
@@ -84,7 +88,7 @@ def build_benchmark_shards(bench: Benchmark, manifest: Manifest, cache: Path, wo
     options reuses them). Each clip is one sample (no windowing); labels under ``json["labels"]["label"]``,
     captions under ``json["extra"]["captions"]``. ``video=False`` (no task reads video): a video clip gives
     only its audio track. Returns (shard spec, build report)."""
-    from data_tools.build import build_shards
+    from data_tools.build import ShardOptions, build_shards
     from data_tools.media import EncodeOptions
     from data_tools.sources import Input, sanitize_key
 
@@ -93,7 +97,8 @@ def build_benchmark_shards(bench: Benchmark, manifest: Manifest, cache: Path, wo
     items, seen = [], set()
     for i, c in enumerate(manifest.clips):
         key = sanitize_key(c.key)
-        key = key if key not in seen else f"{key}_{i}"
+        while key in seen:  # two names that sanitise alike
+            key = f"{key}_{i}"
         seen.add(key)
         kind = "video" if c.is_video and video else "audio"
         item = Input(index=i, key=key, source=c.path, **{kind: c.path})
@@ -106,7 +111,8 @@ def build_benchmark_shards(bench: Benchmark, manifest: Manifest, cache: Path, wo
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot write the shard cache {out} ({e.strerror}); give --cache DIR") from None
-    report = build_shards(items, str(out), workers=max(1, workers), options=options, progress=progress)
+    report = build_shards(items, str(out), workers=max(1, workers), options=options,
+                          shard=ShardOptions(shard_samples=SHARD_CLIPS), progress=progress)
     if not report["shards"]:
         raise DataError(f"{bench.name}: none of the {len(items)} clips could be read (see {out}/shard-report.json)")
     return report["location"], report
