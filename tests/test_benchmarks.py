@@ -471,7 +471,13 @@ def test_cli_standard_suite_writes_one_table_and_the_model_index(model: Multimod
 def test_a_path_of_another_layout_is_one_line(tmp_path: Path, model: MultimodalModel, capsys):
     (tmp_path / "meta").mkdir()
     (tmp_path / "meta" / "esc50.csv").write_text("file,label\nx.wav,dog\n")
-    with pytest.raises(DataError, match=r"not a ESC-50 copy \(esc50.csv has no column 'filename'"):
+    with pytest.raises(DataError, match=r"not a copy of ESC-50 \(esc50.csv has no column 'filename'"):
+        run_benchmark(model, "esc50", tmp_path, tmp_path / "out")
+    (tmp_path / "meta" / "esc50.csv").write_text("filename,fold,target,category\n1-1-A-3.wav,1,3,dog\n")
+    with pytest.raises(DataError, match=r"class 'dog' has target 3, the release's is 0\); expected meta/esc50.csv"):
+        run_benchmark(model, "esc50", tmp_path, tmp_path / "out")
+    (tmp_path / "meta" / "esc50.csv").write_text("filename,fold,target,category\n1-1-A-3.wav,1,3,wolf\n")
+    with pytest.raises(DataError, match="class 'wolf' is not one of the 50 ESC-50 classes"):
         run_benchmark(model, "esc50", tmp_path, tmp_path / "out")
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -480,7 +486,7 @@ def test_a_path_of_another_layout_is_one_line(tmp_path: Path, model: MultimodalM
         with pytest.raises(DataError, match="not a directory; expected") as e:
             run_benchmark(model, name, tmp_path / "nothing", tmp_path / "out")
         assert "\n" not in str(e.value)
-        with pytest.raises(DataError, match=f"not a {bench.title} copy .no .*; expected") as e:
+        with pytest.raises(DataError, match=f"not a copy of {bench.title} .no .*; expected") as e:
             run_benchmark(model, name, empty, tmp_path / "out")
         assert "\n" not in str(e.value) and bench.layout in str(e.value)
     assert mmcl_main(["eval", "--suite", "clotho", "--data", str(empty), "--model", "x", "--out", str(tmp_path)]) == 2

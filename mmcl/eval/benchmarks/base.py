@@ -141,11 +141,11 @@ class Benchmark:
 
     def not_a_copy(self, root: Path, what: str) -> DataError:
         """The one line for a path that is not this benchmark's layout."""
-        return DataError(f"{root}: not a {self.title} copy ({what}); expected {self.layout}")
+        return DataError(f"{root}: not a copy of {self.title} ({what}); expected {self.layout}")
 
     def check_root(self, root: Path) -> None:
         if not root.is_dir():
-            raise DataError(f"{root}: not a directory; expected a {self.title} copy: {self.layout}")
+            raise DataError(f"{root}: not a directory; expected a copy of {self.title}: {self.layout}")
 
     def find(self, root: Path, *candidates: str) -> Path:
         """The first of ``candidates`` (paths relative to ``root``) that exists."""
@@ -178,14 +178,17 @@ class Benchmark:
                                                f"{len(columns)} ({', '.join(columns)})")
         return [dict(zip(columns, r)) for r in rows]
 
-    def check_classes(self, raw: Iterable[str], where: Path) -> None:
-        """Every class of the copy is in the shipped list (where the benchmark ships one)."""
-        if not self.classes:
-            return
-        unknown = sorted(set(raw) - set(self.classes))
-        if unknown:
-            raise self.not_a_copy(where, f"class {unknown[0]!r} is not one of the {len(self.classes)} "
-                                         f"{self.title} classes")
+    def check_classes(self, rows: list[dict[str, str]], name: str, index: str, where: Path) -> None:
+        """Every class (column ``name``) of the copy is in the shipped list, at the position its ``index``
+        column gives (ESC-50's ``target``, UrbanSound8K's ``classID``)."""
+        known = {c: i for i, c in enumerate(self.classes)}
+        for r in rows:
+            if r[name] not in known:
+                raise self.not_a_copy(where, f"class {r[name]!r} is not one of the {len(self.classes)} "
+                                             f"{self.title} classes")
+            if r[index] != str(known[r[name]]):
+                raise self.not_a_copy(where, f"class {r[name]!r} has {index} {r[index]}, the release's is "
+                                             f"{known[r[name]]}")
 
 
 class MediaIndex:

@@ -24,7 +24,7 @@ class ESC50(Benchmark):
         self.check_root(root)
         csv_path = self.find(root, "meta/esc50.csv")
         rows = self.read_csv(csv_path, ["filename", "fold", "target", "category"])
-        self.check_classes((r["category"] for r in rows), csv_path)
+        self.check_classes(rows, "category", "target", csv_path)
         folds = set(self.protocols[protocol]["folds"])
         clips, missing = [], []
         for r, fold in zip(rows, folds_of(self, rows, csv_path)):

@@ -19,7 +19,7 @@ class UrbanSound8K(Benchmark):
         self.check_root(root)
         csv_path = self.find(root, "metadata/UrbanSound8K.csv")
         rows = self.read_csv(csv_path, ["slice_file_name", "fold", "classID", "class"])
-        self.check_classes((r["class"] for r in rows), csv_path)
+        self.check_classes(rows, "class", "classID", csv_path)
         folds = set(self.protocols[protocol]["folds"])
         clips, missing = [], []
         for r, fold in zip(rows, folds_of(self, rows, csv_path)):
