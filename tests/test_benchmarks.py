@@ -508,3 +508,11 @@ def test_a_model_without_the_modality_fails_before_reading_the_copy(synthetic_da
     # A benchmark whose audio task is optional runs without it (MSR-VTT: text <-> video).
     with pytest.raises(DataError, match="not a directory"):
         run_benchmark(audio_less, "msrvtt", tmp_path / "not-read", tmp_path / "out")
+
+
+def test_audioset_display_names_given_twice_stay_distinct(tmp_path: Path):
+    (tmp_path / "class_labels_indices.csv").write_text('index,mid,display_name\n0,/m/a,"Bird"\n1,/m/b,"Bird"\n')
+    (tmp_path / "eval_segments.csv").write_text('# c\n# c\n# YTID, start_seconds, end_seconds, positive_labels\n'
+                                                'abc, 0.000, 10.000, "/m/b"\n')
+    manifest = get_benchmark("audioset").read(tmp_path, "eval")
+    assert manifest.classnames == ["Bird", "Bird (/m/b)"] and manifest.missing == ["abc"]

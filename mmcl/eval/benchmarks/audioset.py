@@ -36,7 +36,10 @@ class AudioSet(Benchmark):
             classes.sort(key=lambda r: int(r["index"]))
         except ValueError:
             raise self.not_a_copy(root, f"{labels_path.name} has an index that is not a number") from None
-        name_of = {r["mid"]: self.clean(r["display_name"]) for r in classes}
+        name_of: dict[str, str] = {}
+        for r in classes:  # a display name given twice keeps its mid, so the classifier's names stay distinct
+            name = self.clean(r["display_name"])
+            name_of[r["mid"]] = name if name not in name_of.values() else f"{name} ({r['mid']})"
         file = self.protocols[protocol]["file"]
         segments = self.read_csv(self.find(root, file, f"metadata/{file}"),
                                  ["YTID", "start_seconds", "end_seconds", "positive_labels"], header=False,
