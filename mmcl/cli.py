@@ -36,8 +36,9 @@ def _add_eval(sub) -> None:
                                    "and write results.json, one JSON per task, summary.md and PNG plots to --out. "
                                    "Encoded datasets are cached under OUT/cache, so a re-run with other prompts "
                                    "does not encode the data again.")
-    p.add_argument("--suite", help="suite YAML, or a name under configs/eval (e.g. synthetic); default with a "
-                                   "train config as --model: its eval.suite")
+    p.add_argument("--suite", help="suite YAML, a name under configs/eval (e.g. synthetic), a benchmark (esc50, "
+                                   "urbansound8k, audioset, vggsound, ucf101, kinetics400, audiocaps, clotho, "
+                                   "msrvtt) or 'standard'; default with a train config as --model: its eval.suite")
     p.add_argument("--model", required=True, help="a save_pretrained directory, a run's checkpoints/step_N "
                                                    "directory, a Hub repo id (from the local HF cache when offline), "
                                                    "or a train config (config:FILE, or a .yaml file): the model it "
@@ -46,9 +47,17 @@ def _add_eval(sub) -> None:
                    help="with a train config as --model: override its fields, as mmcl train --set (repeatable)")
     p.add_argument("--out", required=True, help="output directory (results.json, one JSON per task, summary.md, "
                                                  "plots, cache/)")
-    p.add_argument("--data", default="", help="held-out shards for tasks whose data is 'test'")
-    p.add_argument("--workers", type=int, default=0, help="loader processes (default: 0)")
-    p.add_argument("--no-cache", dest="cache", action="store_false", help="encode again even when cached")
+    p.add_argument("--data", action="append", default=[],
+                   help="held-out shards for tasks whose data is 'test'; for a benchmark, the folder of its copy "
+                        "in the released layout; for --suite standard, NAME=PATH (repeatable)")
+    p.add_argument("--protocol", action="append", default=[],
+                   help="a benchmark's protocol (e.g. fold1 for esc50; NAME=PROTOCOL with --suite standard)")
+    p.add_argument("--cache", help="where a benchmark's shards and embeddings are cached (default: beside the copy, "
+                                   "COPY.mmcl-cache)")
+    p.add_argument("--batch-size", type=int, default=64, help="benchmark encoding batch size (default: 64)")
+    p.add_argument("--workers", type=int, default=0, help="loader processes (default: 0); for a benchmark also the "
+                                                         "processes building its shards (at least 1)")
+    p.add_argument("--no-cache", dest="cache_embeddings", action="store_false", help="encode again even when cached")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -227,28 +236,81 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    """``NAME=VALUE`` arguments as a dict (one line naming the flag for any other form)."""
+    out = {}
+    for v in values:
+        name, sep, value = v.partition("=")
+        if not sep or not name or not value:
+            raise ConfigError(f"{flag} {v!r}: with --suite standard give NAME=VALUE (e.g. {flag} esc50=...)")
+        if name in out:
+            raise ConfigError(f"{flag}: {name} is given twice")
+        out[name] = value
+    return out
+
+
+def _eval_model(args):
+    """The model ``--model`` names -> (model, the train config it was built from, or None). A train config
+    (``config:FILE`` or a ``.yaml``) builds the model it would train, before any step; ``--set`` overrides it."""
     from mmcl.config import load_config
-    from mmcl.eval.suite import load_suite, run_suite
     from mmcl.model import load_model, train_config_spec, untrained_model
 
     spec = train_config_spec(args.model)
-    suite_name, data = args.suite, args.data
-    if spec is not None:
-        cfg = load_config(spec, args.overrides)
-        model = untrained_model(cfg)
-        suite_name, data = suite_name or cfg.eval.suite, data or cfg.data.test
-        if not suite_name:
-            raise ConfigError(f"eval.suite: {spec} names no eval suite (give --suite FILE)")
-    else:
+    if spec is None:
         if args.overrides:
             raise ConfigError("--set: only with a train config as --model (config:FILE)")
+        return load_model(args.model), None
+    cfg = load_config(spec, args.overrides)
+    return untrained_model(cfg), cfg
+
+
+def cmd_benchmark(args) -> int:
+    """``mmcl eval --suite <benchmark>|standard``: the community benchmarks from local copies."""
+    from mmcl.eval.benchmarks import get_benchmark, run_benchmark, run_standard
+    from mmcl.eval.benchmarks.runner import read_copy
+
+    options = dict(cache_dir=args.cache, model_name=args.model, workers=args.workers, batch_size=args.batch_size,
+                   cache_embeddings=args.cache_embeddings, progress=args.progress)
+    if args.suite == "standard":
+        data, protocols = _pairs(args.data, "--data"), _pairs(args.protocol, "--protocol")
+        manifests = {name: read_copy(get_benchmark(name), path, protocols.get(name)) for name, path in data.items()}
+        runs = run_standard(_eval_model(args)[0], data, args.out, protocols=protocols, manifests=manifests,
+                            **options)
+        print((Path(args.out) / "summary.md").read_text().rstrip())
+        print(f"\n{len(runs)} benchmarks; reports in {args.out}")
+        return 0
+    bench = get_benchmark(args.suite)
+    if len(args.data) != 1 or len(args.protocol) > 1:
+        raise ConfigError(f"--data: {args.suite} needs exactly one --data PATH, its copy ({bench.layout})"
+                          if len(args.data) != 1 else "--protocol: give it once")
+    manifest = read_copy(bench, args.data[0], args.protocol[0] if args.protocol else None)  # before the model loads
+    results = run_benchmark(_eval_model(args)[0], args.suite, args.data[0], args.out, manifest=manifest, **options)
+    _print_results(results)
+    info = results["benchmark"]
+    print(f"\n{bench.title}, protocol {info['protocol']}: {info['n']} clips listed, {info['missing']} missing, "
+          f"{info['rejected']} unreadable; reports in {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from mmcl.eval.benchmarks import benchmark_names
+    from mmcl.eval.suite import load_suite, run_suite
+
+    if args.suite and not Path(args.suite).is_file() and args.suite in (*benchmark_names(), "standard"):
+        return cmd_benchmark(args)
+    if len(args.data) > 1 or args.protocol:
+        raise ConfigError("--data: a suite file takes one --data SHARDS, and no --protocol (those are for benchmarks)")
+    model, cfg = _eval_model(args)
+    suite_name, data = args.suite, args.data[0] if args.data else ""
+    if cfg is not None:
+        suite_name, data = suite_name or cfg.eval.suite, data or cfg.data.test
         if not suite_name:
-            raise ConfigError("--suite: required (a suite YAML, or a name under configs/eval)")
-        model = load_model(args.model)
+            raise ConfigError(f"eval.suite: {args.model} names no eval suite (give --suite FILE)")
+    elif not suite_name:
+        raise ConfigError("--suite: required (a suite YAML, a name under configs/eval, or a benchmark)")
     suite = load_suite(suite_name)
     results = run_suite(model, suite, data, workers=args.workers, out_dir=args.out, model_name=args.model,
-                        cache=args.cache, progress=args.progress)
+                        cache=args.cache_embeddings, progress=args.progress)
     _print_results(results)
     print(f"\nreports in {args.out}")
     return 0

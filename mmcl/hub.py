@@ -43,11 +43,12 @@ def eval_records(results: dict[str, Any], datasets: dict[str, str] | None = None
 
 def read_eval_dir(path: str | Path) -> list[dict[str, Any]]:
     """The per-task records of an eval output directory (``mmcl eval --out``), or of the directory of a
-    ``results.json`` given instead; falls back to ``results.json`` alone."""
+    ``results.json`` given instead, or of the per-benchmark folders of ``mmcl eval --suite standard``;
+    falls back to ``results.json`` alone."""
     p = Path(path)
     folder = p.parent if p.is_file() else p
     records = []
-    for f in sorted(folder.glob("*.json")):
+    for f in sorted(folder.glob("*.json")) + sorted(folder.glob("*/*.json")):
         try:
             data = json.loads(f.read_text())
         except ValueError:

@@ -106,3 +106,62 @@ def attribute_match(scores: torch.Tensor, same_attrs: torch.Tensor) -> dict[str,
     match = (class_probabilities(scores) * same_attrs.double()).sum(dim=1).mean().item()
     ceiling = (1.0 / same_attrs.sum(dim=1).double()).mean().item()
     return {"R@1_attribute_match": match, "R@1_tie_ceiling": ceiling}
+
+
+def map_at_k(scores: torch.Tensor, positives: torch.Tensor, k: int = 10, chunk: int = 256) -> float:
+    """Mean over queries of AP@K = ``sum_{i <= K} rel_i * hits_i / i / min(positives, K)`` (DCASE's and
+    AudioCaps' mAP@10; with one positive per query it is the mean of ``1 / rank`` over ranks <= K), as
+    its expectation over uniformly random tie-breaking.
+
+    Position ``i`` falls in a group of ``t`` tied candidates holding ``p`` positives, ``a`` positives
+    ranked strictly above; it is a positive with probability ``p / t``, and given that, the hits up to it
+    are ``a + 1 + (j - 1)(p - 1)/(t - 1)`` on average (``j``: its place in the group). ``scores``,
+    ``positives`` ``[Nq, Nc]`` (bool, at least one positive per row).
+    """
+    if not bool(positives.any(dim=1).all()):
+        raise ValueError("every query needs at least one positive candidate")
+    scores, positives = scores.double(), positives.bool()
+    k = min(k, scores.shape[1])
+    total = 0.0
+    for start in range(0, scores.shape[0], chunk):
+        s, pos = scores[start:start + chunk], positives[start:start + chunk]
+        at = s.sort(dim=1, descending=True).values[:, :k, None]            # [q, K, 1] score at position i
+        above, tied = s[:, None, :] > at, s[:, None, :] == at                # [q, K, Nc]
+        n_above, t = above.sum(-1).double(), tied.sum(-1).double()
+        a, p = (above & pos[:, None, :]).sum(-1).double(), (tied & pos[:, None, :]).sum(-1).double()
+        i = torch.arange(1, k + 1, dtype=torch.float64)[None, :]
+        j = i - n_above
+        extra = torch.where(t > 1, (j - 1) * (p - 1).clamp(min=0) / (t - 1).clamp(min=1), torch.zeros_like(t))
+        gain = (p / t) * (a + 1 + extra) / i
+        norm = pos.sum(dim=1).double().clamp(max=k)
+        total += (gain.sum(dim=1) / norm).sum().item()
+    return total / scores.shape[0]
+
+
+def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per class, the average precision ``sum_n (R_n - R_{n-1}) P_n`` over the distinct score thresholds
+    (tied scores form one threshold), as scikit-learn's ``average_precision_score`` computes it, exactly
+    (no threshold binning). ``scores [N, C]``, ``targets`` bool ``[N, C]`` -> float64 ``[C]``, NaN for a
+    class with no positive."""
+    s, order = scores.double().sort(dim=0, descending=True)
+    y = targets.bool().gather(0, order).double()
+    tp = y.cumsum(dim=0)
+    rank = torch.arange(1, s.shape[0] + 1, dtype=torch.float64)[:, None]
+    end = torch.ones_like(s, dtype=torch.bool)
+    end[:-1] = s[:-1] != s[1:]                                               # last row of each tie group
+    tp_end = torch.where(end, tp, torch.zeros_like(tp))
+    before = torch.cat([torch.zeros_like(tp_end[:1]), tp_end.cummax(dim=0).values[:-1]])
+    gained = torch.where(end, tp - before, torch.zeros_like(tp))           # positives this threshold adds
+    n_pos = y.sum(dim=0)
+    ap = (gained * tp / rank).sum(dim=0) / n_pos
+    return torch.where(n_pos > 0, ap, torch.full_like(ap, math.nan))
+
+
+def multilabel_metrics(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """``scores [N, C]``, ``targets`` bool ``[N, C]`` -> ``mAP`` (mean AP over the classes with at least
+    one positive, AudioSet's figure), ``n``, ``n_classes`` and ``n_classes_scored`` (those with a
+    positive; the others have no defined AP and are left out)."""
+    ap = average_precision(scores, targets)
+    scored = ~ap.isnan()
+    return {"mAP": ap[scored].mean().item() if bool(scored.any()) else math.nan, "n": int(scores.shape[0]),
+            "n_classes": int(scores.shape[1]), "n_classes_scored": int(scored.sum())}

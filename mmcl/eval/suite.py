@@ -32,6 +32,7 @@ from mmcl.eval.data import (
 )
 from mmcl.eval.linear_probe import DEFAULT_WEIGHT_DECAYS, linear_probe
 from mmcl.eval.metrics import confusion_matrix, recall_curve, true_ranks
+from mmcl.eval.multilabel import multilabel_classification
 from mmcl.eval.retrieval import retrieval
 from mmcl.eval.zeroshot import encode_texts, model_device, zeroshot_classification
 from mmcl.errors import DataError, EvalError
@@ -83,6 +84,16 @@ class TaskConfig:
     train_data: str = ""
     #: Linear probe: the L2 weight decays tried (picked on a held-out fifth of ``train_data``).
     weight_decays: list[float] = field(default_factory=lambda: list(DEFAULT_WEIGHT_DECAYS))
+    #: Zero-shot classification: ``label`` holds a list of class names per sample (AudioSet), scored by
+    #: the mean average precision over classes (``mmcl.eval.multilabel``).
+    multilabel: bool = False
+    #: False: classes without samples stay in the classifier (a benchmark's fixed class list over a
+    #: partial copy) and are left out of the per-class means, instead of failing the task.
+    require_every_class: bool = True
+    #: Retrieval: also report mAP@K (AudioCaps, Clotho: 10); 0: not reported.
+    map_k: int = 0
+    #: Extra fields of the task's JSON report (a benchmark's ``language``, ``protocol``, ``n``, ``missing``).
+    report: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, where: str) -> None:
         if not self.query:
@@ -124,6 +135,10 @@ class TaskConfig:
                 raise ConfigError(f"{where}.weight_decays: one or more values >= 0")
         elif self.train_data:
             raise ConfigError(f"{where}.train_data: only for linear_probe tasks")
+        if self.multilabel and self.type != "zeroshot_classification":
+            raise ConfigError(f"{where}.multilabel: only for zeroshot_classification tasks")
+        if self.map_k < 0 or (self.map_k and self.type != "retrieval"):
+            raise ConfigError(f"{where}.map_k: a K >= 1 for retrieval tasks (0: no mAP@K)")
 
     @property
     def modalities(self) -> list[str]:
@@ -254,12 +269,17 @@ def _label_of(meta: dict, key: str) -> Any:
     return _meta_path(meta.get("labels", meta), key)
 
 
-def _raw_labels(task: TaskConfig, metas: list[tuple[str, dict]], spec: str) -> list[str]:
-    """Each sample's label as its JSON holds it (as a string)."""
-    out = []
+def _raw_labels(task: TaskConfig, metas: list[tuple[str, dict]], spec: str) -> list[Any]:
+    """Each sample's label as its JSON holds it (as a string); for a multi-label task, a tuple of them (a single
+    label counts as one)."""
+    out: list[Any] = []
     for key, meta in metas:
         try:
-            out.append(str(_label_of(meta, task.label)))
+            value = _label_of(meta, task.label)
+            if task.multilabel:
+                out.append(tuple(map(str, value)) if isinstance(value, list) else (str(value),))
+            else:
+                out.append(str(value))
         except (KeyError, IndexError, TypeError, ValueError):
             raise EvalError(f"task {task.name}: sample {key} of {spec} has no label {task.label!r} in its json "
                             f"(a {task.type} task needs labelled data)") from None
@@ -276,9 +296,12 @@ def _class_name(task: TaskConfig, label: str, spec: str) -> str:
     return task.classname_map[label]
 
 
-def _labels(task: TaskConfig, metas: list[tuple[str, dict]], spec: str) -> list[str]:
-    """Each sample's class name: its label through ``classname_map``."""
-    return [_class_name(task, label, spec) for label in _raw_labels(task, metas, spec)]
+def _labels(task: TaskConfig, metas: list[tuple[str, dict]], spec: str) -> list[Any]:
+    """Each sample's class name: its label through ``classname_map`` (a tuple of them for a multi-label task)."""
+    labels = _raw_labels(task, metas, spec)
+    if task.multilabel:
+        return [tuple(_class_name(task, label, spec) for label in row) for row in labels]
+    return [_class_name(task, label, spec) for label in labels]
 
 
 def _label_order(label: str) -> tuple[int, float, str]:
@@ -292,7 +315,10 @@ def _label_order(label: str) -> tuple[int, float, str]:
 def classnames_from_labels(task: TaskConfig, metas: list[tuple[str, dict]], spec: str) -> list[str]:
     """``classnames: from_labels``: the sorted distinct labels of ``metas``, each through ``classname_map``;
     two labels mapped to one class name are refused."""
-    labels = sorted(set(_raw_labels(task, metas, spec)), key=_label_order)
+    raw = _raw_labels(task, metas, spec)
+    if task.multilabel:
+        raw = [label for row in raw for label in row]
+    labels = sorted(set(raw), key=_label_order)
     names = [_class_name(task, label, spec) for label in labels]
     seen: dict[str, str] = {}
     for label, name in zip(labels, names):
@@ -304,11 +330,13 @@ def classnames_from_labels(task: TaskConfig, metas: list[tuple[str, dict]], spec
 
 
 def _check_classes(task: TaskConfig, names: list[str], spec: str, classnames: list[str]) -> None:
+    if task.multilabel:
+        names = [n for labels in names for n in labels]
     unknown = sorted(set(names) - set(classnames))
     if unknown:
         raise EvalError(f"task {task.name}: label {unknown[0]!r} in {spec} is not among the class names "
                         f"({', '.join(classnames)})")
-    empty = [c for c in classnames if c not in set(names)]
+    empty = [c for c in classnames if c not in set(names)] if task.require_every_class else []
     if empty:
         raise EvalError(f"task {task.name}: class {empty[0]!r} has no samples in {spec}")
 
@@ -457,7 +485,13 @@ def _classification_inputs(task: TaskConfig, data: dict[str, Any], spec: str,
     _check_classes(task, names, spec, classnames)
     index = {c: i for i, c in enumerate(classnames)}
     keys = [data["keys"][i] for i in idx.tolist()]
-    return {m: data["emb"][m][idx] for m in task.query}, torch.tensor([index[n] for n in names]), keys
+    query = {m: data["emb"][m][idx] for m in task.query}
+    if task.multilabel:  # [N, C] bool targets
+        targets = torch.zeros(len(names), len(classnames), dtype=torch.bool)
+        for row, labels in enumerate(names):
+            targets[row, [index[n] for n in labels]] = True
+        return query, targets, keys
+    return query, torch.tensor([index[n] for n in names]), keys
 
 
 def _side(model, task: TaskConfig, mods: list[str], data: dict[str, Any],
@@ -504,7 +538,7 @@ def _retrieval(model, task: TaskConfig, data: dict[str, Any], spec: str) -> Task
         codes = {a: i for i, a in enumerate(sorted(set(attrs)))}
         code = torch.tensor([codes[a] for a in attrs])
         same = code[q_clip][:, None] == code[c_clip][None, :]
-    metrics, scores = retrieval(model, query, candidates, positives=positives, same_attrs=same)
+    metrics, scores = retrieval(model, query, candidates, positives=positives, same_attrs=same, map_k=task.map_k)
     ranks = query_ranks(scores, positives, _row_names(task, task.query, data, idx, q_clip),
                         [r["key"] for r in _row_names(task, task.candidates, data, idx, c_clip)])
     return TaskOutput(metrics, curve=recall_curve(scores, positives, min(scores.shape[1], CURVE_MAX_K)),
@@ -531,6 +565,9 @@ def _run_task(model, task: TaskConfig, data: dict[str, Any], train: dict[str, An
     if task.type == "zeroshot_classification":
         classnames = _classnames(task, _kept_metas(task, data, spec), spec)
         query, labels, keys = _classification_inputs(task, data, spec, classnames)
+        if task.multilabel:
+            metrics, _ = multilabel_classification(model, query, labels, classnames, task.templates, task.text)
+            return TaskOutput(metrics, dataset=dataset_name(task, spec), classnames=classnames)
         metrics, scores = zeroshot_classification(model, query, labels, classnames, task.templates, task.text)
     else:
         if train is None:
@@ -678,11 +715,17 @@ def results_table(results: dict[str, Any]) -> str:
     """A markdown table of every task's metrics; classification tables give the chance level (1 / classes)
     beside acc1 and "—" for acc5 below 5 classes."""
     sections = []
-    zs = results.get("zeroshot_classification", {})
+    zs = {k: m for k, m in results.get("zeroshot_classification", {}).items() if "mAP" not in m}
+    ml = {k: m for k, m in results.get("zeroshot_classification", {}).items() if "mAP" in m}
     if zs:
         lines = ["| zero-shot task | acc1 | chance | acc5 | mean per-class recall | n | classes |",
                  "|---|---|---|---|---|---|---|"]
         lines += [f"{_classification_row(name, m)} |" for name, m in zs.items()]
+        sections.append(lines)
+    if ml:
+        lines = ["| multi-label task | mAP | n | classes | classes with a positive |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {_fmt(m['mAP'])} | {m['n']} | {m['n_classes']} | {m['n_classes_scored']} |"
+                  for name, m in ml.items()]
         sections.append(lines)
     lp = results.get("linear_probe", {})
     if lp:
@@ -692,12 +735,15 @@ def results_table(results: dict[str, Any]) -> str:
         sections.append(lines)
     rt = results.get("retrieval", {})
     if rt:
+        maps = sorted({k for m in rt.values() for k in m if k.startswith("mAP@")})  # tasks with map_k
         lines = ["| retrieval | R@1 | R@5 | R@10 | median rank | mean rank | n | R@1 tie ceiling "
-                 "| R@1 attribute match |", "|---|---|---|---|---|---|---|---|---|"]
+                 "| R@1 attribute match |" + "".join(f" {k} |" for k in maps), "|---|---|---|---|---|---|---|---|---|"
+                 + "---|" * len(maps)]
         for name, m in rt.items():
             lines.append(f"| {name} | {_fmt(m['R@1'])} | {_fmt(m['R@5'])} | {_fmt(m['R@10'])} "
                          f"| {_fmt(m['median_rank'])} | {_fmt(m['mean_rank'])} | {m['n']} "
-                         f"| {_fmt(m.get('R@1_tie_ceiling', '-'))} | {_fmt(m.get('R@1_attribute_match', '-'))} |")
+                         f"| {_fmt(m.get('R@1_tie_ceiling', '-'))} | {_fmt(m.get('R@1_attribute_match', '-'))} |"
+                         + "".join(f" {_fmt(m.get(k, '-'))} |" for k in maps))
         sections.append(lines)
     return "\n\n".join("\n".join(lines) for lines in sections)
 
@@ -724,7 +770,7 @@ def write_reports(results: dict[str, Any], suite: SuiteConfig, out: Path, model_
         dataset = output.dataset if output else dataset_name(task, task.data)
         (out / f"{stem}.json").write_text(json.dumps(
             {"dataset": dataset, "model": model_name, "task": task.type, "name": task.name,
-             "metrics": results[task.type][task.name]}, indent=2))
+             "metrics": results[task.type][task.name], **task.report}, indent=2))
         if output is not None and output.ranks:
             (out / f"{stem}_ranks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in output.ranks))
         if output is not None and output.confusion is not None:
