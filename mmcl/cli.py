@@ -249,9 +249,10 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
     return out
 
 
-def _eval_model(args):
+def _eval_model(args, suite_required: bool = False):
     """The model ``--model`` names -> (model, the train config it was built from, or None). A train config
-    (``config:FILE`` or a ``.yaml``) builds the model it would train, before any step; ``--set`` overrides it."""
+    (``config:FILE`` or a ``.yaml``) builds the model it would train, before any step; ``--set`` overrides it.
+    ``suite_required``: no ``--suite`` was given, which only a train config (its ``eval.suite``) makes up for."""
     from mmcl.config import load_config
     from mmcl.model import load_model, train_config_spec, untrained_model
 
@@ -259,6 +260,8 @@ def _eval_model(args):
     if spec is None:
         if args.overrides:
             raise ConfigError("--set: only with a train config as --model (config:FILE)")
+        if suite_required:
+            raise ConfigError("--suite: required (a suite YAML, a name under configs/eval, or a benchmark)")
         return load_model(args.model), None
     cfg = load_config(spec, args.overrides)
     return untrained_model(cfg), cfg
@@ -300,14 +303,12 @@ def cmd_eval(args) -> int:
         return cmd_benchmark(args)
     if len(args.data) > 1 or args.protocol:
         raise ConfigError("--data: a suite file takes one --data SHARDS, and no --protocol (those are for benchmarks)")
-    model, cfg = _eval_model(args)
+    model, cfg = _eval_model(args, suite_required=not args.suite)
     suite_name, data = args.suite, args.data[0] if args.data else ""
     if cfg is not None:
         suite_name, data = suite_name or cfg.eval.suite, data or cfg.data.test
         if not suite_name:
             raise ConfigError(f"eval.suite: {args.model} names no eval suite (give --suite FILE)")
-    elif not suite_name:
-        raise ConfigError("--suite: required (a suite YAML, a name under configs/eval, or a benchmark)")
     suite = load_suite(suite_name)
     results = run_suite(model, suite, data, workers=args.workers, out_dir=args.out, model_name=args.model,
                         cache=args.cache_embeddings, progress=args.progress)
