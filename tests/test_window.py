@@ -36,7 +36,7 @@ FPS = 10.0
 SR = 16000
 FRAMES = 8
 #: Keys of the random windows each source is checked with.
-KEYS = [f"k{i}" for i in range(4)]
+KEYS = [f"k{i}" for i in range(3)]
 SOURCES = {  # name -> (seconds, encode_timecoded options)
     "10s": (10.0, {}),
     "10s_vfr": (10.0, {"variable": True}),

@@ -126,7 +126,8 @@ def _mux_audio(container: av.container.OutputContainer, stream: av.audio.stream.
 def audio_lag(decoded: np.ndarray, start: float, sample_rate: int, search: float = 0.3) -> float:
     """Where a decoded span ``decoded`` (``[S]`` at ``sample_rate``, meant to start at ``start`` s) really starts,
     minus ``start``: the lag in seconds (within ``+- search``) that best matches it to :func:`tone`
-    (normalised cross-correlation over the non-silent part). Positive: the decoded audio is late."""
+    (cross-correlation over its non-silent part). Positive: the decoded samples are of later moments than
+    asked."""
     x = np.asarray(decoded, dtype=np.float64)
     live = np.abs(x) > 1e-3
     if live.sum() < sample_rate * 0.1:
@@ -137,7 +138,9 @@ def audio_lag(decoded: np.ndarray, start: float, sample_rate: int, search: float
     lags = np.arange(-int(search * sample_rate), int(search * sample_rate) + 1)
     t_ref = span_start - search + np.arange(len(x) + 2 * int(search * sample_rate) + 1) / sample_rate
     ref = tone(np.clip(t_ref, 0.0, None))
-    # correlation at lag L: sum x[n] ref[n + L + S]
-    corr = np.correlate(ref, x, mode="valid")
+    # correlation at lag L: sum_n x[n] ref[n + L + S] (the "valid" part of a cross-correlation, by FFT)
+    size = 1 << int(np.ceil(np.log2(len(ref) + len(x))))
+    full = np.fft.irfft(np.fft.rfft(ref, size) * np.conj(np.fft.rfft(x, size)), size)
+    corr = full[: len(ref) - len(x) + 1]
     best = int(np.argmax(corr))
     return float(lags[best]) / sample_rate
