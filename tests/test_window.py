@@ -137,6 +137,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     keys = list(clips)
     a = _write_shard(out / "w-000000.tar", {k: clips[k] for k in keys[:4]}, {"c0": 10.0, "c2": 10.0})
     b = _write_shard(out / "w-000001.tar", {k: clips[k] for k in keys[4:]}, {"c5": 10.0})
+    (out / "sizes.json").write_text(json.dumps({"w-000000.tar": 4, "w-000001.tar": 3}))
     return a, b
 
 
@@ -290,3 +291,28 @@ def test_two_gloo_ranks_draw_the_windows_of_one_process(shards: tuple[str, str],
     for epoch in (0, 1):
         one.update({f"{epoch}/{k}": w for k, (w, _) in _epoch(stream, epoch).items()})
     assert {**ranks[0], **ranks[1]} == one
+
+
+def test_training_logs_each_keys_window(shards: tuple[str, str], tmp_path: Path) -> None:
+    """``train.log_keys`` with ``data.clip``: every step's windows in ``log.jsonl``, each the draw of its
+    (seed, epoch, key); the short source is counted in ``results.json``."""
+    from mmcl.config import load_config
+    from mmcl.train.loop import train
+
+    base = {"model": {"embed_dim": 16, "modalities": {
+        "video": {"frames": FRAMES, "size": 32, "tower": {"width": 32, "depth": 1, "heads": 2, "patch": 16}},
+        "audio": {"n_mels": 32, "seconds": 2.0, "tower": {"width": 32, "depth": 1, "heads": 2, "patch": 16}}}},
+        "data": {"train": shards[0] + "::" + shards[1], "batch_size": 2, "shuffle_buffer": 0,
+                 "clip": {"seconds": 2.0}},
+        "train": {"epochs": 2, "seed": 3, "log_keys": True, "progress": False, "warmup_steps": 1, "threads": 1}}
+    summary = train(load_config(base=base), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    records = [r for r in records if "keys" in r]
+    seen = [(r["epoch"], k) for r in records for k in r["keys"]]
+    assert len(seen) == len(set(seen)) and {e for e, _ in seen} == {0, 1}
+    durations = {f"c{i}": 10.0 for i in range(6)} | {"short": 1.0}
+    for r in records:
+        for key, window in zip(r["keys"], r["windows"]):
+            want = draw_window(WindowConfig(seconds=2.0), durations[key], SampleContext(key, r["epoch"], 3, True))
+            assert window == pytest.approx([want.start, want.end], abs=1e-6)
+    assert summary["data"]["adjusted"] == {"short_source": sum(k == "short" for _, k in seen)}
