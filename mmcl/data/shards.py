@@ -12,7 +12,9 @@ error when there are too few shards, and an optional RAM cache of decoded sample
 A batch is a dict::
 
     {"keys": [N] sample keys, "inputs": {modality: tensor [N, ...]},
-     "present": {modality: bool [N]}, "skipped": {reason: count since the previous batch}}
+     "present": {modality: bool [N]}, "skipped": {reason: count since the previous batch},
+     "adjusted": {reason: count of samples changed to fit, e.g. short_source},
+     "windows": [N] [start, end] seconds (with data.clip only)}
 """
 
 from __future__ import annotations
