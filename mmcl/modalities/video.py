@@ -102,6 +102,11 @@ def _decode_pyav(data: bytes, t: int) -> torch.Tensor:
     return torch.from_numpy(picked).permute(0, 3, 1, 2)
 
 
+#: Seconds before a window from which the PyAV fallback decodes every frame again (more than the decoder's
+#: frame reordering delay, a few frames).
+PREROLL_MARGIN = 1.0
+
+
 def _clamped(times: list[float], begin: float, end: float) -> list[float]:
     """``times`` inside the stream's ``[begin, end)``: before its first frame -> the first frame, at or after
     its end -> the last one (a source shorter than the window repeats its last frame)."""
@@ -146,7 +151,8 @@ def _decode_torchcodec_window(data: bytes, t: int, window: Window) -> torch.Tens
 def _decode_pyav_window(data: bytes, t: int, window: Window) -> torch.Tensor:
     """PyAV: seek to the keyframe before the window, decode forward to its last sampled time, keep the frame
     played at each of :meth:`Window.times` (the first frame before the stream starts, the last after it
-    ends) -> ``[t, 3, H, W]`` uint8."""
+    ends) -> ``[t, 3, H, W]`` uint8. Until :data:`PREROLL_MARGIN` s before the window the decoder skips the
+    frames no other frame refers to (``skip_frame NONREF``: B-frames), which nothing kept can need."""
     import av
 
     times = window.times(t)
@@ -155,12 +161,16 @@ def _decode_pyav_window(data: bytes, t: int, window: Window) -> torch.Tensor:
         if not container.streams.video:
             raise SampleError("bad_video", "no video stream")
         stream = container.streams.video[0]
+        codec = stream.codec_context
         if window.start > 0 and stream.time_base:
             container.seek(int(window.start / stream.time_base), stream=stream)
+            codec.skip_frame = "NONREF"
         j, previous = 0, None
         for frame in container.decode(stream):
             if frame.time is None:
                 continue
+            if codec.skip_frame != "DEFAULT" and frame.time >= window.start - PREROLL_MARGIN:
+                codec.skip_frame = "DEFAULT"
             while j < t and times[j] < frame.time:
                 picked[j] = previous if previous is not None else frame
                 j += 1
