@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
+from mmcl.data.window import WindowConfig
 from mmcl.errors import ConfigError
 
 #: Top of the source tree, where the named configs live (``configs/``).
@@ -348,6 +349,10 @@ class DataConfig:
     cache: bool = False
     #: A sample missing a modality: skip it (counted) or keep it with that modality masked out.
     on_missing: Literal["skip", "mask"] = "skip"
+    #: One time window per sample shared by video and audio, decoded alone (:mod:`mmcl.data.window`):
+    #: ``{seconds, train: random|center, eval: center, eval_clips}``. None: each modality reads the whole
+    #: clip (video: frames spread over all of it; audio: its own ``seconds`` window).
+    clip: WindowConfig | None = None
 
     def validate(self, where: str) -> None:
         _positive(where, batch_size=self.batch_size)

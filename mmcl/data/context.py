@@ -11,19 +11,26 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from mmcl.data.window import Window
 
 
 @dataclass(frozen=True)
 class SampleContext:
     """One sample's identity in the loader: its ``key``, the ``epoch`` it is read in, the run's ``seed`` and
-    whether it is read for training (random windows and augmentation) or for evaluation (fixed ones)."""
+    whether it is read for training (random windows and augmentation) or for evaluation (fixed ones).
+    ``window``: the sample's time window (``data.clip``, :mod:`mmcl.data.window`) that every time-based
+    modality decodes; None without one (the whole clip, as before ``data.clip`` existed)."""
 
     key: str
     epoch: int = 0
     seed: int = 0
     train: bool = False
+    window: Window | None = None
 
     def seed_for(self, purpose: str) -> int:
         """A 63-bit seed for ``purpose`` (e.g. ``"window"``, ``"augment.video"``): blake2b of the fields, so it is

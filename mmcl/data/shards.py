@@ -12,7 +12,9 @@ error when there are too few shards, and an optional RAM cache of decoded sample
 A batch is a dict::
 
     {"keys": [N] sample keys, "inputs": {modality: tensor [N, ...]},
-     "present": {modality: bool [N]}, "skipped": {reason: count since the previous batch}}
+     "present": {modality: bool [N]}, "skipped": {reason: count since the previous batch},
+     "adjusted": {reason: count of samples changed to fit, e.g. short_source},
+     "windows": [N] [start, end] seconds (with data.clip only)}
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import random
 import tarfile
 from collections import Counter
+from dataclasses import replace
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -35,6 +38,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from mmcl.data.context import SampleContext
+from mmcl.data.window import Window, WindowConfig, draw_window, sample_duration
 from mmcl.errors import DataError
 from mmcl.modalities.base import MissingModality, Processor, SampleError
 
@@ -247,13 +251,21 @@ class SampleDecoder:
         on_missing: a sample lacking a modality is skipped (``skip``, counted ``missing_<name>``) or keeps it
             masked (``mask``; a sample with none is ``no_modality``).
         with_meta: also parse the ``json`` member (:func:`parse_meta`).
+        clip: ``data.clip``: one window per sample (:func:`~mmcl.data.window.draw_window`) handed to every
+            time-based modality as ``ctx.window``, and kept as ``decoded["__window__"]``.
+        view: which of ``clip.eval_clips`` evaluation windows to draw.
     """
 
     def __init__(self, processors: dict[str, Processor], on_missing: Literal["skip", "mask"] = "skip",
-                 with_meta: bool = False):
+                 with_meta: bool = False, clip: WindowConfig | None = None, view: int = 0):
         self.processors = processors
         self.on_missing = on_missing
         self.with_meta = with_meta
+        self.clip = clip
+        self.view = view
+        if clip is not None:
+            for proc in processors.values():
+                proc.check_window(clip.seconds, "data.clip")
         #: The placeholders of absent modalities; their shapes are the ones a transform must give.
         self.empty = {name: proc.empty() for name, proc in processors.items()}
 
@@ -262,6 +274,10 @@ class SampleDecoder:
         handed to every processor (None outside the loader)."""
         decoded: dict[str, Any] = {}
         present: dict[str, bool] = {}
+        window = self.window(raw, ctx) if self.clip is not None else None
+        if window is not None:
+            ctx = replace(ctx or SampleContext(raw["__key__"]), window=window)
+            decoded["__window__"] = window
         for name, proc in self.processors.items():
             try:
                 decoded[name] = proc.decode(raw, ctx)
@@ -280,10 +296,27 @@ class SampleDecoder:
             decoded["__meta__"] = parse_meta(raw)
         return decoded, present
 
+    def window(self, raw: dict[str, Any], ctx: SampleContext | None) -> Window | None:
+        """The sample's window from its duration (metadata, else a probe of its time-based media); None when
+        it has none of them."""
+        members = []
+        for proc in self.processors.values():
+            if proc.timed:
+                try:
+                    members.append(proc.find_member(raw)[1])
+                except MissingModality:
+                    continue
+        if not members:
+            return None
+        duration = sample_duration(raw, members)
+        return draw_window(self.clip, duration, ctx or SampleContext(raw["__key__"]), self.view)
+
     def transform(self, decoded: dict[str, Any], present: dict[str, bool], train: bool,
                   ctx: SampleContext | None = None) -> dict[str, torch.Tensor]:
         """-> ``{name: tensor}`` for every modality (the placeholder where absent), each of its placeholder's
         shape (``bad_shape_<name>`` otherwise)."""
+        if ctx is not None and decoded.get("__window__") is not None:
+            ctx = replace(ctx, window=decoded["__window__"])
         out: dict[str, torch.Tensor] = {}
         for name, proc in self.processors.items():
             if not present[name]:
@@ -339,12 +372,17 @@ class ShardStream(IterableDataset):
         batch_size: samples per batch; the last batch of a worker may be smaller.
         train: shuffle shards and samples and allow augmentation.
         split_by_node: give each rank its own shards (training); off for eval on one rank.
+        clip: ``data.clip``, one time window per sample (see :class:`SampleDecoder`); ``view``: which of its
+            evaluation windows. With a window and ``cache`` in training, the cache keeps the raw sample
+            (its compressed bytes) rather than the decoded one, and each epoch decodes that epoch's window
+            from it: windows move every epoch, and the RAM held is the shards' size, not every frame's.
     """
 
     def __init__(self, urls: list[str], processors: dict[str, Processor], batch_size: int, *,
                  train: bool = True, shuffle_buffer: int = 1000, shard_shuffle: bool = True,
                  resample: bool = False, seed: int = 0, on_missing: str = "skip", cache: bool = False,
-                 split_by_node: bool = True, with_meta: bool = False):
+                 split_by_node: bool = True, with_meta: bool = False, clip: WindowConfig | None = None,
+                 view: int = 0):
         super().__init__()
         self.urls = list(urls)
         self.processors = processors
@@ -357,11 +395,15 @@ class ShardStream(IterableDataset):
         self.cache = cache
         self.split_by_node = split_by_node
         self.with_meta = with_meta
-        self.decoder = SampleDecoder(processors, on_missing, with_meta)
+        self.decoder = SampleDecoder(processors, on_missing, with_meta, clip, view)
         self.epoch = SharedEpoch()
-        self._cache: dict[str, tuple[dict, dict]] = {}
+        #: The cache keeps raw samples (decoded again each epoch: a new window) instead of decoded ones.
+        self._cache_raw = clip is not None and train
+        self._cache: dict[str, Any] = {}
         self._cache_complete = False
         self._skipped: Counter = Counter()
+        #: Samples used but changed to fit, by reason (``short_source``: shorter than the window, padded).
+        self._adjusted: Counter = Counter()
         self._warned = 0
 
     # -- bookkeeping -------------------------------------------------------------------------------------
@@ -404,26 +446,39 @@ class ShardStream(IterableDataset):
             if self.train:
                 rng.shuffle(keys)
             for k in keys:
-                yield (k, *self._cache[k])
+                out = self._decode(self._cache[k], epoch) if self._cache_raw else self._cache[k]
+                if out is not None:
+                    yield (k, *out)
             return
         raw = self._raw_samples(epoch)
         if self.shuffle_buffer > 1:
             raw = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(raw)
         for sample in raw:
             key = sample["__key__"]
-            try:
-                out = self.decoder.decode(sample, SampleContext(key, epoch, self.seed, self.train))
-            except SampleError as e:
-                self._skip(e.reason, e.detail, key)
+            out = self._decode(sample, epoch)
+            if out is None:
                 continue
             if self.cache:
-                self._cache[key] = out
+                self._cache[key] = sample if self._cache_raw else out
             yield (key, *out)
         if self.cache and not self.resample:
             self._cache_complete = True
 
-    def _samples(self, epoch: int) -> Iterator[tuple[str, dict, dict, Any]]:
-        """(key, {modality: tensor}, presence, metadata) of each usable sample."""
+    def _decode(self, sample: dict, epoch: int) -> tuple[dict, dict] | None:
+        """(decoded, presence) of a raw sample read in ``epoch``; None (skipped and counted) when unusable."""
+        key = sample["__key__"]
+        try:
+            out = self.decoder.decode(sample, SampleContext(key, epoch, self.seed, self.train))
+        except SampleError as e:
+            self._skip(e.reason, e.detail, key)
+            return None
+        window = out[0].get("__window__")
+        if window is not None and window.short:
+            self._adjusted["short_source"] += 1
+        return out
+
+    def _samples(self, epoch: int) -> Iterator[tuple[str, dict, dict, Any, Window | None]]:
+        """(key, {modality: tensor}, presence, metadata, window) of each usable sample."""
         for key, decoded, present in self._decoded_samples(epoch):
             try:
                 inputs = self.decoder.transform(decoded, present, self.train,
@@ -431,20 +486,27 @@ class ShardStream(IterableDataset):
             except SampleError as e:
                 self._skip(e.reason, e.detail, key)
                 continue
-            yield key, inputs, present, decoded.get("__meta__")
+            yield key, inputs, present, decoded.get("__meta__"), decoded.get("__window__")
 
-    def _collate(self, items: list[tuple[str, dict, dict, Any]]) -> dict[str, Any]:
-        batch: dict[str, Any] = {"keys": [k for k, _, _, _ in items], "inputs": {}, "present": {}}
+    def _collate(self, items: list[tuple[str, dict, dict, Any, Window | None]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {"keys": [k for k, *_ in items], "inputs": {}, "present": {}}
         if self.with_meta:
-            batch["meta"] = [meta for _, _, _, meta in items]
+            batch["meta"] = [item[3] for item in items]
+        if self.decoder.clip is not None:
+            batch["windows"] = [[w.start, w.end] if w is not None else None for *_, w in items]
         for name, mod in self.processors.items():
-            batch["inputs"][name] = mod.collate([inputs[name] for _, inputs, _, _ in items])
-            batch["present"][name] = torch.tensor([p[name] for _, _, p, _ in items], dtype=torch.bool)
+            batch["inputs"][name] = mod.collate([item[1][name] for item in items])
+            batch["present"][name] = torch.tensor([item[2][name] for item in items], dtype=torch.bool)
         return batch
 
     def _take_skipped(self) -> dict[str, int]:
         out = dict(self._skipped)
         self._skipped.clear()
+        return out
+
+    def _take_adjusted(self) -> dict[str, int]:
+        out = dict(self._adjusted)
+        self._adjusted.clear()
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -463,23 +525,25 @@ class ShardStream(IterableDataset):
             pending.append(item)
             if len(pending) == self.batch_size:
                 batch = self._collate(pending)
-                batch["skipped"] = self._take_skipped()
+                batch["skipped"], batch["adjusted"] = self._take_skipped(), self._take_adjusted()
                 pending = []
                 yield batch
-        if pending or self._skipped:
+        if pending or self._skipped or self._adjusted:
             batch = self._collate(pending) if pending else {"keys": [], "inputs": {}, "present": {}, "meta": []}
-            batch["skipped"] = self._take_skipped()
+            batch["skipped"], batch["adjusted"] = self._take_skipped(), self._take_adjusted()
             yield batch
 
 
 class Loader:
-    """A ``DataLoader`` over a :class:`ShardStream` that adds up the skip counts from every worker and
-    drops the count-only (empty) batches. Iterate it once per epoch after :meth:`set_epoch`."""
+    """A ``DataLoader`` over a :class:`ShardStream` that adds up the skip (``skipped``) and adjust
+    (``adjusted``) counts from every worker and drops the count-only (empty) batches. Iterate it once per
+    epoch after :meth:`set_epoch`."""
 
     def __init__(self, stream: ShardStream, workers: int = 0):
         self.stream = stream
         self.workers = workers
         self.skipped: Counter = Counter()
+        self.adjusted: Counter = Counter()
         self.loader = DataLoader(
             stream, batch_size=None, num_workers=workers,
             persistent_workers=workers > 0 and stream.cache,
@@ -493,6 +557,7 @@ class Loader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.loader:
             self.skipped.update(batch.pop("skipped"))
+            self.adjusted.update(batch.pop("adjusted"))
             if batch["keys"]:
                 yield batch
 

@@ -110,9 +110,11 @@ class EmbeddingCache:
         self.root = Path(root)
 
     @staticmethod
-    def key(model_fp: str, data_fp: str, modalities: list[str], batch_size: int) -> str:
-        text = json.dumps({"model": model_fp, "data": data_fp, "modalities": sorted(modalities),
-                           "batch_size": batch_size})
+    def key(model_fp: str, data_fp: str, modalities: list[str], batch_size: int, clip: Any = None) -> str:
+        fields = {"model": model_fp, "data": data_fp, "modalities": sorted(modalities), "batch_size": batch_size}
+        if clip is not None:  # the time windows read (data.clip); absent: the keys of before it existed
+            fields["clip"] = clip
+        text = json.dumps(fields)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def load(self, key: str) -> dict[str, Any] | None:

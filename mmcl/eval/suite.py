@@ -20,8 +20,9 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from mmcl.config import CONFIG_DIR, ConfigError, from_dict
+from mmcl.config import CONFIG_DIR, ConfigError, from_dict, to_dict
 from mmcl.data.shards import build_loader, expand_shards
+from mmcl.data.window import WindowConfig
 from mmcl.eval.data import (
     EmbeddingCache,
     data_fingerprint,
@@ -159,6 +160,9 @@ class TaskConfig:
 class SuiteConfig:
     tasks: list[TaskConfig]
     batch_size: int = 128
+    #: The time window of the video and audio read (as ``data.clip``: centred, or ``eval_clips`` evenly
+    #: spaced windows whose embeddings are averaged). None: whole clips; a training run passes its own.
+    clip: WindowConfig | None = None
 
     def validate(self, where: str) -> None:
         if not self.tasks:
@@ -403,13 +407,47 @@ def check_data(task: TaskConfig, spec: str, train_spec: str = "",
 
 @torch.no_grad()
 def encode_dataset(model, spec: str, modalities: list[str], batch_size: int, workers: int = 0,
-                   desc: str = "encode", progress: bool = True) -> dict[str, Any]:
+                   desc: str = "encode", progress: bool = True, clip: WindowConfig | None = None) -> dict[str, Any]:
     """Encode every sample of ``spec`` -> ``{"emb": {m: [N, D]}, "present": {m: [N]}, "meta": [...],
-    "keys": [...], "skipped": {...}}`` (embeddings float32 on the CPU)."""
+    "keys": [...], "skipped": {...}}`` (embeddings float32 on the CPU).
+
+    With ``clip`` the video and audio are read in the sample's evaluation window; with ``clip.eval_clips``
+    K > 1 the time-based modalities are encoded once per window (K passes, each decoding only its windows)
+    and a sample's embedding is the mean of its K embeddings, L2-normalised again (the multi-view protocol);
+    the other modalities are encoded once."""
+    data = _encode_view(model, spec, modalities, batch_size, workers, desc, progress, clip, 0)
+    views = clip.eval_clips if clip is not None else 1
+    timed = [m for m in modalities if model.processors[m].timed]
+    if views == 1 or not timed:
+        return data
+    index = {k: i for i, k in enumerate(data["keys"])}
+    total = {m: data["emb"][m] * data["present"][m][:, None] for m in timed}
+    counts = {m: data["present"][m].float() for m in timed}
+    for view in range(1, views):
+        other = _encode_view(model, spec, timed, batch_size, workers, f"{desc} (window {view + 1}/{views})",
+                             progress, clip, view)
+        rows = torch.tensor([index.get(k, -1) for k in other["keys"]])
+        known = rows >= 0  # a sample unusable in this window only: its other windows still count
+        for m in timed:
+            use = known & other["present"][m]
+            total[m].index_add_(0, rows[use], other["emb"][m][use])
+            counts[m].index_add_(0, rows[use], torch.ones(int(use.sum())))
+            data["present"][m][rows[use]] = True
+        for k, v in other["skipped"].items():
+            data["skipped"][f"{k}_window{view + 1}"] = data["skipped"].get(f"{k}_window{view + 1}", 0) + v
+    for m in timed:
+        mean = total[m] / counts[m].clamp(min=1)[:, None]
+        data["emb"][m] = torch.nn.functional.normalize(mean, dim=-1)
+    return data
+
+
+def _encode_view(model, spec: str, modalities: list[str], batch_size: int, workers: int, desc: str,
+                 progress: bool, clip: WindowConfig | None, view: int) -> dict[str, Any]:
+    """One pass of :func:`encode_dataset` (window ``view`` of ``clip``)."""
     processors = {m: model.processors[m] for m in modalities}
     workers = min(workers, len(expand_shards(spec)))
     loader = build_loader(spec, processors, batch_size, train=False, workers=workers, with_meta=True,
-                          on_missing="mask")
+                          on_missing="mask", clip=clip, view=view)
     device = model_device(model)
     emb: dict[str, list] = {m: [] for m in modalities}
     present: dict[str, list] = {m: [] for m in modalities}
@@ -608,8 +646,12 @@ def _resolve_spec(spec: str, test_spec: str, task: TaskConfig, workers: int, pro
 
 def run_suite(model, suite: SuiteConfig, test_spec: str = "", workers: int = 0,
               out_dir: str | Path | None = None, model_name: str = "", *, cache: bool = True,
-              cache_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+              cache_dir: str | Path | None = None, progress: bool = True,
+              clip: WindowConfig | None = None) -> dict[str, Any]:
     """Check every task, encode each dataset once, run every task, and (with ``out_dir``) write the reports.
+
+    ``clip`` (a training run's ``data.clip``) is the time window of the video and audio read; None: the
+    suite's own ``clip``.
 
     With ``cache``, encoded datasets are kept under ``cache_dir`` (default ``out_dir/cache``; none without
     either) and reused when the same weights encode the same files again: a re-run with other prompt
@@ -619,6 +661,7 @@ def run_suite(model, suite: SuiteConfig, test_spec: str = "", workers: int = 0,
     ["linear_probe": {task: metrics},] "eval_data": {"skipped": {reason: count}}}``.
     """
     check_suite(suite, model)
+    clip = clip if clip is not None else suite.clip
     built: dict[str, tuple[str, int]] = {}
     scans: dict[str, list[tuple[str, dict]] | None] = {}
     specs: dict[str, tuple[str, str]] = {}
@@ -643,13 +686,14 @@ def run_suite(model, suite: SuiteConfig, test_spec: str = "", workers: int = 0,
         model_fp = model_fingerprint(model, model.config_dict()) if store is not None else ""
         encoded = {}
         for spec, entry in by_data.items():
-            key = EmbeddingCache.key(model_fp, data_fingerprint(spec), entry["mods"], suite.batch_size) if store else ""
+            key = EmbeddingCache.key(model_fp, data_fingerprint(spec), entry["mods"], suite.batch_size,
+                                     to_dict(clip) if clip is not None else None) if store else ""
             data = store.load(key) if store is not None else None
             if data is None:
                 names = entry["tasks"]
                 tasks = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
                 data = encode_dataset(model, spec, entry["mods"], suite.batch_size, workers,
-                                      desc=f"encode [{tasks}]", progress=progress)
+                                      desc=f"encode [{tasks}]", progress=progress, clip=clip)
                 if store is not None:
                     store.save(key, data)
             else:

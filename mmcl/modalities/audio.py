@@ -30,6 +30,7 @@ from torch import nn
 
 from mmcl.config import ConfigError, TrunkFields
 from mmcl.data.context import SampleContext
+from mmcl.data.window import Window
 from mmcl.modalities.base import MissingModality, Processor, SampleError, register_processor, register_tower
 from mmcl.modalities.layers import PatchTokens, TokenTower, Trunk, patch_grid
 from mmcl.modalities.pretrained import HFTower, HFTowerFields, hf_encoder, load_hf_component, load_hf_config, pool
@@ -103,6 +104,70 @@ def _decode_soundfile(data: bytes, sample_rate: int) -> torch.Tensor:
     wav, sr = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     mono = torch.from_numpy(wav).mean(dim=1)
     return torchaudio.functional.resample(mono, sr, sample_rate) if sr != sample_rate else mono
+
+
+def _fit(wav: torch.Tensor, first: float, window: Window, sample_rate: int) -> torch.Tensor:
+    """Mono samples ``[S]`` whose first one is played at ``first`` s -> exactly the window's span ``[n]``,
+    placed by presentation time: silence where the audio has not started yet or has ended."""
+    n = int(round(window.seconds * sample_rate))
+    lead = int(round((first - window.start) * sample_rate))
+    wav = F.pad(wav, (lead, 0)) if lead > 0 else wav[-lead:]
+    wav = wav[:n]
+    return F.pad(wav, (0, n - wav.numel())) if wav.numel() < n else wav
+
+
+def _decode_torchcodec_window(data: bytes, sample_rate: int, window: Window) -> torch.Tensor:
+    """``AudioDecoder.get_samples_played_in_range`` over the window (a seek, only its span decoded)."""
+    from torchcodec.decoders import AudioDecoder
+
+    samples = AudioDecoder(data, sample_rate=sample_rate, num_channels=1).get_samples_played_in_range(
+        max(0.0, window.start), window.end)
+    return _fit(samples.data[0], samples.pts_seconds, window, sample_rate)
+
+
+def _decode_soundfile_window(data: bytes, sample_rate: int, window: Window) -> torch.Tensor:
+    """soundfile (wav, flac): seek to the window's first sample, read its span, resample."""
+    import soundfile
+
+    with soundfile.SoundFile(io.BytesIO(data)) as f:
+        native = f.samplerate
+        first = min(int(round(window.start * native)), f.frames)
+        f.seek(first)
+        wav = f.read(int(math.ceil(window.seconds * native)), dtype="float32", always_2d=True)
+    mono = torch.from_numpy(wav).mean(dim=1)
+    if native != sample_rate:
+        mono = torchaudio.functional.resample(mono, native, sample_rate)
+    return _fit(mono, first / native, window, sample_rate)
+
+
+def _decode_pyav_window(data: bytes, sample_rate: int, window: Window) -> torch.Tensor:
+    """PyAV (containers): seek to the window, decode its span, resample to mono ``sample_rate``."""
+    import av
+    import numpy as np
+
+    with av.open(io.BytesIO(data)) as container:
+        if not container.streams.audio:
+            raise MissingModality("audio")
+        stream = container.streams.audio[0]
+        if window.start > 0 and stream.time_base:
+            container.seek(int(window.start / stream.time_base), stream=stream)
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        chunks: list[np.ndarray] = []
+        first = None
+        for frame in container.decode(stream):
+            if frame.time is None:
+                continue
+            if frame.time + frame.samples / frame.sample_rate <= window.start:
+                continue
+            if first is None:
+                first = frame.time
+            chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
+            if frame.time >= window.end:
+                break
+        chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))
+    if first is None:
+        raise SampleError("bad_audio", "no audio in the window")
+    return _fit(torch.from_numpy(np.concatenate(chunks)), first, window, sample_rate)
 
 
 _CONTAINERS = ("mp4", "webm", "mkv")
@@ -276,20 +341,27 @@ class Audio(Processor):
     Config = AudioConfig
     #: A separate audio member first, else the audio track of the video container.
     members = ("flac", "wav", "mp3", "ogg", "m4a", "mp4", "webm", "mkv")
+    timed = True
     input: AudioInput
 
     def decode(self, sample: dict, ctx: SampleContext | None = None) -> torch.Tensor:
         """-> the whole clip (mono, resampled to ``sample_rate``) as its tower type's input keeps it: log-mel
-        ``[n_mels, frames]`` float32 (``vit``, ``timm``), the waveform ``[S]`` (``hf``)."""
+        ``[n_mels, frames]`` float32 (``vit``, ``timm``), the waveform ``[S]`` (``hf``). With ``ctx.window``:
+        exactly the window's span (``seconds``), placed by presentation time (silence where the track has not
+        started or has ended), only that span decoded (torchcodec; soundfile or PyAV as fallbacks)."""
         ext, data = self.find_member(sample)
+        window = ctx.window if ctx is not None else None
+        sr = self.cfg.sample_rate
         try:
             try:
-                wav = _decode_torchcodec(data, self.cfg.sample_rate)
+                wav = _decode_torchcodec(data, sr) if window is None else _decode_torchcodec_window(data, sr, window)
             except Exception:
                 if ext not in _CONTAINERS:
-                    wav = _decode_soundfile(data, self.cfg.sample_rate)
+                    wav = _decode_soundfile(data, sr) if window is None else _decode_soundfile_window(data, sr, window)
                 elif not _has_audio_stream(data):
                     raise MissingModality(self.name) from None  # a video-only container: no audio
+                elif window is not None:
+                    wav = _decode_pyav_window(data, sr, window)
                 else:
                     raise
         except SampleError:
@@ -303,7 +375,13 @@ class Audio(Processor):
         return self.input.features(wav)
 
     def transform(self, data: torch.Tensor, train: bool, ctx: SampleContext | None = None) -> torch.Tensor:
-        return self.input.transform(data, train)
+        # a decoded window is the span itself: no second, random window inside it
+        return self.input.transform(data, train and (ctx is None or ctx.window is None))
+
+    def check_window(self, seconds: float, where: str) -> None:
+        if abs(self.cfg.seconds - seconds) > 1e-9:
+            raise ConfigError(f"{where}.seconds: {seconds:g} differs from {self.where}.seconds {self.cfg.seconds:g} "
+                              f"(the audio is the window's span: make them equal)")
 
     def empty(self) -> torch.Tensor:
         return self.input.empty()

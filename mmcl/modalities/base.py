@@ -96,6 +96,9 @@ class Processor:
     Config: ClassVar[type]
     #: Tar member extensions this modality can read, in order of preference (e.g. ``("flac", "wav", "mp4")``).
     members: ClassVar[tuple[str, ...]]
+    #: Whether this modality lives in time (video, audio): it then decodes the sample's ``ctx.window`` when
+    #: ``data.clip`` is set, and its media give the sample's duration when the metadata lacks one.
+    timed: ClassVar[bool] = False
 
     def __init__(self, name: str, cfg: Any, base_dir: str | Path | None = None):
         self.name = name
@@ -117,6 +120,9 @@ class Processor:
             if sample.get(ext) is not None:
                 return ext, sample[ext]
         raise MissingModality(self.name)
+
+    def check_window(self, seconds: float, where: str) -> None:
+        """Refuse (``ConfigError``) a ``data.clip`` window of ``seconds`` this modality's settings contradict."""
 
     def decode(self, sample: dict[str, Any], ctx: SampleContext | None = None) -> Any:
         """Raw tar members of one sample -> decoded data. Raises :class:`SampleError` on bad input. ``ctx`` (None

@@ -24,6 +24,7 @@ from torch import nn
 
 from mmcl.config import ConfigError, TrunkFields
 from mmcl.data.context import SampleContext
+from mmcl.data.window import Window
 from mmcl.modalities.base import Processor, SampleError, Tower, register_processor, register_tower
 from mmcl.modalities.layers import PatchTokens, TokenTower, Trunk, patch_grid, tubelet_stem
 from mmcl.modalities.pretrained import load_hf_component, load_hf_model, local_path
@@ -58,7 +59,7 @@ class HFVideoTowerConfig:
 
 @dataclass
 class VideoConfig:
-    #: Frames sampled uniformly over the clip.
+    #: Frames sampled uniformly over the clip (with ``data.clip``: over the sample's window).
     frames: int = 8
     #: Square output size in pixels (frames are resized, shorter side, then centre-cropped; ``hf`` towers:
     #: the image processor's output size, which it must equal).
@@ -99,6 +100,93 @@ def _decode_pyav(data: bytes, t: int) -> torch.Tensor:
         raise SampleError("bad_video", "no frames")
     picked = np.stack([frames[i] for i in uniform_indices(len(frames), t)])
     return torch.from_numpy(picked).permute(0, 3, 1, 2)
+
+
+#: Seconds before a window from which the PyAV fallback decodes every frame again (more than the decoder's
+#: frame reordering delay, a few frames).
+PREROLL_MARGIN = 1.0
+
+
+def _clamped(times: list[float], begin: float, end: float) -> list[float]:
+    """``times`` inside the stream's ``[begin, end)``: before its first frame -> the first frame, at or after
+    its end -> the last one (a source shorter than the window repeats its last frame)."""
+    last = max(begin, end - 1e-6)
+    return [min(max(t, begin), last) for t in times]
+
+
+def _covers(pts: torch.Tensor, duration: torch.Tensor, times: list[float]) -> bool:
+    """Whether each decoded frame (``pts``, ``duration`` in seconds) is the one played at its requested time."""
+    t = torch.tensor(times, dtype=torch.float64)
+    pts, duration = pts.double(), duration.double()
+    return bool(((pts <= t + 1e-6) & ((t < pts + duration + 1e-6) | (duration <= 0))).all())
+
+
+def _decode_torchcodec_window(data: bytes, t: int, window: Window) -> torch.Tensor:
+    """The ``t`` frames played at :meth:`Window.times` -> ``[t, 3, H, W]`` uint8. Seeks in approximate mode (no
+    scan of the file: the header's frame rate places the frames); when a returned frame is not the one played
+    at its time (variable frame rate, a header that lies), again in exact mode (one demux scan)."""
+    from torchcodec.decoders import VideoDecoder
+
+    for mode in ("approximate", "exact"):
+        dec = VideoDecoder(data, dimension_order="NCHW", seek_mode=mode)
+        meta = dec.metadata
+        begin = meta.begin_stream_seconds or 0.0
+        end = meta.end_stream_seconds
+        if end is None or end <= begin:
+            if mode == "approximate":
+                continue
+            raise SampleError("bad_video", "no frames")
+        times = _clamped(window.times(t), begin, end)
+        try:
+            batch = dec.get_frames_played_at(times)
+        except (IndexError, RuntimeError):
+            if mode == "approximate":
+                continue
+            raise
+        if mode == "exact" or _covers(batch.pts_seconds, batch.duration_seconds, times):
+            return batch.data
+    raise AssertionError("unreachable")
+
+
+def _decode_pyav_window(data: bytes, t: int, window: Window) -> torch.Tensor:
+    """PyAV: seek to the keyframe before the window, decode forward to its last sampled time, keep the frame
+    played at each of :meth:`Window.times` (the first frame before the stream starts, the last after it
+    ends) -> ``[t, 3, H, W]`` uint8. Until :data:`PREROLL_MARGIN` s before the window the decoder skips the
+    frames no other frame refers to (``skip_frame NONREF``: B-frames), which nothing kept can need."""
+    import av
+
+    times = window.times(t)
+    picked: list[Any] = [None] * t
+    with av.open(io.BytesIO(data)) as container:
+        if not container.streams.video:
+            raise SampleError("bad_video", "no video stream")
+        stream = container.streams.video[0]
+        codec = stream.codec_context
+        if window.start > 0 and stream.time_base:
+            container.seek(int(window.start / stream.time_base), stream=stream)
+            codec.skip_frame = "NONREF"
+        j, previous = 0, None
+        for frame in container.decode(stream):
+            if frame.time is None:
+                continue
+            if codec.skip_frame != "DEFAULT" and frame.time >= window.start - PREROLL_MARGIN:
+                codec.skip_frame = "DEFAULT"
+            while j < t and times[j] < frame.time:
+                picked[j] = previous if previous is not None else frame
+                j += 1
+            previous = frame
+            if j == t:
+                break
+        if previous is None:
+            raise SampleError("bad_video", "no frames")
+        while j < t:
+            picked[j] = previous
+            j += 1
+        arrays: dict[int, np.ndarray] = {}
+        for f in picked:
+            arrays.setdefault(id(f), f.to_ndarray(format="rgb24"))
+        frames = np.stack([arrays[id(f)] for f in picked])
+    return torch.from_numpy(frames).permute(0, 3, 1, 2)
 
 
 def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
@@ -189,21 +277,30 @@ class Video(Processor):
     kind = "video"
     Config = VideoConfig
     members = ("mp4", "webm", "mkv", "avi", "mov")
+    timed = True
 
     def decode(self, sample: dict, ctx: SampleContext | None = None) -> torch.Tensor:
         """-> ``[T, 3, size, size]`` uint8 (kept small: decoded clips may be cached in RAM); an input that
-        resizes itself (an HF image processor): ``[T, 3, H, W]`` as decoded."""
+        resizes itself (an HF image processor): ``[T, 3, H, W]`` as decoded. With ``ctx.window``: the ``T``
+        frames played at the window's sampled times, only the window decoded; else spread over the clip."""
         _, data = self.find_member(sample)
+        window = ctx.window if ctx is not None else None
+        if window is None:
+            torchcodec, pyav = _decode_torchcodec, _decode_pyav
+            arg: Any = ()
+        else:
+            torchcodec, pyav = _decode_torchcodec_window, _decode_pyav_window
+            arg = (window,)
         try:
             if self.cfg.decoder == "torchcodec":
                 try:
-                    frames = _decode_torchcodec(data, self.cfg.frames)
+                    frames = torchcodec(data, self.cfg.frames, *arg)
                 except SampleError:
                     raise
                 except Exception:
-                    frames = _decode_pyav(data, self.cfg.frames)
+                    frames = pyav(data, self.cfg.frames, *arg)
             else:
-                frames = _decode_pyav(data, self.cfg.frames)
+                frames = pyav(data, self.cfg.frames, *arg)
         except SampleError:
             raise
         except Exception as e:

@@ -21,7 +21,8 @@ def periodic_eval(engine: Engine, cfg: Config, step: int, log: RunLog) -> None:
     if engine.is_main:
         from mmcl.eval.suite import flat_metrics, load_suite, run_suite
 
-        results = run_suite(plain, load_suite(cfg.eval.suite), cfg.data.test, workers=cfg.data.workers)
+        results = run_suite(plain, load_suite(cfg.eval.suite), cfg.data.test, workers=cfg.data.workers,
+                            clip=cfg.data.clip)
         flat = flat_metrics(results)
         log.write({"step": step, **flat}, {k: v for k, v in flat.items() if not math.isnan(v)})
     engine.wait()
@@ -38,6 +39,6 @@ def save_final(final: MultimodalModel, cfg: Config, out: Path) -> dict[str, Any]
     from mmcl.hub import read_eval_dir, write_model_card
 
     results = run_suite(final, load_suite(cfg.eval.suite), cfg.data.test, workers=cfg.data.workers,
-                        out_dir=out / "eval", model_name=str(out / "final"))
+                        out_dir=out / "eval", model_name=str(out / "final"), clip=cfg.data.clip)
     write_model_card(out / "final", read_eval_dir(out / "eval"), to_dict(cfg))
     return {k: v for k, v in results.items() if k != "eval_data"}

@@ -75,7 +75,7 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
     loader = build_loader(
         cfg.data.train, model.processors, cfg.data.batch_size, train=True, workers=cfg.data.workers, world=world,
         shuffle_buffer=cfg.data.shuffle_buffer, shard_shuffle=cfg.data.shard_shuffle, resample=cfg.data.resample,
-        seed=cfg.train.seed, on_missing=cfg.data.on_missing, cache=cfg.data.cache)
+        seed=cfg.train.seed, on_missing=cfg.data.on_missing, cache=cfg.data.cache, clip=cfg.data.clip)
     steps_total = total_steps(cfg, loader, world)
     optimizer = build_optimizer(model, cfg, tower_lrs)
     scheduler = build_scheduler(optimizer, cfg, steps_total)
@@ -83,6 +83,7 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
     ckpt_root = out / "checkpoints"
     position = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0}
     skipped: Counter = Counter()
+    adjusted: Counter = Counter()  # samples changed to fit (data.clip: shorter than the window), this process
     resume_path = resolve_resume(resume, ckpt_root) if resume else None
     resume_state = None
     if resume_path is not None:
@@ -131,6 +132,7 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
                     raise ConfigError(f"--resume {resume_path}: epoch {position['epoch']} of the data has fewer "
                                       f"than {position['batch_in_epoch']} steps: the data changed since")
             loader.skipped.clear()  # already counted in the checkpoint
+            loader.adjusted.clear()
             set_rng_state(resume_rng["now"])
             resume_rng = None
         for group in groups:
@@ -145,6 +147,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
             bar.update(1)
             skipped.update(loader.skipped)
             loader.skipped.clear()
+            adjusted.update(loader.adjusted)
+            loader.adjusted.clear()
             if step % cfg.train.log_every == 0 or cfg.train.log_keys or step == steps_total:
                 now = time.time()
                 scalars = engine.objective_logs()
@@ -155,6 +159,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
                     rec["skipped"] = dict(skipped)
                 if cfg.train.log_keys:
                     rec["keys"] = engine.gather_object([k for b in group for k in b["keys"]])
+                    if cfg.data.clip is not None:  # [start, end] seconds of each key's window
+                        rec["windows"] = engine.gather_object([w for b in group for w in b["windows"]])
                 run_log.write(rec, {f"train/{k}": rec[k] for k in ("loss", "lr", "samples_per_s", *scalars)})
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", sps=f"{rec['samples_per_s']:.0f}")
                 t_window, samples_window = now, 0
@@ -167,6 +173,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
                 break
         skipped.update(loader.skipped)
         loader.skipped.clear()
+        adjusted.update(loader.adjusted)
+        loader.adjusted.clear()
         if not done:
             position.update(epoch=position["epoch"] + 1, batch_in_epoch=0)
     bar.close()
@@ -175,6 +183,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
                                          "samples_per_s": position["samples"] / max(seconds, 1e-9),
                                          "world_size": world},
                                "data": {"skipped": dict(skipped)}}
+    if adjusted:
+        summary["data"]["adjusted"] = dict(adjusted)
     final = engine.export()
     if main:
         summary.update(save_final(final, cfg, out))

@@ -1,0 +1,318 @@
+"""``data.clip``: one time window per sample shared by video and audio, only the window decoded.
+
+The media are made here (:mod:`mmcl.data.timecode`): every frame shows its presentation time as a code and
+the audio is a tone whose frequency steps every 0.25 s, so what a decoder returns can be placed on the
+timeline independently of the decoder: the frames by reading their codes, the audio by cross-correlating it
+with the exact tone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+
+from mmcl.data.context import SampleContext
+from mmcl.data.shards import SampleDecoder, ShardStream, build_loader
+from mmcl.data.timecode import audio_lag, encode_timecoded, frame_times, read_frame_time
+from mmcl.data.window import WindowConfig, draw_window, probe_duration
+from mmcl.errors import ConfigError
+from mmcl.eval.suite import encode_dataset
+from mmcl.model import MultimodalModel
+from mmcl.modalities import build_processor
+from mmcl.modalities import audio as audio_mod
+
+ROOT = Path(__file__).resolve().parent.parent
+FPS = 10.0
+SR = 16000
+FRAMES = 8
+#: Keys of the random windows each source is checked with.
+KEYS = [f"k{i}" for i in range(3)]
+SOURCES = {  # name -> (seconds, encode_timecoded options)
+    "10s": (10.0, {}),
+    "10s_vfr": (10.0, {"variable": True}),
+    "10s_audio_late": (10.0, {"audio_start": 0.5}),
+    "60s": (60.0, {}),
+    "60s_vfr": (60.0, {"variable": True}),
+}
+
+
+@pytest.fixture(scope="module")
+def media() -> dict[str, bytes]:
+    return {name: encode_timecoded(seconds, FPS, **kw) for name, (seconds, kw) in SOURCES.items()}
+
+
+def _video(decoder: str = "torchcodec") -> Any:
+    return build_processor("video", {"frames": FRAMES, "size": 64, "decoder": decoder})
+
+
+def _max_gap(name: str) -> float:
+    """The longest frame period of a source: how late the frame played at a time may have started."""
+    seconds, kw = SOURCES[name]
+    times = frame_times(seconds, FPS, kw.get("variable", False))
+    return float(np.diff(times).max())
+
+
+@pytest.mark.parametrize("decoder", ["torchcodec", "pyav"])
+@pytest.mark.parametrize("name", list(SOURCES))
+def test_frames_and_audio_come_from_the_same_span(media: dict[str, bytes], name: str, decoder: str) -> None:
+    data = media[name]
+    video = _video(decoder)
+    decode_audio = audio_mod._decode_torchcodec_window if decoder == "torchcodec" else audio_mod._decode_pyav_window
+    gap = _max_gap(name)
+    for key in KEYS:
+        ctx = SampleContext(key, epoch=3, seed=7, train=True)
+        window = draw_window(WindowConfig(seconds=2.0), probe_duration(data), ctx)
+        frames = video.decode({"__key__": key, "mp4": data}, SampleContext(key, 3, 7, True, window))
+        assert frames.shape == (FRAMES, 3, 64, 64)
+        shown = np.array([read_frame_time(f) for f in frames])
+        wanted = np.array(window.times(FRAMES))
+        # each frame is the one played at its time: it started at most one frame period before (codes
+        # are in centiseconds, hence the 6 ms)
+        late = wanted - shown
+        assert late.min() >= -0.006 and late.max() < gap + 0.006, (key, window, shown, wanted)
+        wav = decode_audio(data, SR, window)
+        assert wav.shape == (int(2.0 * SR),)
+        lag = audio_lag(wav.numpy(), window.start, SR)
+        assert abs(lag) < 1.0 / FPS, (key, window, lag)  # the audio span is that window to within a frame
+        assert abs(lag) < 0.003  # and in fact to a few milliseconds
+
+
+def test_late_audio_is_placed_by_presentation_time(media: dict[str, bytes]) -> None:
+    """An mp4 whose audio starts 0.5 s after its video: the window at 0 has silence until the track starts,
+    and the tone where it plays is the tone of those moments."""
+    data = media["10s_audio_late"]
+    window = draw_window(WindowConfig(seconds=2.0, eval_clips=5), probe_duration(data), SampleContext("x"), 0)
+    assert window.start == 0.0
+    for decode in (audio_mod._decode_torchcodec_window, audio_mod._decode_pyav_window):
+        wav = decode(data, SR, window).numpy()
+        assert np.abs(wav[: int(0.45 * SR)]).max() < 1e-3
+        assert np.abs(wav[int(0.55 * SR):]).max() > 0.3
+        assert abs(audio_lag(wav, window.start, SR)) < 0.003
+
+
+def test_windows_are_a_function_of_seed_epoch_key() -> None:
+    cfg = WindowConfig(seconds=2.0)
+    draw = lambda key, epoch, seed=0: draw_window(cfg, 60.0, SampleContext(key, epoch, seed, True)).start  # noqa: E731
+    assert draw("a", 1) == draw("a", 1)
+    starts = {draw("a", e) for e in range(5)} | {draw("b", 1), draw("a", 1, seed=1)}
+    assert len(starts) == 7 and all(0 <= s <= 58 for s in starts)
+    evals = [draw_window(WindowConfig(eval_clips=3), 10.0, SampleContext("a", e, s, False), v).start
+             for v in range(3) for e, s in ((0, 0), (4, 9))]
+    # evaluation: the same windows whatever the epoch and seed, evenly spaced (centres at 1/6, 3/6, 5/6)
+    assert evals == pytest.approx([2 / 3, 2 / 3, 4.0, 4.0, 22 / 3, 22 / 3], abs=1e-6)
+
+
+def test_audio_seconds_must_be_the_window() -> None:
+    with pytest.raises(ConfigError, match=r"data\.clip\.seconds: 2 differs from model\.modalities\.audio\.seconds 3"):
+        SampleDecoder({"audio": build_processor("audio", {"seconds": 3.0})}, clip=WindowConfig(seconds=2.0))
+
+
+def _write_shard(path: Path, samples: dict[str, bytes], durations: dict[str, float] | None = None) -> str:
+    with wds.TarWriter(str(path)) as sink:
+        for key, mp4 in samples.items():
+            sample = {"__key__": key, "mp4": mp4}
+            if durations and key in durations:
+                sample["json"] = json.dumps({"duration": durations[key]}).encode()
+            sink.write(sample)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """Two shards of 10 s time-coded clips (a duration in the metadata for half of them, probed for the
+    others) and one 1 s clip, shorter than the window."""
+    out = tmp_path_factory.mktemp("window_shards")
+    clips = {f"c{i}": encode_timecoded(10.0, FPS, gop=5 + i) for i in range(6)}
+    clips["short"] = encode_timecoded(1.0, FPS)
+    keys = list(clips)
+    a = _write_shard(out / "w-000000.tar", {k: clips[k] for k in keys[:4]}, {"c0": 10.0, "c2": 10.0})
+    b = _write_shard(out / "w-000001.tar", {k: clips[k] for k in keys[4:]}, {"c5": 10.0})
+    (out / "sizes.json").write_text(json.dumps({"w-000000.tar": 4, "w-000001.tar": 3}))
+    return a, b
+
+
+def _processors() -> dict[str, Any]:
+    return {"video": _video(), "audio": build_processor("audio", {"seconds": 2.0, "n_mels": 32})}
+
+
+def _epoch(stream: ShardStream, epoch: int) -> dict[str, tuple[list[float], dict[str, torch.Tensor]]]:
+    stream.set_epoch(epoch)
+    out = {}
+    for batch in stream:
+        for i, key in enumerate(batch["keys"]):
+            out[key] = (batch["windows"][i], {m: x[i] for m, x in batch["inputs"].items()})
+    return out
+
+
+def test_loader_windows_cache_and_short_sources(shards: tuple[str, str]) -> None:
+    """Training windows move every epoch, also from the RAM cache (which keeps raw samples and decodes each
+    epoch's window: the same tensors as without the cache); the video's frames are the window's; a source
+    shorter than the window is padded and counted."""
+    clip = WindowConfig(seconds=2.0)
+    kwargs = dict(train=True, shuffle_buffer=0, seed=5, clip=clip, split_by_node=False)
+    plain = ShardStream(list(shards), _processors(), 3, **kwargs)
+    cached = ShardStream(list(shards), _processors(), 3, cache=True, **kwargs)
+    seen = []
+    for epoch in range(3):
+        want, got = _epoch(plain, epoch), _epoch(cached, epoch)
+        assert sorted(want) == sorted(got) == sorted([f"c{i}" for i in range(6)] + ["short"])
+        for key in want:
+            assert want[key][0] == got[key][0]
+            for m in want[key][1]:
+                assert torch.equal(want[key][1][m], got[key][1][m]), (epoch, key, m)
+        seen.append({k: tuple(v[0]) for k, v in want.items()})
+        assert cached._skipped == plain._skipped == {}
+    assert cached._cache_complete and all(isinstance(v, dict) and "mp4" in v for v in cached._cache.values())
+    for key in seen[0]:
+        if key != "short":
+            assert len({s[key] for s in seen}) == 3  # a new window every epoch
+            start, end = seen[0][key]
+            assert 0 <= start <= 8.0 and end == pytest.approx(start + 2.0)
+    assert all(s["short"] == (0.0, 2.0) for s in seen)
+
+    # the frames are the window's (read back from the decoded, standardised-then-undone uint8 frames)
+    video = _video()
+    for key, (start, _) in seen[1].items():
+        if key == "short":
+            continue
+        sample = next(s for url in shards for s in wds.WebDataset(url, shardshuffle=False) if s["__key__"] == key)
+        decoded, _ = SampleDecoder({"video": video}, clip=clip).decode(sample, SampleContext(key, 1, 5, True))
+        shown = [read_frame_time(f) for f in decoded["video"]]
+        assert decoded["__window__"].start == start
+        assert np.all(np.array(decoded["__window__"].times(FRAMES)) - np.array(shown) < 0.1 + 0.006)
+
+    loader = build_loader(shards[0] + "::" + shards[1], _processors(), 4, train=False, clip=clip)
+    list(loader)
+    assert loader.adjusted == {"short_source": 1}
+    short = next(s for s in wds.WebDataset(shards[1], shardshuffle=False) if s["__key__"] == "short")
+    decoded, _ = SampleDecoder({"video": video}, clip=clip).decode(short, SampleContext("short"))
+    shown = [read_frame_time(f) for f in decoded["video"]]
+    assert shown == pytest.approx([0.1, 0.3, 0.6, 0.8] + [0.9] * 4)  # the last frame repeats
+
+
+def test_eval_windows_are_identical_across_runs(shards: tuple[str, str]) -> None:
+    clip = WindowConfig(seconds=2.0, eval_clips=2)
+    spec = shards[0] + "::" + shards[1]
+    runs = []
+    for _ in range(2):
+        for view in range(2):
+            loader = build_loader(spec, _processors(), 4, train=False, clip=clip, view=view)
+            loader.set_epoch(3)
+            runs.append([(k, tuple(w)) for b in loader for k, w in zip(b["keys"], b["windows"])])
+    assert runs[0] == runs[2] and runs[1] == runs[3] and runs[0] != runs[1]
+    assert dict(runs[0])["c0"] == (2.5 - 1.0, 2.5 + 1.0) and dict(runs[1])["c0"] == (7.5 - 1.0, 7.5 + 1.0)
+
+
+def _tiny_av_model() -> MultimodalModel:
+    from mmcl.config import ModelConfig, from_dict
+
+    torch.manual_seed(0)
+    cfg = from_dict(ModelConfig, {"embed_dim": 16, "modalities": {
+        "video": {"frames": FRAMES, "size": 32, "tower": {"width": 32, "depth": 1, "heads": 2, "patch": 16}},
+        "audio": {"n_mels": 32, "seconds": 2.0, "tower": {"width": 32, "depth": 1, "heads": 2, "patch": 16}},
+    }}, "model")
+    return MultimodalModel(cfg).eval()
+
+
+def test_eval_clips_average_the_embeddings_of_k_windows(shards: tuple[str, str]) -> None:
+    model = _tiny_av_model()
+    spec = shards[0] + "::" + shards[1]
+    k = 3
+    clip = WindowConfig(seconds=2.0, eval_clips=k)
+    got = encode_dataset(model, spec, ["video", "audio"], 4, clip=clip, progress=False)
+    # by hand: each sample's K windows decoded one by one, encoded, averaged, normalised
+    samples = [s for url in shards for s in wds.WebDataset(url, shardshuffle=False)]
+    assert got["keys"] == [s["__key__"] for s in samples]
+    for m in ("video", "audio"):
+        rows = []
+        for s in samples:
+            views = []
+            for view in range(k):
+                decoder = SampleDecoder({m: model.processors[m]}, clip=clip, view=view)
+                ctx = SampleContext(s["__key__"])
+                decoded, present = decoder.decode(s, ctx)
+                x = decoder.transform(decoded, present, False, ctx)[m][None]
+                with torch.no_grad():
+                    views.append(model.encode({m: x})[m][0])
+            rows.append(F.normalize(torch.stack(views).mean(0), dim=-1))
+        torch.testing.assert_close(got["emb"][m], torch.stack(rows), rtol=1e-4, atol=1e-5)
+    single = encode_dataset(model, spec, ["video"], 4, clip=WindowConfig(seconds=2.0), progress=False)
+    assert not torch.allclose(single["emb"]["video"], got["emb"]["video"], atol=1e-3)
+
+
+RANK_SCRIPT = """
+import json, os, sys
+import torch.distributed as dist
+from mmcl.data.shards import ShardStream
+from mmcl.data.window import WindowConfig
+from mmcl.modalities import build_processor
+
+dist.init_process_group("gloo")
+assert dist.get_world_size() == 2
+procs = {"video": build_processor("video", {"frames": 8, "size": 64}),
+         "audio": build_processor("audio", {"seconds": 2.0, "n_mels": 32})}
+stream = ShardStream(sys.argv[2:], procs, 2, train=True, shuffle_buffer=4, seed=11,
+                     clip=WindowConfig(seconds=2.0))
+out = {}
+for epoch in (0, 1):
+    stream.set_epoch(epoch)
+    for batch in stream:
+        out.update({f"{epoch}/{k}": w for k, w in zip(batch["keys"], batch["windows"])})
+with open(os.path.join(sys.argv[1], f"rank{dist.get_rank()}.json"), "w") as f:
+    json.dump(out, f)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_draw_the_windows_of_one_process(shards: tuple[str, str], tmp_path: Path) -> None:
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    "29517", str(script), str(tmp_path), *shards], check=True, env=env, timeout=300,
+                   capture_output=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] and ranks[1] and not set(ranks[0]) & set(ranks[1])  # each rank its own shard
+    stream = ShardStream(list(shards), _processors(), 2, train=True, shuffle_buffer=4, seed=11,
+                         clip=WindowConfig(seconds=2.0), split_by_node=False)
+    one = {}
+    for epoch in (0, 1):
+        one.update({f"{epoch}/{k}": w for k, (w, _) in _epoch(stream, epoch).items()})
+    assert {**ranks[0], **ranks[1]} == one
+
+
+def test_training_logs_each_keys_window(shards: tuple[str, str], tmp_path: Path) -> None:
+    """``train.log_keys`` with ``data.clip``: every step's windows in ``log.jsonl``, each the draw of its
+    (seed, epoch, key); the short source is counted in ``results.json``."""
+    from mmcl.config import load_config
+    from mmcl.train.loop import train
+
+    base = {"model": {"embed_dim": 16, "modalities": {
+        "video": {"frames": FRAMES, "size": 32, "tower": {"width": 32, "depth": 1, "heads": 2, "patch": 16}},
+        "audio": {"n_mels": 32, "seconds": 2.0, "tower": {"width": 32, "depth": 1, "heads": 2, "patch": 16}}}},
+        "data": {"train": shards[0] + "::" + shards[1], "batch_size": 2, "shuffle_buffer": 0,
+                 "clip": {"seconds": 2.0}},
+        "train": {"epochs": 2, "seed": 3, "log_keys": True, "progress": False, "warmup_steps": 1, "threads": 1}}
+    summary = train(load_config(base=base), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    records = [r for r in records if "keys" in r]
+    seen = [(r["epoch"], k) for r in records for k in r["keys"]]
+    assert len(seen) == len(set(seen)) and {e for e, _ in seen} == {0, 1}
+    durations = {f"c{i}": 10.0 for i in range(6)} | {"short": 1.0}
+    for r in records:
+        for key, window in zip(r["keys"], r["windows"]):
+            want = draw_window(WindowConfig(seconds=2.0), durations[key], SampleContext(key, r["epoch"], 3, True))
+            assert window == pytest.approx([want.start, want.end], abs=1e-6)
+    assert summary["data"]["adjusted"] == {"short_source": sum(k == "short" for _, k in seen)}
