@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
+from mmcl.data.augment import AugmentConfig
 from mmcl.errors import ConfigError
 
 #: Top of the source tree, where the named configs live (``configs/``).
@@ -332,6 +333,9 @@ class DataConfig:
     cache: bool = False
     #: A sample missing a modality: skip it (counted) or keep it with that modality masked out.
     on_missing: Literal["skip", "mask"] = "skip"
+    #: Train-time augmentation per modality kind (``video``: crop / flip / colour jitter, ``audio``:
+    #: SpecAugment; see mmcl.data.augment); absent: none.
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, where: str) -> None:
         _positive(where, batch_size=self.batch_size)

@@ -34,6 +34,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
+from mmcl.data.augment import AugmentConfig
 from mmcl.data.context import SampleContext
 from mmcl.errors import DataError
 from mmcl.modalities.base import MissingModality, Processor, SampleError
@@ -339,14 +340,19 @@ class ShardStream(IterableDataset):
         batch_size: samples per batch; the last batch of a worker may be smaller.
         train: shuffle shards and samples and allow augmentation.
         split_by_node: give each rank its own shards (training); off for eval on one rank.
+        augment: ``data.augment``: each processor of a kind it names augments when ``train`` (see
+            :mod:`mmcl.data.augment`).
     """
 
     def __init__(self, urls: list[str], processors: dict[str, Processor], batch_size: int, *,
                  train: bool = True, shuffle_buffer: int = 1000, shard_shuffle: bool = True,
                  resample: bool = False, seed: int = 0, on_missing: str = "skip", cache: bool = False,
-                 split_by_node: bool = True, with_meta: bool = False):
+                 split_by_node: bool = True, with_meta: bool = False, augment: AugmentConfig | None = None):
         super().__init__()
         self.urls = list(urls)
+        if train and augment is not None:
+            processors = {name: proc if getattr(augment, proc.kind, None) is None
+                          else proc.with_augment(getattr(augment, proc.kind)) for name, proc in processors.items()}
         self.processors = processors
         self.batch_size = batch_size
         self.train = train

@@ -27,6 +27,7 @@ import torchaudio
 from torch import nn
 
 from mmcl.config import ConfigError, TrunkFields
+from mmcl.data.augment import spec_augment
 from mmcl.data.context import SampleContext
 from mmcl.modalities.base import MissingModality, Processor, SampleError, register_processor, register_tower
 from mmcl.modalities.layers import PatchTokens, TokenTower, Trunk, patch_grid
@@ -264,7 +265,19 @@ class Audio(Processor):
         return self.input.features(wav)
 
     def transform(self, data: torch.Tensor, train: bool, ctx: SampleContext | None = None) -> torch.Tensor:
-        return self.input.transform(data, train)
+        """Decoded clip -> the tower's input for its window; training with ``data.augment.audio``, SpecAugment
+        masks on the log-mel window (:func:`spec_augment`, drawn from ``ctx.generator("augment.audio")``)."""
+        x = self.input.transform(data, train)
+        if train and ctx is not None and self.augment is not None:
+            x = spec_augment(x, self.augment, ctx.generator("augment.audio"))
+        return x
+
+    def with_augment(self, augment: Any) -> Audio:
+        """SpecAugment needs the log-mel input (tower types ``vit``, ``timm``)."""
+        if not isinstance(self.input, LogMel):
+            raise ConfigError(f"data.augment.audio: SpecAugment masks a log-mel input; {self.where} has tower type "
+                              f"{self.cfg.tower.type!r} (allowed with it: no data.augment.audio)")
+        return cast(Audio, super().with_augment(augment))
 
     def empty(self) -> torch.Tensor:
         return self.input.empty()
