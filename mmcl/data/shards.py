@@ -367,6 +367,9 @@ class ShardStream(IterableDataset):
         self.epoch = SharedEpoch()
         self._cache: dict[str, tuple[dict, dict]] = {}
         self._cache_complete = False
+        #: The reasons of the samples (and shard problems) the cached pass skipped, counted again every
+        #: cached epoch as a pass over the shards would count them.
+        self._cache_skips: list[str] = []
         self._skipped: Counter = Counter()
         self._warned = 0
 
@@ -391,20 +394,61 @@ class ShardStream(IterableDataset):
         urls = urls[rank::world][worker::workers]
         return urls
 
-    def _raw_samples(self, epoch: int) -> Iterator[dict]:
+    def _raw_samples(self, epoch: int, skips: list[str] | None = None) -> Iterator[dict]:
         urls = self._shards_for_me(epoch)
         if self.resample:
             rank, _, worker, _ = wds.utils.pytorch_worker_info()
             rng = random.Random(hash((self.seed, epoch, rank, worker)))
             urls = (rng.choice(urls) for _ in iter(int, 1))
-        return (sample for url in urls for sample in self._read(url))
+        return (sample for url in urls for sample in self._read(url, skips))
 
-    def _read(self, url: str) -> Iterator[dict]:
-        return read_samples(url, lambda reason, detail, key: self._skip(reason, f"{url}: {detail}", key))
+    def _read(self, url: str, skips: list[str] | None = None) -> Iterator[dict]:
+        def report(reason: str, detail: str, key: str | None) -> None:
+            self._skip(reason, f"{url}: {detail}", key)
+            if skips is not None:
+                skips.append(reason)
+
+        return read_samples(url, report)
+
+    def _decode(self, sample: dict, epoch: int, skips: list[str] | None = None) -> tuple[dict, dict] | None:
+        """A raw sample decoded, or None when it is skipped (counted, and its reason added to ``skips``)."""
+        key = sample["__key__"]
+        try:
+            return self.decoder.decode(sample, SampleContext(key, epoch, self.seed, self.train))
+        except SampleError as e:
+            self._skip(e.reason, e.detail, key)
+            if skips is not None:
+                skips.append(e.reason)
+            return None
+
+    def _fill_cache(self) -> None:
+        """Decode every sample of the shards this rank and worker read in epoch 0 into the cache, as that
+        epoch would have (its contexts): a run resumed in a later epoch starts with an empty cache, and a
+        cached epoch's order needs all of its keys."""
+        skips: list[str] = []
+        for sample in self._raw_samples(0, skips):
+            if sample["__key__"] not in self._cache:
+                out = self._decode(sample, 0, skips)
+                if out is not None:
+                    self._cache[sample["__key__"]] = out
+        self._cache_skips, self._cache_complete = skips, True
 
     def _decoded_samples(self, epoch: int) -> Iterator[tuple[str, dict, dict]]:
+        """(key, decoded, presence) of each usable sample of ``epoch`` for this rank and worker.
+
+        With ``cache`` (and no ``resample``) epoch 0 reads the shards and keeps every decoded sample; every
+        later epoch is a permutation of the sorted cached keys drawn from (seed, epoch, rank, worker) alone,
+        whether the cache was filled by epoch 0 of this process or, after a resume into a later epoch, is
+        filled first (:meth:`_fill_cache`), so a resumed run reads the uninterrupted run's order. The
+        samples epoch 0 skipped are counted again each cached epoch, as a pass over the shards counts them.
+        """
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
         rng = random.Random(hash((self.seed, epoch, rank, worker)))
+        cached = self.cache and not self.resample
+        if cached and epoch > 0 and not self._cache_complete:
+            self._fill_cache()  # counts what it skips
+        elif self._cache_complete:
+            self._skipped.update(self._cache_skips)
         if self._cache_complete:
             keys = sorted(self._cache)
             if self.train:
@@ -412,21 +456,19 @@ class ShardStream(IterableDataset):
             for k in keys:
                 yield (k, *self._cache[k])
             return
-        raw = self._raw_samples(epoch)
+        skips: list[str] | None = [] if cached else None
+        raw = self._raw_samples(epoch, skips)
         if self.shuffle_buffer > 1:
             raw = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(raw)
         for sample in raw:
-            key = sample["__key__"]
-            try:
-                out = self.decoder.decode(sample, SampleContext(key, epoch, self.seed, self.train))
-            except SampleError as e:
-                self._skip(e.reason, e.detail, key)
+            out = self._decode(sample, epoch, skips)
+            if out is None:
                 continue
             if self.cache:
-                self._cache[key] = out
-            yield (key, *out)
-        if self.cache and not self.resample:
-            self._cache_complete = True
+                self._cache[sample["__key__"]] = out
+            yield (sample["__key__"], *out)
+        if cached:
+            self._cache_skips, self._cache_complete = skips, True
 
     def _samples(self, epoch: int) -> Iterator[tuple[str, dict, dict, Any]]:
         """(key, {modality: tensor}, presence, metadata) of each usable sample."""

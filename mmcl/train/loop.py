@@ -100,10 +100,6 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
         position = {k: resume_state[k] for k in position}
         skipped.update(resume_state.get("skipped", {}))
         resume_rng = resume_state["rng"][engine.rank]
-        if cfg.data.cache and position["epoch"] > 0:
-            log.warning("data.cache: the epochs after the first are read from the RAM cache in another order "
-                        "than from the shards, so after this resume the sample order differs from an "
-                        "uninterrupted run's")
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, position["step"],
                  position["epoch"], position["batch_in_epoch"])
 
