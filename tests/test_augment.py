@@ -165,3 +165,17 @@ def test_training_loader_augments_reproducibly_and_only_with_the_block(synthetic
     # another epoch draws other crops
     later = _epoch(build_loader(spec, modalities, 8, augment=augment, **kwargs), 2)
     assert sum(not torch.equal(later[k]["video"], one[k]["video"]) for k in plain) >= 28
+
+
+def test_spec_augment_needs_a_log_mel_input(synthetic_data: Path, tmp_path: Path):
+    from transformers import HubertConfig, Wav2Vec2FeatureExtractor
+
+    HubertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        tmp_path / "hubert")
+    Wav2Vec2FeatureExtractor(return_attention_mask=False).save_pretrained(tmp_path / "hubert")
+    audio = build_processor("audio", {"seconds": 1.0, "tower": {"type": "hf", "path": str(tmp_path / "hubert")}})
+    spec = str(synthetic_data / "train-000000.tar")
+    with pytest.raises(ConfigError, match=r"^data\.augment\.audio: SpecAugment masks a log-mel input; "
+                                          r"model\.modalities\.audio has tower type 'hf'"):
+        build_loader(spec, {"audio": audio}, 4, train=True, augment=AugmentConfig(audio=AudioAugment()))
+    build_loader(spec, {"audio": audio}, 4, train=False, augment=AugmentConfig(audio=AudioAugment()))  # eval: unused

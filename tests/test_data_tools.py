@@ -540,9 +540,12 @@ def _build_rows(rows: list[dict[str, Any]], out: Path, opts: EncodeOptions) -> d
 
 
 def _luma(mp4: bytes) -> list[float]:
-    """Mean luma of each frame (the Y plane as stored)."""
+    """Mean luma of each frame (the Y plane as stored); the first frame is presented at time 0 (the sample's
+    own timeline starts at its window's start)."""
     with av.open(io.BytesIO(mp4)) as c:
-        return [float(f.to_ndarray(format="yuv420p")[: f.height].mean()) for f in c.decode(video=0)]
+        frames = list(c.decode(video=0))
+    assert frames and abs(frames[0].time) < 1e-6
+    return [float(f.to_ndarray(format="yuv420p")[: f.height].mean()) for f in frames]
 
 
 def test_valid_videos_are_kept_with_their_decoder_warnings(real_class_media: Path, tmp_path: Path) -> None:
