@@ -179,9 +179,11 @@ def test_sigkill_and_resume_two_ranks_zero2(runs: Runs, tmp_path: Path) -> None:
 
 
 def cached_config(data: Path, tmp_path: Path, workers: int, batch: int, steps: int) -> Path:
-    """The equivalence data with ``data.cache`` on, a sample shuffle buffer and the augmentation on (its draws
-    must come back too), ``steps`` running into the fourth epoch."""
+    """The equivalence data with ``data.cache`` on, a sample shuffle buffer, random 1 s audio crops and the
+    augmentation on (their draws must come back too, also in a persistent loader worker), ``steps`` running
+    into the fourth epoch."""
     cfg: dict[str, Any] = tiny_config(data)
+    cfg["model"]["modalities"]["audio"]["seconds"] = 1.0
     cfg["data"].update(batch_size=batch, shuffle_buffer=16, workers=workers, cache=True,
                        augment={"video": {"scale": [0.4, 1.0], "flip": True, "saturation": 0.3},
                                 "audio": {"time_masks": 2, "freq_masks": 2}})

@@ -125,14 +125,17 @@ def test_cached_epochs_resume_into_the_uninterrupted_order(bad_shards: tuple[str
                                                           modalities: dict[str, Processor], workers: int) -> None:
     """``data.cache``: an epoch after the first is read from the cache in an order drawn from (seed, epoch)
     (per rank and worker) alone, so a fresh loader (a run resumed in epoch 2: empty cache) reads the same
-    batches, the same tensors and the same skip counts as the loader that cached epoch 0."""
+    batches, the same tensors and the same skip counts as the loader that cached epoch 0. The audio crops
+    draw from the global RNG: the trainer restores it at each epoch start (``manual_seed`` here), and the
+    persistent workers, started in epoch 0 by one loader and in epoch 2 by the other, reseed it per epoch."""
     spec, good = bad_shards
 
-    def epoch_of(loader: Loader, epoch: int) -> tuple[list[list[str]], list[torch.Tensor], Counter]:
+    def epoch_of(loader: Loader, epoch: int) -> tuple[list[list[str]], list[dict], Counter]:
         loader.skipped.clear()
         loader.set_epoch(epoch)
+        torch.manual_seed(100 + epoch)
         batches = list(loader)
-        return [b["keys"] for b in batches], [b["inputs"]["video"] for b in batches], Counter(loader.skipped)
+        return [b["keys"] for b in batches], [b["inputs"] for b in batches], Counter(loader.skipped)
 
     def fresh() -> Loader:
         return build_loader(spec, modalities, 3, train=True, workers=workers, shuffle_buffer=8, seed=1, cache=True)
@@ -145,9 +148,10 @@ def test_cached_epochs_resume_into_the_uninterrupted_order(bad_shards: tuple[str
     assert epochs[2][0] != epochs[3][0] != epochs[1][0]
     resumed = fresh()
     for e in (2, 3):
-        keys, video, skipped = epoch_of(resumed, e)
+        keys, inputs, skipped = epoch_of(resumed, e)
         assert keys == epochs[e][0] and skipped == epochs[e][2]
-        assert all(torch.equal(a, b) for a, b in zip(video, epochs[e][1]))
+        for a, b in zip(inputs, epochs[e][1]):
+            assert all(torch.equal(a[m], b[m]) for m in ("video", "audio", "text"))
 
 
 def test_missing_modality_is_masked(synthetic_data: Path, modalities: dict[str, Processor],

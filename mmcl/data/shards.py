@@ -30,9 +30,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmcl.data.augment import AugmentConfig
 from mmcl.data.context import SampleContext
@@ -504,8 +505,23 @@ class ShardStream(IterableDataset):
                 return
             yield batch
 
+    def _seed_persistent_worker(self, epoch: int) -> None:
+        """A persistent loader worker (``data.cache`` keeps its cache in it) outlives epochs, so its global
+        RNGs would carry every earlier epoch's draws (a processor drawing from ``torch``'s global RNG), which a
+        run resumed in a later epoch, whose worker starts there, cannot replay. From the second epoch on they
+        are reseeded from (seed, epoch, rank, worker), as a worker that is not persistent is seeded anew every
+        epoch from the epoch's RNG state; the first epoch keeps the DataLoader's seeding."""
+        if epoch == 0 or not self.cache or get_worker_info() is None:
+            return
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        seed = SampleContext(f"loader-worker-{rank}-{worker}", epoch, self.seed).seed_for("global_rng")
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+
     def _batches(self) -> Iterator[dict[str, Any]]:
         epoch = self.epoch.get()
+        self._seed_persistent_worker(epoch)
         pending: list = []
         for item in self._samples(epoch):
             pending.append(item)
