@@ -499,6 +499,8 @@ def test_cli_errors(media: Path, tmp_path: Path, capsys) -> None:
             (["--manifest", str(media / "picture.png")], "unknown format '.png'"),
             (["--folder", str(tmp_path / "nowhere")], "folder not found"),
             (["--manifest", str(manifest), "--size", "33"], "size must be an even number"),
+            (["--manifest", str(manifest), "--max-loss", "1.5"], "max-loss must be in [0, 1], got 1.5"),
+            (["--manifest", str(manifest), "--background", "not a colour"], "background must be a colour name"),
             (["--manifest", str(manifest), "--out", "pipe:cat"], "needs {name}")):
         if "--out" not in argv:
             argv = [*argv, "--out", str(tmp_path / "o")]
