@@ -390,6 +390,8 @@ def _report(records: list[dict[str, Any]], n_inputs: int, shard: ShardOptions, o
         "by_reason": dict(Counter(x["reason"] for x in rejections).most_common()),
         "rejections": rejections,
         "warnings": [x for r in records for x in r["warnings"]],
+        # Inputs kept although FFmpeg logged decode errors for them (within --max-loss, or --lenient).
+        "warned": len({x["input"] for r in records for x in r["warnings"]}),
         "run": run,
         "options": {**dataclasses.asdict(opts), **dataclasses.asdict(shard)},
     }

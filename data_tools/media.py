@@ -6,6 +6,11 @@ or the source stream copied with ``passthrough``; no audio track), ``flac`` (16 
 caption) and ``json`` (metadata: source path, window, original fps / sample rate / channels / size /
 codecs, licence, labels, extra columns). Anything wrong with an input raises :class:`Rejected` with a
 short reason; :func:`process` turns it into an :class:`Outcome` so that the build never stops.
+
+A window is decoded from a seek to its start (``-ss`` before ``-i``). After such a seek FFmpeg's decoders log
+errors for valid files (an open GOP's leading B-frames in H.264, a B-frame first in an MPEG-4 Part 2 AVI)
+without losing a frame of the window, so a decoder error line is a warning; what rejects a window is what it
+lost (:func:`_lost`, ``max_loss``), or any error line with ``strict``.
 """
 
 from __future__ import annotations
@@ -52,8 +57,16 @@ class EncodeOptions:
     #: libx264 quality and speed.
     crf: int = 23
     preset: str = "veryfast"
-    #: Keep media that ffmpeg decodes with errors (truncated, damaged); by default it is rejected.
+    #: Decoder errors (which FFmpeg logs after every seek into an open-GOP H.264 or a B-frame MPEG-4 stream
+    #: without losing a frame) are kept as warnings; a window is rejected (``decode_error``) when more than this
+    #: fraction of its video frames or audio samples did not decode (beyond one frame / 50 ms of rounding).
+    max_loss: float = 0.05
+    #: Keep whatever decodes, however much is lost (the report lists the errors).
     lenient: bool = False
+    #: Reject media on any decoder error line (the rule before ``max_loss``).
+    strict: bool = False
+    #: Colour that pictures with an alpha channel are composited onto (an FFmpeg colour: white, black, #RRGGBB).
+    background: str = "white"
     #: Seconds allowed to one ffprobe / ffmpeg call.
     timeout: float = 600.0
 
@@ -71,6 +84,12 @@ class EncodeOptions:
             raise ValueError(f"max-caption-chars must be >= 1, got {self.max_caption_chars}")
         if not self.timeout > 0:
             raise ValueError(f"timeout must be > 0, got {self.timeout}")
+        if not 0.0 <= self.max_loss <= 1.0:
+            raise ValueError(f"max-loss must be in [0, 1], got {self.max_loss}")
+        if self.lenient and self.strict:
+            raise ValueError("lenient and strict exclude each other")
+        if not re.fullmatch(r"[A-Za-z]+|#?[0-9A-Fa-f]{6}([0-9A-Fa-f]{2})?|0x[0-9A-Fa-f]{6}", self.background):
+            raise ValueError(f"background must be a colour name or #RRGGBB, got {self.background!r}")
 
 
 class Rejected(Exception):
@@ -91,7 +110,7 @@ class Outcome:
     source: str
     samples: list[dict[str, Any]] = field(default_factory=list)
     rejection: Rejection | None = None
-    #: Decode errors ffmpeg recovered from (kept with ``lenient``).
+    #: Decode errors ffmpeg recovered from (the input kept: within ``max_loss``, or ``lenient``).
     warnings: list[str] = field(default_factory=list)
 
 
@@ -108,6 +127,7 @@ class Media:
     fps: float | None = None
     width: int | None = None
     height: int | None = None
+    pix_fmt: str | None = None
     video_duration: float | None = None
     audio_index: int | None = None
     audio_codec: str | None = None
@@ -182,7 +202,7 @@ def probe(path: str, timeout: float) -> Media:
         if kind == "video" and media.video_index is None and not disposition.get("attached_pic"):
             media.video_index, media.video_codec = s["index"], s.get("codec_name")
             media.fps = _rate(s.get("avg_frame_rate")) or _rate(s.get("r_frame_rate"))
-            media.width, media.height = s.get("width"), s.get("height")
+            media.width, media.height, media.pix_fmt = s.get("width"), s.get("height"), s.get("pix_fmt")
             media.video_duration = _float(s.get("duration"))
         elif kind == "audio" and media.audio_index is None:
             media.audio_index, media.audio_codec = s["index"], s.get("codec_name")
@@ -190,6 +210,15 @@ def probe(path: str, timeout: float) -> Media:
             media.channels = s.get("channels")
             media.audio_duration = _float(s.get("duration"))
     return media
+
+
+#: Pixel formats with an alpha channel (or a palette that may hold transparency).
+_ALPHA = re.compile(r"(rgba|bgra|argb|abgr|ya\d|yuva|gbrap|pal8)")
+
+
+def has_alpha(media: Media) -> bool:
+    """Whether the picture's pixel format carries transparency."""
+    return bool(media.pix_fmt and _ALPHA.match(media.pix_fmt))
 
 
 def _timeline(media: Media, kind: str, timeout: float) -> float | None:
@@ -302,9 +331,9 @@ class _Encoder:
                 f"setsar=1,format=yuv420p")
 
     def encode(self, video: Media | None, image: Media | None, audio: Media | None, start: float, end: float,
-               copy: bool) -> tuple[dict[str, bytes], list[str]]:
-        """-> (members, ffmpeg error lines) for the window ``[start, end)`` of the sample's timeline;
-        ``copy``: the video stream is copied whole (no cut, no re-encode)."""
+               copy: bool) -> tuple[dict[str, bytes], list[str], dict[str, int]]:
+        """-> (members, ffmpeg error lines, frames / samples decoded per member) for the window ``[start, end)``
+        of the sample's timeline; ``copy``: the video stream is copied whole (no cut, no re-encode)."""
         o, duration = self.opts, end - start
         cmd = ["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-y"]
         inputs: list[str] = []
@@ -330,10 +359,19 @@ class _Encoder:
             outputs.append(("mp4", mp4))
         elif image is not None:
             # The loop filter repeats the one decoded frame (an undecodable image ends the stream, where
-            # ``-loop 1`` would retry it forever); the output's -t sets the length.
+            # ``-loop 1`` would retry it forever); the output's -t sets the length. A picture with alpha is
+            # first laid over the background colour (yuv420p has no alpha: dropping it shows whatever colour
+            # the transparent pixels hold).
             i = add(image.path, "-framerate", f"{o.fps:g}")
             mp4 = self.tmp / "v.mp4"
-            out_args += ["-map", f"{i}:{image.video_index}", "-vf", "loop=loop=-1:size=1," + self._video_filter(),
+            frames = "loop=loop=-1:size=1," + self._video_filter()
+            if has_alpha(image):
+                graph = ["-filter_complex", f"color=c={o.background}:s={image.width}x{image.height}[bg];"
+                         f"[{i}:{image.video_index}]format=rgba[fg];[bg][fg]overlay=shortest=1:format=auto,"
+                         f"{frames}[still]", "-map", "[still]"]
+            else:
+                graph = ["-map", f"{i}:{image.video_index}", "-vf", frames]
+            out_args += [*graph,
                          "-t", f"{duration:.6f}", "-c:v", "libx264", "-preset", o.preset, "-crf", str(o.crf),
                          "-threads", "1", "-flags:v", "+bitexact", "-map_metadata", "-1", "-movflags", "+faststart",
                          "-fflags", "+bitexact", "-f", "mp4", str(mp4)]
@@ -348,7 +386,7 @@ class _Encoder:
         errors = [ln for ln in proc.stderr.decode("utf-8", errors="replace").splitlines() if ln.strip()]
         if proc.returncode != 0:
             raise Rejected("unreadable_media", f"{Path(inputs[0]).name}: {errors[0] if errors else 'ffmpeg failed'}")
-        members = {}
+        members, counts = {}, {}
         for ext, path in outputs:
             data = path.read_bytes() if path.is_file() else b""
             try:
@@ -357,8 +395,9 @@ class _Encoder:
                 raise Rejected("unreadable_media", f"{Path(inputs[0]).name}: {type(e).__name__}: {e}") from None
             if frames:
                 members[ext] = data
+            counts[ext] = frames
             path.unlink(missing_ok=True)
-        return members, errors
+        return members, errors, counts
 
 
 def _meta(item: Input, video: Media | None, image: Media | None, audio: Media | None, total: float,
@@ -443,12 +482,22 @@ def encode_input(item: Input, opts: EncodeOptions, tmp: Path) -> tuple[list[dict
     copy = bool(video and opts.passthrough and whole and len(windows) == 1
                 and video.video_codec in PASSTHROUGH_CODECS)
     encoder, samples, warnings = _Encoder(opts, tmp), [], []
+    ends: dict[str, float | None] | None = None  # where the video and audio streams end, probed once if needed
     for j, w in enumerate(windows):
-        members, errors = encoder.encode(video, image, audio, w.start, w.end, copy)
+        members, errors, counts = encoder.encode(video, image, audio, w.start, w.end, copy)
+        name = Path((video or image or audio).path).name
+        if errors and opts.strict:
+            raise Rejected("decode_error", f"{name}: {errors[0]} (--strict rejects any decoder error)")
         if errors and not opts.lenient:
-            raise Rejected("decode_error", f"{Path((video or image or audio).path).name}: {errors[0]} "
-                                           f"(--lenient keeps what decodes)")
-        warnings += [one_line(e) for e in errors[:1]]
+            if ends is None:
+                ends = {"mp4": _timeline(video, "video", opts.timeout) if video is not None and not copy else None,
+                        "flac": _timeline(audio, "audio", opts.timeout) if audio is not None else None}
+            lost = _lost(counts, ends, w, opts)
+            if lost is not None:
+                raise Rejected("decode_error", f"{name}: window {j} [{w.start:g}, {w.end:g}): {lost}, more than "
+                                               f"--max-loss {opts.max_loss:g} ({errors[0]}; --lenient keeps what "
+                                               f"decodes)")
+        warnings += [one_line(f"window {j}: {e}" if len(windows) > 1 else e) for e in errors[:1]]
         if (video or image) is not None and "mp4" not in members:
             raise Rejected("unreadable_media", f"window {j} [{w.start:g}, {w.end:g}): no video frame decoded")
         if video is None and image is None and "flac" not in members:
@@ -460,6 +509,21 @@ def encode_input(item: Input, opts: EncodeOptions, tmp: Path) -> tuple[list[dict
         members["json"] = json.dumps(meta).encode("ascii")
         samples.append({"__key__": key, **members})
     return samples, warnings
+
+
+def _lost(counts: dict[str, int], ends: dict[str, float | None], w: _Window, opts: EncodeOptions) -> str | None:
+    """What a window lost beyond ``max_loss`` (None: within it): its re-encoded video frames against
+    ``fps`` x the part of the window the video stream covers (one frame of slack for rounding), its audio
+    samples against the part the audio stream covers (50 ms of slack: codec priming and padding)."""
+    for ext, rate, slack, what in (("mp4", opts.fps, 1.0, "video frames"),
+                                   ("flac", float(SAMPLE_RATE), 0.05 * SAMPLE_RATE, "audio samples")):
+        if ext not in counts or ends[ext] is None:
+            continue
+        expected = max(0.0, min(w.end, ends[ext]) - w.start) * rate
+        missing = expected - counts[ext] - slack
+        if expected > 0 and missing / expected > opts.max_loss:
+            return f"{counts[ext]} of {expected:.0f} {what} decoded"
+    return None
 
 
 def process(item: Input, opts: EncodeOptions) -> Outcome:

@@ -142,8 +142,16 @@ def _add_shards_build(ss) -> None:
     b.add_argument("--max-caption-chars", type=int, default=2000, help="longer captions are rejected (default: 2000)")
     b.add_argument("--crf", type=int, default=23, help="libx264 quality (default: 23)")
     b.add_argument("--preset", default="veryfast", help="libx264 preset (default: veryfast)")
-    b.add_argument("--lenient", action="store_true", help="keep media ffmpeg decodes with errors (listed as "
-                                                          "warnings) instead of rejecting it")
+    b.add_argument("--max-loss", type=float, default=0.05,
+                   help="media whose decoder logs errors (as after seeking into open-GOP H.264) is kept, with a "
+                        "warning in the report, unless more than this fraction of a window's video frames or "
+                        "audio samples is lost (default: 0.05)")
+    strictness = b.add_mutually_exclusive_group()
+    strictness.add_argument("--lenient", action="store_true", help="keep whatever decodes, however much is lost "
+                                                                   "(errors listed as warnings)")
+    strictness.add_argument("--strict", action="store_true", help="reject media on any decoder error line")
+    b.add_argument("--background", default="white", help="colour pictures with an alpha channel are laid over "
+                                                        "(a name or #RRGGBB; default: white)")
     b.add_argument("--timeout", type=float, default=600.0, help="seconds per ffmpeg call (default: 600)")
     b.add_argument("--state", help="local folder of the progress file (default: --out; required with pipe:)")
     b.add_argument("--overwrite", action="store_true", help="replace an earlier build with this prefix")
@@ -378,13 +386,14 @@ def _shards_build(args) -> int:
                         exclude=exclude + ([args.state] if args.state else []))
     options = EncodeOptions(fps=args.fps, size=args.size, window=args.window, image_seconds=args.image_seconds,
                             passthrough=args.passthrough, max_caption_chars=args.max_caption_chars, crf=args.crf,
-                            preset=args.preset, lenient=args.lenient, timeout=args.timeout)
+                            preset=args.preset, lenient=args.lenient, timeout=args.timeout, max_loss=args.max_loss,
+                            strict=args.strict, background=args.background)
     shard = ShardOptions(prefix=args.prefix, shard_size=args.shard_size, shard_samples=args.shard_samples)
     report = build_shards(items, args.out, workers=args.workers, options=options, shard=shard, state=args.state,
                           overwrite=args.overwrite, progress=args.progress)
     run = report["run"]
-    print(f"{report['inputs']} inputs: {report['accepted']} accepted, {report['rejected']} rejected "
-          f"{report['by_reason'] or ''}".rstrip())
+    print(f"{report['inputs']} inputs: {report['accepted']} accepted ({report['warned']} with decoder warnings), "
+          f"{report['rejected']} rejected {report['by_reason'] or ''}".rstrip())
     print(f"{report['samples']} samples in {len(report['shards'])} shard(s): {report['location']}")
     print(f"this run: {run['inputs']} inputs, {run['samples']} samples in {run['seconds']:.1f} s "
           f"({run['samples_per_s'] or 0:.2f} clips/s, {run['workers']} worker(s), "

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
+from mmcl.data.augment import AugmentConfig
 from mmcl.data.window import WindowConfig
 from mmcl.errors import ConfigError
 
@@ -353,6 +354,9 @@ class DataConfig:
     #: ``{seconds, train: random|center, eval: center, eval_clips}``. None: each modality reads the whole
     #: clip (video: frames spread over all of it; audio: its own ``seconds`` window).
     clip: WindowConfig | None = None
+    #: Train-time augmentation per modality kind (``video``: crop / flip / colour jitter, ``audio``:
+    #: SpecAugment; see mmcl.data.augment); absent: none.
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, where: str) -> None:
         _positive(where, batch_size=self.batch_size)

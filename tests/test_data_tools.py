@@ -5,6 +5,7 @@ training loader and decode to the model's shapes; validate, inspect, resume, pip
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -498,6 +499,8 @@ def test_cli_errors(media: Path, tmp_path: Path, capsys) -> None:
             (["--manifest", str(media / "picture.png")], "unknown format '.png'"),
             (["--folder", str(tmp_path / "nowhere")], "folder not found"),
             (["--manifest", str(manifest), "--size", "33"], "size must be an even number"),
+            (["--manifest", str(manifest), "--max-loss", "1.5"], "max-loss must be in [0, 1], got 1.5"),
+            (["--manifest", str(manifest), "--background", "not a colour"], "background must be a colour name"),
             (["--manifest", str(manifest), "--out", "pipe:cat"], "needs {name}")):
         if "--out" not in argv:
             argv = [*argv, "--out", str(tmp_path / "o")]
@@ -508,3 +511,95 @@ def test_cli_errors(media: Path, tmp_path: Path, capsys) -> None:
     assert parse_size("64k") == 65536 and parse_size("1G") == 1 << 30
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Valid real-world videos FFmpeg logs errors for when a window is seeked into, damaged media, alpha pictures
+
+#: H.264 with open GOPs and B-frames (x264 ``open-gop``, as many camera and web files are); frame N shows luma
+#: 16 + N, so a decoded frame tells the time it came from (N / 10 s).
+TIMED = "color=c=black:s=96x64:r=10:d=14,format=yuv420p,geq=lum='16+N':cb=128:cr=128"
+OPEN_GOP = ["-c:v", "libx264", "-preset", "veryfast", "-qp", "4", "-x264-params",
+            "open-gop=1:keyint=30:min-keyint=30:scenecut=0:bframes=3:b-pyramid=normal"]
+
+
+@pytest.fixture(scope="module")
+def real_class_media(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("real_class")
+    ffmpeg("-f", "lavfi", "-i", TIMED, *tone(14, 16000), *OPEN_GOP, "-c:a", "aac", "-shortest", str(d / "open_gop.mp4"))
+    # MPEG-4 Part 2 with B-frames in an AVI (Xvid style, as opencv's Megamind.avi)
+    ffmpeg(*picture(12, "96x64", 25), "-c:v", "mpeg4", "-bf", "2", "-g", "50", "-vtag", "XVID", str(d / "xvid.avi"))
+    # a stamp: left half transparent over red pixels, right half opaque blue
+    ffmpeg("-f", "lavfi", "-i", "color=c=red:s=40x30,format=rgba,"
+           "geq=r='255*lt(X,20)':g=0:b='255*gte(X,20)':a='255*gte(X,20)'", "-frames:v", "1", str(d / "stamp.png"))
+    return d
+
+
+def _build_rows(rows: list[dict[str, Any]], out: Path, opts: EncodeOptions) -> dict[str, Any]:
+    manifest = out.with_suffix(".jsonl")
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return build_shards(load_inputs(manifest=str(manifest)), str(out), options=opts, progress=False)
+
+
+def _luma(mp4: bytes) -> list[float]:
+    """Mean luma of each frame (the Y plane as stored); the first frame is presented at time 0 (the sample's
+    own timeline starts at its window's start)."""
+    with av.open(io.BytesIO(mp4)) as c:
+        frames = list(c.decode(video=0))
+    assert frames and abs(frames[0].time) < 1e-6
+    return [float(f.to_ndarray(format="yuv420p")[: f.height].mean()) for f in frames]
+
+
+def test_valid_videos_are_kept_with_their_decoder_warnings(real_class_media: Path, tmp_path: Path) -> None:
+    """FFmpeg decodes these files whole without an error, yet logs errors when a build seeks into a window
+    (an open GOP's leading B-frames, an AVI seek to a B-frame): they are kept, the errors counted as warnings,
+    and every window holds its span's frames and audio, starting at the ``start`` its metadata records."""
+    for name in ("open_gop.mp4", "xvid.avi"):
+        full = subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(real_class_media / name), "-f", "null",
+                               "-"], capture_output=True, text=True, check=True)
+        assert full.stderr == "", name
+    rows = [{"key": "open_gop", "video": str(real_class_media / "open_gop.mp4")},
+            {"key": "xvid", "video": str(real_class_media / "xvid.avi")}]
+    opts = EncodeOptions(fps=10, size=64, window=5.0)
+    strict = _build_rows(rows, tmp_path / "strict", dataclasses.replace(opts, strict=True))
+    assert strict["by_reason"] == {"decode_error": 2}  # the rule before: any error line rejects
+    report = _build_rows(rows, tmp_path / "kept", opts)
+    assert report["accepted"] == 2 and report["rejected"] == 0
+    assert {w["key"] for w in report["warnings"]} == {"open_gop", "xvid"} and report["warned"] == 2
+    assert any("h264" in w["warning"] for w in report["warnings"] if w["key"] == "open_gop")
+
+    samples = {s["__key__"]: s for s in _read(str(tmp_path / "kept" / report["pattern"]))}
+    assert sorted(samples) == ["open_gop@0000", "open_gop@0001", "open_gop@0002",
+                               "xvid@0000", "xvid@0001", "xvid@0002"]
+    for j in range(3):
+        s = samples[f"open_gop@{j:04d}"]
+        meta = json.loads(s["json"])
+        assert meta["start"] == pytest.approx(j * 14 / 3, abs=1e-5) and meta["duration"] == pytest.approx(14 / 3)
+        luma = _luma(s["mp4"])
+        assert abs(len(luma) - 10 * meta["duration"]) <= 1  # no frame of the window lost
+        assert abs((luma[0] - 16) / 10 - meta["start"]) <= 0.1 + 1e-6  # it starts where its metadata says
+        assert abs((luma[-1] - 16) / 10 - meta["end"]) <= 0.2 + 1e-6
+        assert abs(soundfile.info(io.BytesIO(s["flac"])).frames - 16000 * meta["duration"]) <= 0.05 * 16000
+
+
+def test_damaged_media_is_rejected_by_what_it_loses(media: Path, tmp_path: Path) -> None:
+    rows = [{"key": "cut", "video": str(media / "truncated.webm")}]
+    report = _build_rows(rows, tmp_path / "default", OPTIONS)
+    (rejection,) = report["rejections"]
+    assert rejection["reason"] == "decode_error" and "decoded, more than --max-loss 0.05" in rejection["detail"]
+    kept = _build_rows(rows, tmp_path / "all", dataclasses.replace(OPTIONS, max_loss=1.0))
+    assert kept["accepted"] == 1 and kept["warned"] == 1
+
+
+@pytest.mark.parametrize("background, expected", [("white", (255, 255, 255)), ("black", (0, 0, 0))])
+def test_pictures_with_alpha_are_laid_over_the_background(real_class_media: Path, tmp_path: Path,
+                                                          background: str, expected: tuple[int, ...]) -> None:
+    opts = dataclasses.replace(OPTIONS, background=background)
+    report = _build_rows([{"key": "stamp", "image": str(real_class_media / "stamp.png")}], tmp_path / "o", opts)
+    (sample,) = _read(str(tmp_path / "o" / report["pattern"]))
+    with av.open(io.BytesIO(sample["mp4"])) as c:
+        frame = next(c.decode(video=0)).to_ndarray(format="rgb24").astype(int)
+    w = frame.shape[1]
+    transparent, opaque = frame[:, : w // 2 - 4], frame[:, w // 2 + 4:]
+    assert np.abs(transparent - np.array(expected)).max() <= 12, transparent.mean(axis=(0, 1))  # not red
+    assert np.abs(opaque - np.array([0, 0, 255])).max() <= 40, opaque.mean(axis=(0, 1))

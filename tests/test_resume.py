@@ -1,5 +1,6 @@
 """Exact mid-epoch resume after a real SIGKILL of a real training process (tree), single-process and
-2-rank ZeRO-2: the logged sample keys equal the uninterrupted run's (no sample repeated or skipped within
+2-rank ZeRO-2, and with the RAM cache (``data.cache``) killed in a cached epoch, 1 process (with and without a
+loader worker) and 2 DDP ranks: the logged sample keys equal the uninterrupted run's (no sample repeated or skipped within
 an epoch) and the final weights are equal. A SIGKILL in the middle of a checkpoint write leaves the previous
 checkpoint loadable and ``--resume latest`` picks it."""
 
@@ -173,5 +174,66 @@ def test_sigkill_and_resume_two_ranks_zero2(runs: Runs, tmp_path: Path) -> None:
     cmd, env = launch_command("torchrun", "zero2", runs.config, out, "--resume", "latest")
     r = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT)
     check_run(r, f"resume after a kill at step {kill_step}")
+    assert world_size(out) == WORLD
+    check_same_history(out, reference, samples_per_step=WORLD * B)
+
+
+def cached_config(data: Path, tmp_path: Path, workers: int, batch: int, steps: int) -> Path:
+    """The equivalence data with ``data.cache`` on, a sample shuffle buffer, random 1 s audio crops and the
+    augmentation on (their draws must come back too, also in a persistent loader worker), ``steps`` running
+    into the fourth epoch."""
+    cfg: dict[str, Any] = tiny_config(data)
+    cfg["model"]["modalities"]["audio"]["seconds"] = 1.0
+    cfg["data"].update(batch_size=batch, shuffle_buffer=16, workers=workers, cache=True,
+                       augment={"video": {"scale": [0.4, 1.0], "flip": True, "saturation": 0.3},
+                                "audio": {"time_masks": 2, "freq_masks": 2}})
+    cfg["train"].update(steps=steps, checkpoint_every=2)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    return config
+
+
+def resume_in_epoch_two(cmd: Any, out: Path, steps_per_epoch: int) -> tuple[int, Path]:
+    """Kill a run (``cmd(out, *args) -> (argv, env)``) at a random step of its third epoch such that its latest
+    checkpoint lies in that epoch too, then resume it to the end."""
+    kill_step = random.randint(2 * steps_per_epoch + 3, 3 * steps_per_epoch - 1)
+    argv, env = cmd(out)
+    kill_at_step(start(argv, env, out), out, kill_step)
+    latest = resolve_resume("latest", out / "checkpoints")
+    assert latest is not None
+    _, state = load_checkpoint(latest)
+    assert state["epoch"] == 2 and state["batch_in_epoch"] > 0, (kill_step, latest)
+    argv, env = cmd(out, "--resume", "latest")
+    r = subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT)
+    check_run(r, f"resume after a kill at step {kill_step}")
+    assert f"resumed from {latest}" in r.stdout and "another order" not in r.stdout
+    return kill_step, latest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 1])
+def test_sigkill_and_resume_with_the_cache_in_epoch_two(runs: Runs, tmp_path: Path, workers: int) -> None:  # noqa: F811
+    """``data.cache: true``: a run killed in its third epoch (read from the RAM cache, which the resumed process
+    does not have) resumes into the uninterrupted run's keys, losses and weights."""
+    config = cached_config(runs.data, tmp_path, workers, batch=8, steps=28)  # 8 steps per epoch
+    reference = tmp_path / "uninterrupted"
+    r = subprocess.run(single_command(config, reference), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True, timeout=TIMEOUT)
+    check_run(r, "uninterrupted run")
+    resume_in_epoch_two(lambda out, *args: (single_command(config, out, *args), None), tmp_path / "run",
+                        steps_per_epoch=8)
+    check_same_history(tmp_path / "run", reference, samples_per_step=8)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_with_the_cache_two_ranks(runs: Runs, tmp_path: Path) -> None:  # noqa: F811
+    config = cached_config(runs.data, tmp_path, workers=0, batch=B, steps=28)  # 8 steps of 2 x B per epoch
+    reference = tmp_path / "uninterrupted"
+    cmd, env = launch_command("torchrun", "ddp", config, reference)
+    r = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT)
+    check_run(r, "uninterrupted run")
+    assert world_size(reference) == WORLD
+    out = tmp_path / "run"
+    resume_in_epoch_two(lambda o, *args: launch_command("torchrun", "ddp", config, o, *args), out, steps_per_epoch=8)
     assert world_size(out) == WORLD
     check_same_history(out, reference, samples_per_step=WORLD * B)

@@ -120,6 +120,40 @@ def test_bad_samples_are_skipped_and_counted_exactly(bad_shards: tuple[str, set[
         assert loader.skipped == Counter({r: n * (epoch + 1) for r, n in BAD_REASONS.items()})
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cached_epochs_resume_into_the_uninterrupted_order(bad_shards: tuple[str, set[str]],
+                                                          modalities: dict[str, Processor], workers: int) -> None:
+    """``data.cache``: an epoch after the first is read from the cache in an order drawn from (seed, epoch)
+    (per rank and worker) alone, so a fresh loader (a run resumed in epoch 2: empty cache) reads the same
+    batches, the same tensors and the same skip counts as the loader that cached epoch 0. The audio crops
+    draw from the global RNG: the trainer restores it at each epoch start (``manual_seed`` here), and the
+    persistent workers, started in epoch 0 by one loader and in epoch 2 by the other, reseed it per epoch."""
+    spec, good = bad_shards
+
+    def epoch_of(loader: Loader, epoch: int) -> tuple[list[list[str]], list[dict], Counter]:
+        loader.skipped.clear()
+        loader.set_epoch(epoch)
+        torch.manual_seed(100 + epoch)
+        batches = list(loader)
+        return [b["keys"] for b in batches], [b["inputs"] for b in batches], Counter(loader.skipped)
+
+    def fresh() -> Loader:
+        return build_loader(spec, modalities, 3, train=True, workers=workers, shuffle_buffer=8, seed=1, cache=True)
+
+    run = fresh()
+    epochs = [epoch_of(run, e) for e in range(4)]
+    for keys, _, skipped in epochs:
+        assert sorted(k for b in keys for k in b) == sorted(good)
+        assert skipped == Counter(BAD_REASONS)  # counted every epoch, as without the cache
+    assert epochs[2][0] != epochs[3][0] != epochs[1][0]
+    resumed = fresh()
+    for e in (2, 3):
+        keys, inputs, skipped = epoch_of(resumed, e)
+        assert keys == epochs[e][0] and skipped == epochs[e][2]
+        for a, b in zip(inputs, epochs[e][1]):
+            assert all(torch.equal(a[m], b[m]) for m in ("video", "audio", "text"))
+
+
 def test_missing_modality_is_masked(synthetic_data: Path, modalities: dict[str, Processor],
                                     tmp_path: Path) -> None:
     samples = _samples(synthetic_data / "test-000000.tar")[:6]

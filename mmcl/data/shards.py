@@ -33,10 +33,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mmcl.data.augment import AugmentConfig
 from mmcl.data.context import SampleContext
 from mmcl.data.window import Window, WindowConfig, draw_window, sample_duration
 from mmcl.errors import DataError
@@ -376,15 +378,20 @@ class ShardStream(IterableDataset):
             evaluation windows. With a window and ``cache`` in training, the cache keeps the raw sample
             (its compressed bytes) rather than the decoded one, and each epoch decodes that epoch's window
             from it: windows move every epoch, and the RAM held is the shards' size, not every frame's.
+        augment: ``data.augment``: each processor of a kind it names augments when ``train`` (see
+            :mod:`mmcl.data.augment`).
     """
 
     def __init__(self, urls: list[str], processors: dict[str, Processor], batch_size: int, *,
                  train: bool = True, shuffle_buffer: int = 1000, shard_shuffle: bool = True,
                  resample: bool = False, seed: int = 0, on_missing: str = "skip", cache: bool = False,
                  split_by_node: bool = True, with_meta: bool = False, clip: WindowConfig | None = None,
-                 view: int = 0):
+                 view: int = 0, augment: AugmentConfig | None = None):
         super().__init__()
         self.urls = list(urls)
+        if train and augment is not None:
+            processors = {name: proc if getattr(augment, proc.kind, None) is None
+                          else proc.with_augment(getattr(augment, proc.kind)) for name, proc in processors.items()}
         self.processors = processors
         self.batch_size = batch_size
         self.train = train
@@ -401,6 +408,9 @@ class ShardStream(IterableDataset):
         self._cache_raw = clip is not None and train
         self._cache: dict[str, Any] = {}
         self._cache_complete = False
+        #: The reasons of the samples (and shard problems) the cached pass skipped, counted again every
+        #: cached epoch as a pass over the shards would count them.
+        self._cache_skips: list[str] = []
         self._skipped: Counter = Counter()
         #: Samples used but changed to fit, by reason (``short_source``: shorter than the window, padded).
         self._adjusted: Counter = Counter()
@@ -427,20 +437,66 @@ class ShardStream(IterableDataset):
         urls = urls[rank::world][worker::workers]
         return urls
 
-    def _raw_samples(self, epoch: int) -> Iterator[dict]:
+    def _raw_samples(self, epoch: int, skips: list[str] | None = None) -> Iterator[dict]:
         urls = self._shards_for_me(epoch)
         if self.resample:
             rank, _, worker, _ = wds.utils.pytorch_worker_info()
             rng = random.Random(hash((self.seed, epoch, rank, worker)))
             urls = (rng.choice(urls) for _ in iter(int, 1))
-        return (sample for url in urls for sample in self._read(url))
+        return (sample for url in urls for sample in self._read(url, skips))
 
-    def _read(self, url: str) -> Iterator[dict]:
-        return read_samples(url, lambda reason, detail, key: self._skip(reason, f"{url}: {detail}", key))
+    def _read(self, url: str, skips: list[str] | None = None) -> Iterator[dict]:
+        def report(reason: str, detail: str, key: str | None) -> None:
+            self._skip(reason, f"{url}: {detail}", key)
+            if skips is not None:
+                skips.append(reason)
+
+        return read_samples(url, report)
+
+    def _decode(self, sample: dict, epoch: int, skips: list[str] | None = None) -> tuple[dict, dict] | None:
+        """(decoded, presence) of a raw sample read in ``epoch``, or None when it is skipped (counted, and its
+        reason added to ``skips``). A source shorter than its window is counted in ``adjusted``."""
+        key = sample["__key__"]
+        try:
+            out = self.decoder.decode(sample, SampleContext(key, epoch, self.seed, self.train))
+        except SampleError as e:
+            self._skip(e.reason, e.detail, key)
+            if skips is not None:
+                skips.append(e.reason)
+            return None
+        window = out[0].get("__window__")
+        if window is not None and window.short:
+            self._adjusted["short_source"] += 1
+        return out
+
+    def _fill_cache(self) -> None:
+        """Decode every sample of the shards this rank and worker read in epoch 0 into the cache, as that
+        epoch would have (its contexts): a run resumed in a later epoch starts with an empty cache, and a
+        cached epoch's order needs all of its keys."""
+        skips: list[str] = []
+        for sample in self._raw_samples(0, skips):
+            if sample["__key__"] not in self._cache:
+                out = self._decode(sample, 0, skips)
+                if out is not None:
+                    self._cache[sample["__key__"]] = sample if self._cache_raw else out
+        self._cache_skips, self._cache_complete = skips, True
 
     def _decoded_samples(self, epoch: int) -> Iterator[tuple[str, dict, dict]]:
+        """(key, decoded, presence) of each usable sample of ``epoch`` for this rank and worker.
+
+        With ``cache`` (and no ``resample``) epoch 0 reads the shards and keeps every decoded sample; every
+        later epoch is a permutation of the sorted cached keys drawn from (seed, epoch, rank, worker) alone,
+        whether the cache was filled by epoch 0 of this process or, after a resume into a later epoch, is
+        filled first (:meth:`_fill_cache`), so a resumed run reads the uninterrupted run's order. The
+        samples epoch 0 skipped are counted again each cached epoch, as a pass over the shards counts them.
+        """
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
         rng = random.Random(hash((self.seed, epoch, rank, worker)))
+        cached = self.cache and not self.resample
+        if cached and epoch > 0 and not self._cache_complete:
+            self._fill_cache()  # counts what it skips
+        elif self._cache_complete:
+            self._skipped.update(self._cache_skips)
         if self._cache_complete:
             keys = sorted(self._cache)
             if self.train:
@@ -450,32 +506,19 @@ class ShardStream(IterableDataset):
                 if out is not None:
                     yield (k, *out)
             return
-        raw = self._raw_samples(epoch)
+        skips: list[str] | None = [] if cached else None
+        raw = self._raw_samples(epoch, skips)
         if self.shuffle_buffer > 1:
             raw = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(raw)
         for sample in raw:
-            key = sample["__key__"]
-            out = self._decode(sample, epoch)
+            out = self._decode(sample, epoch, skips)
             if out is None:
                 continue
             if self.cache:
-                self._cache[key] = sample if self._cache_raw else out
-            yield (key, *out)
-        if self.cache and not self.resample:
-            self._cache_complete = True
-
-    def _decode(self, sample: dict, epoch: int) -> tuple[dict, dict] | None:
-        """(decoded, presence) of a raw sample read in ``epoch``; None (skipped and counted) when unusable."""
-        key = sample["__key__"]
-        try:
-            out = self.decoder.decode(sample, SampleContext(key, epoch, self.seed, self.train))
-        except SampleError as e:
-            self._skip(e.reason, e.detail, key)
-            return None
-        window = out[0].get("__window__")
-        if window is not None and window.short:
-            self._adjusted["short_source"] += 1
-        return out
+                self._cache[sample["__key__"]] = sample if self._cache_raw else out
+            yield (sample["__key__"], *out)
+        if cached:
+            self._cache_skips, self._cache_complete = skips, True
 
     def _samples(self, epoch: int) -> Iterator[tuple[str, dict, dict, Any, Window | None]]:
         """(key, {modality: tensor}, presence, metadata, window) of each usable sample."""
@@ -518,8 +561,23 @@ class ShardStream(IterableDataset):
                 return
             yield batch
 
+    def _seed_persistent_worker(self, epoch: int) -> None:
+        """A persistent loader worker (``data.cache`` keeps its cache in it) outlives epochs, so its global
+        RNGs would carry every earlier epoch's draws (a processor drawing from ``torch``'s global RNG), which a
+        run resumed in a later epoch, whose worker starts there, cannot replay. From the second epoch on they
+        are reseeded from (seed, epoch, rank, worker), as a worker that is not persistent is seeded anew every
+        epoch from the epoch's RNG state; the first epoch keeps the DataLoader's seeding."""
+        if epoch == 0 or not self.cache or get_worker_info() is None:
+            return
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        seed = SampleContext(f"loader-worker-{rank}-{worker}", epoch, self.seed).seed_for("global_rng")
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+
     def _batches(self) -> Iterator[dict[str, Any]]:
         epoch = self.epoch.get()
+        self._seed_persistent_worker(epoch)
         pending: list = []
         for item in self._samples(epoch):
             pending.append(item)

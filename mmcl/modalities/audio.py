@@ -29,6 +29,7 @@ import torchaudio
 from torch import nn
 
 from mmcl.config import ConfigError, TrunkFields
+from mmcl.data.augment import spec_augment
 from mmcl.data.context import SampleContext
 from mmcl.data.window import Window
 from mmcl.modalities.base import MissingModality, Processor, SampleError, register_processor, register_tower
@@ -375,13 +376,25 @@ class Audio(Processor):
         return self.input.features(wav)
 
     def transform(self, data: torch.Tensor, train: bool, ctx: SampleContext | None = None) -> torch.Tensor:
-        # a decoded window is the span itself: no second, random window inside it
-        return self.input.transform(data, train and (ctx is None or ctx.window is None))
+        """Decoded clip -> the tower's input for its window (a decoded ``ctx.window`` is the span itself: no
+        second, random window inside it); training with ``data.augment.audio``, SpecAugment masks on the
+        log-mel window (:func:`spec_augment`, drawn from ``ctx.generator("augment.audio")``)."""
+        x = self.input.transform(data, train and (ctx is None or ctx.window is None))
+        if train and ctx is not None and self.augment is not None:
+            x = spec_augment(x, self.augment, ctx.generator("augment.audio"))
+        return x
 
     def check_window(self, seconds: float, where: str) -> None:
         if abs(self.cfg.seconds - seconds) > 1e-9:
             raise ConfigError(f"{where}.seconds: {seconds:g} differs from {self.where}.seconds {self.cfg.seconds:g} "
                               f"(the audio is the window's span: make them equal)")
+
+    def with_augment(self, augment: Any) -> Audio:
+        """SpecAugment needs the log-mel input (tower types ``vit``, ``timm``)."""
+        if not isinstance(self.input, LogMel):
+            raise ConfigError(f"data.augment.audio: SpecAugment masks a log-mel input; {self.where} has tower type "
+                              f"{self.cfg.tower.type!r} (allowed with it: no data.augment.audio)")
+        return cast(Audio, super().with_augment(augment))
 
     def empty(self) -> torch.Tensor:
         return self.input.empty()

@@ -15,6 +15,7 @@ The data side and the model side of a modality are apart:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import shutil
 from dataclasses import dataclass
@@ -109,6 +110,16 @@ class Processor:
         self.where = f"model.modalities.{name}"
         inputs = tower_type(self.kind, cfg.tower.type).inputs
         self.input: Any = inputs(self) if inputs is not None else None
+
+    #: Train-time augmentation of this modality (its kind's part of ``data.augment``, :mod:`mmcl.data.augment`):
+    #: None except on the training loader's copies (:meth:`with_augment`); never saved with the model.
+    augment: Any = None
+
+    def with_augment(self, augment: Any) -> Processor:
+        """A shallow copy of this processor that augments with ``augment`` when it transforms for training."""
+        out = copy.copy(self)
+        out.augment = augment
+        return out
 
     def resolve(self, path: str) -> Path:
         p = Path(path).expanduser()

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.config import ConfigError, TrunkFields
+from mmcl.data.augment import augment_frames
 from mmcl.data.context import SampleContext
 from mmcl.data.window import Window
 from mmcl.modalities.base import Processor, SampleError, Tower, register_processor, register_tower
@@ -310,7 +311,11 @@ class Video(Processor):
         return resize_center_crop(frames, self.cfg.size) if self.input.resize else frames
 
     def transform(self, data: torch.Tensor, train: bool, ctx: SampleContext | None = None) -> torch.Tensor:
-        """uint8 frames -> ``[T, 3, S, S]`` float32 as the tower type's input makes them."""
+        """uint8 frames -> ``[T, 3, S, S]`` float32 as the tower type's input makes them; training with
+        ``data.augment.video`` first crops / flips / jitters the whole clip alike (:func:`augment_frames`, drawn
+        from ``ctx.generator("augment.video")``)."""
+        if train and ctx is not None and self.augment is not None:
+            data = augment_frames(data, self.augment, ctx.generator("augment.video"))
         return self.input.transform(data)
 
     def empty(self) -> torch.Tensor:

@@ -75,7 +75,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
     loader = build_loader(
         cfg.data.train, model.processors, cfg.data.batch_size, train=True, workers=cfg.data.workers, world=world,
         shuffle_buffer=cfg.data.shuffle_buffer, shard_shuffle=cfg.data.shard_shuffle, resample=cfg.data.resample,
-        seed=cfg.train.seed, on_missing=cfg.data.on_missing, cache=cfg.data.cache, clip=cfg.data.clip)
+        seed=cfg.train.seed, on_missing=cfg.data.on_missing, cache=cfg.data.cache, clip=cfg.data.clip,
+        augment=cfg.data.augment)
     steps_total = total_steps(cfg, loader, world)
     optimizer = build_optimizer(model, cfg, tower_lrs)
     scheduler = build_scheduler(optimizer, cfg, steps_total)
@@ -100,10 +101,6 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
         position = {k: resume_state[k] for k in position}
         skipped.update(resume_state.get("skipped", {}))
         resume_rng = resume_state["rng"][engine.rank]
-        if cfg.data.cache and position["epoch"] > 0:
-            log.warning("data.cache: the epochs after the first are read from the RAM cache in another order "
-                        "than from the shards, so after this resume the sample order differs from an "
-                        "uninterrupted run's")
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, position["step"],
                  position["epoch"], position["batch_in_epoch"])
 
