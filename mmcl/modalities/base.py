@@ -74,6 +74,24 @@ class Tower(nn.Module):
         self.grad_checkpointing = enable
 
 
+def frozen_to_eval(module: nn.Module) -> None:
+    """Put ``module``'s frozen parts in eval mode (call after ``module.train()``): a locked tower or a frozen
+    block must give deterministic features (no dropout, drop path or batch-norm statistics updates). Frozen
+    are the submodules whose parameters are all frozen, and the parameter-free ones (dropout, drop path)
+    registered before the first trainable parameter (e.g. a ViT's ``pos_drop`` after a frozen stem). A module
+    with no frozen parameter is left as it is."""
+    if all(p.requires_grad for p in module.parameters()):
+        return
+    seen_trainable = False
+    for m in module.modules():  # registration order, parents before their children
+        params = list(m.parameters())
+        if params and not any(p.requires_grad for p in params):
+            m.eval()
+        elif not params and not seen_trainable:
+            m.eval()
+        seen_trainable = seen_trainable or any(p.requires_grad for p in m.parameters(recurse=False))
+
+
 class TokenEmbedder(nn.Module):
     """A modality's token embedder: modality input batch -> ``(tokens [N, L, width], valid [N, L] bool or
     None)``. The tokens carry their positions; ``valid`` marks the tokens to attend to and pool (``None``:
