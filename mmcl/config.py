@@ -349,8 +349,11 @@ class TowerControl:
     unlocked_blocks: int | None = None
     #: The first N blocks frozen, with the stem registered before them (patch or token embedding, positions).
     frozen_blocks: int | None = None
-    #: The tower's (and its head's) learning rate instead of ``train.lr``.
+    #: The tower's learning rate instead of ``train.lr``.
     lr: float | None = None
+    #: Its projection head's learning rate instead of ``train.lr`` (with a shared trunk: the modality's head;
+    #: the trunk has none).
+    head_lr: float | None = None
     grad_checkpointing: bool = False
 
     def validate(self, where: str) -> None:
@@ -359,6 +362,10 @@ class TowerControl:
                               f"unlocked_blocks then unfreezes its last blocks)")
         if self.unlocked_blocks is not None and not self.lock:
             raise ConfigError(f"{where}.unlocked_blocks: only meaningful with lock: true")
+        for name in ("lr", "head_lr"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{where}.{name}: must be >= 0, got {value}")
 
 
 @dataclass

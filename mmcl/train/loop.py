@@ -37,7 +37,7 @@ from mmcl.train.checkpoint import (check_resume, load_checkpoint, resolve_resume
 from mmcl.train.engine import make_engine
 from mmcl.train.evaluate import periodic_eval, save_final
 from mmcl.train.logs import RunLog
-from mmcl.train.optim import apply_tower_controls, build_optimizer, build_scheduler, parameter_report
+from mmcl.train.optim import apply_tower_controls, build_optimizer, build_scheduler, group_lrs, parameter_report
 from mmcl.train.step import ForwardBackward, micro_batches, to_device
 
 log = logging.getLogger(__name__)
@@ -71,13 +71,13 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
     engine = make_engine(cfg, model)
     world, main = engine.world, engine.is_main
     seed_everything(cfg.train.seed + engine.rank)
-    tower_lrs = apply_tower_controls(model, cfg.train.towers)
+    lrs = apply_tower_controls(model, cfg.train.towers)
     loader = build_loader(
         cfg.data.train, model.processors, cfg.data.batch_size, train=True, workers=cfg.data.workers, world=world,
         shuffle_buffer=cfg.data.shuffle_buffer, shard_shuffle=cfg.data.shard_shuffle, resample=cfg.data.resample,
         seed=cfg.train.seed, on_missing=cfg.data.on_missing, cache=cfg.data.cache)
     steps_total = total_steps(cfg, loader, world)
-    optimizer = build_optimizer(model, cfg, tower_lrs)
+    optimizer = build_optimizer(model, cfg, lrs)
     scheduler = build_scheduler(optimizer, cfg, steps_total)
 
     ckpt_root = out / "checkpoints"
@@ -149,13 +149,15 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
                 now = time.time()
                 scalars = engine.objective_logs()
                 rec = {"step": step, "epoch": position["epoch"], "loss": engine.mean(loss),
-                       "lr": scheduler.get_last_lr()[0], "samples": position["samples"],
+                       "lr": cfg.train.lr * scheduler.lr_lambdas[0](scheduler.last_epoch),
+                       "lrs": group_lrs(optimizer), "samples": position["samples"],
                        "samples_per_s": samples_window / max(now - t_window, 1e-9), **scalars}
                 if skipped:
                     rec["skipped"] = dict(skipped)
                 if cfg.train.log_keys:
                     rec["keys"] = engine.gather_object([k for b in group for k in b["keys"]])
-                run_log.write(rec, {f"train/{k}": rec[k] for k in ("loss", "lr", "samples_per_s", *scalars)})
+                run_log.write(rec, {**{f"train/{k}": rec[k] for k in ("loss", "lr", "samples_per_s", *scalars)},
+                                    **{f"train/lr/{k}": v for k, v in rec["lrs"].items()}})
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", sps=f"{rec['samples_per_s']:.0f}")
                 t_window, samples_window = now, 0
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
