@@ -332,6 +332,9 @@ class DataConfig:
     cache: bool = False
     #: A sample missing a modality: skip it (counted) or keep it with that modality masked out.
     on_missing: Literal["skip", "mask"] = "skip"
+    #: Training drops each loader's last partial batch (a contrastive objective needs enough negatives); eval
+    #: never drops a sample.
+    drop_last: bool = True
 
     def validate(self, where: str) -> None:
         _positive(where, batch_size=self.batch_size)

@@ -274,3 +274,29 @@ def test_checkpoint_commit_keep_last_and_crash_leftovers(tmp_path: Path) -> None
     assert not list(root.glob(f"{TMP_PREFIX}*"))
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
         resolve_resume(str(root / "step_2"), root)
+
+
+def test_batch_checks_for_negatives(synthetic_data: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One warning line when a global batch has a single sample; drop_last leaving no step is an error."""
+    from mmcl.train.loop import check_batch
+
+    check_batch(make_config(synthetic_data, "data.batch_size=1"), 64, 1)
+    check_batch(make_config(synthetic_data, "data.batch_size=9", "data.drop_last=false"), 64, 7)
+    check_batch(make_config(synthetic_data, "data.batch_size=1", "train.grad_accum=2"), 64, 1)  # 2: no warning
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert lines == [
+        "data.batch_size 1 x 1 rank(s) x train.grad_accum 1: a global batch of 1 sample gives the clip objective "
+        "no negatives: raise data.batch_size",
+        "data.drop_last is false and the last batch of an epoch holds 1 sample (64 samples, data.batch_size 9 x 7 "
+        "rank(s)): it has no negatives for the clip objective (set data.drop_last: true)"]
+    with pytest.raises(ConfigError, match=r"^data.batch_size: data.batch_size 8 x 9 rank\(s\) = 72 per step "
+                                          r"exceeds the 64 training samples: with data.drop_last no step is left"):
+        check_batch(make_config(synthetic_data), 64, 9)
+
+
+def test_epochs_with_drop_last(synthetic_data: Path, tmp_path: Path) -> None:
+    """2 epochs of 64 samples in batches of 24: 2 steps each (the last 16 dropped), the schedule sized to it."""
+    train(make_config(synthetic_data, "train.steps=0", "train.epochs=2", "data.batch_size=24",
+                      "train.checkpoint_every=0"), tmp_path)
+    log = read_log(tmp_path)
+    assert [(r["step"], r["epoch"], len(r["keys"])) for r in log] == [(1, 0, 24), (2, 0, 24), (3, 1, 24), (4, 1, 24)]

@@ -336,15 +336,16 @@ class ShardStream(IterableDataset):
         urls: expanded shard list (see :func:`expand_shards`).
         processors: ``{modality: Processor}`` to decode with (e.g. ``model.processors``); a sample must
             provide each (or, with ``on_missing="mask"``, at least one) of them.
-        batch_size: samples per batch; the last batch of a worker may be smaller.
+        batch_size: samples per batch; the last batch of a worker may be smaller (dropped with ``drop_last``).
         train: shuffle shards and samples and allow augmentation.
+        drop_last: drop each worker's last partial batch (training only: ignored when ``train`` is False).
         split_by_node: give each rank its own shards (training); off for eval on one rank.
     """
 
     def __init__(self, urls: list[str], processors: dict[str, Processor], batch_size: int, *,
                  train: bool = True, shuffle_buffer: int = 1000, shard_shuffle: bool = True,
                  resample: bool = False, seed: int = 0, on_missing: str = "skip", cache: bool = False,
-                 split_by_node: bool = True, with_meta: bool = False):
+                 split_by_node: bool = True, with_meta: bool = False, drop_last: bool = False):
         super().__init__()
         self.urls = list(urls)
         self.processors = processors
@@ -357,6 +358,7 @@ class ShardStream(IterableDataset):
         self.cache = cache
         self.split_by_node = split_by_node
         self.with_meta = with_meta
+        self.drop_last = drop_last and train
         self.decoder = SampleDecoder(processors, on_missing, with_meta)
         self.epoch = SharedEpoch()
         self._cache: dict[str, tuple[dict, dict]] = {}
@@ -466,6 +468,8 @@ class ShardStream(IterableDataset):
                 batch["skipped"] = self._take_skipped()
                 pending = []
                 yield batch
+        if self.drop_last:
+            pending = []
         if pending or self._skipped:
             batch = self._collate(pending) if pending else {"keys": [], "inputs": {}, "present": {}, "meta": []}
             batch["skipped"] = self._take_skipped()

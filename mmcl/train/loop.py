@@ -54,9 +54,35 @@ def total_steps(cfg: Config, loader: Loader, world: int) -> int:
     if cfg.train.steps > 0:
         return cfg.train.steps
     if loader.size is not None and not cfg.data.resample:
-        return cfg.train.epochs * math.ceil(loader.size / (cfg.data.batch_size * world * cfg.train.grad_accum))
+        per_rank = loader.size / (cfg.data.batch_size * world)
+        batches = math.floor(per_rank) if cfg.data.drop_last else math.ceil(per_rank)
+        return cfg.train.epochs * math.ceil(batches / cfg.train.grad_accum)
     raise ConfigError("train.steps: the dataset size is unknown (no sizes.json, or data.resample): "
                       "set train.steps > 0")
+
+
+#: The smallest global batch in which each sample has a negative (all of mmcl's objectives).
+MIN_GLOBAL_BATCH = 2
+
+
+def check_batch(cfg: Config, size: int | None, world: int) -> None:
+    """One warning line when a step's global batch can be too small for the objective to have negatives; an
+    error when ``data.drop_last`` leaves an epoch without a step."""
+    per_step = cfg.data.batch_size * world
+    batch = f"data.batch_size {cfg.data.batch_size} x {world} rank(s)"
+    if per_step * cfg.train.grad_accum < MIN_GLOBAL_BATCH:
+        log.warning("%s x train.grad_accum %d: a global batch of %d sample gives the %s objective no negatives: "
+                    "raise data.batch_size", batch, cfg.train.grad_accum, per_step * cfg.train.grad_accum,
+                    cfg.objective.name)
+    if size is None or cfg.data.resample:
+        return
+    if cfg.data.drop_last and size < per_step:
+        raise ConfigError(f"data.batch_size: {batch} = {per_step} per step exceeds the {size} training samples: "
+                          f"with data.drop_last no step is left (lower data.batch_size)")
+    if not cfg.data.drop_last and 0 < size % per_step < MIN_GLOBAL_BATCH:
+        log.warning("data.drop_last is false and the last batch of an epoch holds %d sample (%d samples, %s): "
+                    "it has no negatives for the %s objective (set data.drop_last: true)", size % per_step,
+                    size, batch, cfg.objective.name)
 
 
 def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[str, Any]:
@@ -75,7 +101,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
     loader = build_loader(
         cfg.data.train, model.processors, cfg.data.batch_size, train=True, workers=cfg.data.workers, world=world,
         shuffle_buffer=cfg.data.shuffle_buffer, shard_shuffle=cfg.data.shard_shuffle, resample=cfg.data.resample,
-        seed=cfg.train.seed, on_missing=cfg.data.on_missing, cache=cfg.data.cache)
+        seed=cfg.train.seed, on_missing=cfg.data.on_missing, cache=cfg.data.cache, drop_last=cfg.data.drop_last)
+    check_batch(cfg, loader.size, world)
     steps_total = total_steps(cfg, loader, world)
     optimizer = build_optimizer(model, cfg, lrs)
     scheduler = build_scheduler(optimizer, cfg, steps_total)
@@ -169,6 +196,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
                 break
         skipped.update(loader.skipped)
         loader.skipped.clear()
+        if cfg.train.steps <= 0 and position["epoch"] + 1 >= cfg.train.epochs:
+            done = True  # the epochs are done (drop_last and skipped samples can make them shorter than estimated)
         if not done:
             position.update(epoch=position["epoch"] + 1, batch_in_epoch=0)
     bar.close()
