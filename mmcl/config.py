@@ -396,6 +396,11 @@ class TrainConfig:
     progress: bool = True
     #: Torch intra-op threads (0: leave torch's default).
     threads: int = 0
+    #: Frozen-feature cache of the fully locked towers whose input is fixed per sample
+    #: (:mod:`mmcl.train.feature_cache`): ``auto`` (in RAM when the features of a data set of known size fit in
+    #: ``feature_cache_ram_gb``, else on disk beside the run), ``ram``, ``disk`` or ``none``.
+    feature_cache: Literal["auto", "ram", "disk", "none"] = "auto"
+    feature_cache_ram_gb: float = 2.0
     #: DeepSpeed config JSON (ZeRO stage etc.; "auto" values are filled from this config). Empty: no
     #: DeepSpeed, unless ``accelerate launch`` was given a DeepSpeed config.
     deepspeed: str = ""

@@ -12,7 +12,11 @@ error when there are too few shards, and an optional RAM cache of decoded sample
 A batch is a dict::
 
     {"keys": [N] sample keys, "inputs": {modality: tensor [N, ...]},
-     "present": {modality: bool [N]}, "skipped": {reason: count since the previous batch}}
+     "present": {modality: bool [N]}, "windows": {modality: [N] str | None},
+     "skipped": {reason: count since the previous batch}}
+
+``windows`` say per sample what fixes the input besides the key (``Processor.cache_window``; None: drawn at
+random), for the trainer's frozen-feature cache.
 """
 
 from __future__ import annotations
@@ -424,24 +428,28 @@ class ShardStream(IterableDataset):
         if self.cache and not self.resample:
             self._cache_complete = True
 
-    def _samples(self, epoch: int) -> Iterator[tuple[str, dict, dict, Any]]:
-        """(key, {modality: tensor}, presence, metadata) of each usable sample."""
+    def _samples(self, epoch: int) -> Iterator[tuple[str, dict, dict, Any, dict]]:
+        """(key, {modality: tensor}, presence, metadata, {modality: cache window}) of each usable sample (the
+        window: :meth:`Processor.cache_window`, ``""`` for an absent modality)."""
         for key, decoded, present in self._decoded_samples(epoch):
+            ctx = SampleContext(key, epoch, self.seed, self.train)
             try:
-                inputs = self.decoder.transform(decoded, present, self.train,
-                                                SampleContext(key, epoch, self.seed, self.train))
+                inputs = self.decoder.transform(decoded, present, self.train, ctx)
             except SampleError as e:
                 self._skip(e.reason, e.detail, key)
                 continue
-            yield key, inputs, present, decoded.get("__meta__")
+            windows = {name: proc.cache_window(decoded[name], self.train, ctx) if present[name] else ""
+                       for name, proc in self.processors.items()}
+            yield key, inputs, present, decoded.get("__meta__"), windows
 
-    def _collate(self, items: list[tuple[str, dict, dict, Any]]) -> dict[str, Any]:
-        batch: dict[str, Any] = {"keys": [k for k, _, _, _ in items], "inputs": {}, "present": {}}
+    def _collate(self, items: list[tuple[str, dict, dict, Any, dict]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {"keys": [item[0] for item in items], "inputs": {}, "present": {}, "windows": {}}
         if self.with_meta:
-            batch["meta"] = [meta for _, _, _, meta in items]
+            batch["meta"] = [item[3] for item in items]
         for name, mod in self.processors.items():
-            batch["inputs"][name] = mod.collate([inputs[name] for _, inputs, _, _ in items])
-            batch["present"][name] = torch.tensor([p[name] for _, _, p, _ in items], dtype=torch.bool)
+            batch["inputs"][name] = mod.collate([item[1][name] for item in items])
+            batch["present"][name] = torch.tensor([item[2][name] for item in items], dtype=torch.bool)
+            batch["windows"][name] = [item[4][name] for item in items]
         return batch
 
     def _take_skipped(self) -> dict[str, int]:
@@ -471,7 +479,8 @@ class ShardStream(IterableDataset):
         if self.drop_last:
             pending = []
         if pending or self._skipped:
-            batch = self._collate(pending) if pending else {"keys": [], "inputs": {}, "present": {}, "meta": []}
+            batch = self._collate(pending) if pending else {"keys": [], "inputs": {}, "present": {}, "windows": {},
+                                                            "meta": []}
             batch["skipped"] = self._take_skipped()
             yield batch
 

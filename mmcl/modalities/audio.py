@@ -122,6 +122,10 @@ class AudioInput(Protocol):
 
     def empty(self) -> torch.Tensor: ...
 
+    def random_window(self, data: torch.Tensor) -> bool:
+        """Whether training draws a random window of this clip (it is longer than ``seconds``)."""
+        ...
+
 
 class LogMel:
     """Log-mel input of the towers built here and of timm towers: ``[1, n_mels, n_frames]`` standardised per
@@ -154,6 +158,9 @@ class LogMel:
 
     def empty(self) -> torch.Tensor:
         return torch.zeros(1, self.cfg.n_mels, self.n_frames)
+
+    def random_window(self, data: torch.Tensor) -> bool:
+        return data.shape[1] > self.n_frames
 
 
 class FeatureExtractorInput:
@@ -214,6 +221,9 @@ class FeatureExtractorInput:
             data = data[start:start + n]
         return self.extract(data)
 
+    def random_window(self, data: torch.Tensor) -> bool:
+        return data.numel() > self.cfg.n_samples
+
     def empty(self) -> torch.Tensor:
         if self._empty is None:
             self._empty = self.extract(torch.zeros(self.cfg.n_samples))
@@ -268,6 +278,11 @@ class Audio(Processor):
 
     def empty(self) -> torch.Tensor:
         return self.input.empty()
+
+    def cache_window(self, data: torch.Tensor, train: bool, ctx: SampleContext | None = None) -> str | None:
+        """Training draws a random window of a clip longer than ``seconds`` (not cached); a shorter clip, or
+        the centred window outside training, is fixed by the sample."""
+        return None if train and self.input.random_window(data) else ""
 
     @property
     def n_frames(self) -> int:

@@ -150,6 +150,14 @@ class Processor:
         """Placeholder input for a sample missing this modality (masked out downstream)."""
         raise NotImplementedError
 
+    def cache_window(self, data: Any, train: bool, ctx: SampleContext | None = None) -> str | None:
+        """What fixes this sample's transformed input besides its key, for the frozen-feature cache
+        (:mod:`mmcl.train.feature_cache`): ``""`` (the sample alone: ``transform`` is deterministic), a window's
+        description (a time window that is a function of the sample: it joins the cache key), or None (drawn
+        at random: never cached). Default: deterministic outside training, unknown (None) in training;
+        processors without train-time randomness return ``""``."""
+        return "" if not train else None
+
     def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
         """Stack per-sample tensors into the tower's batch input."""
         return torch.stack(items)

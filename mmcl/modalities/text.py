@@ -225,6 +225,10 @@ class Text(Processor):
         are (the tokenizer padded them): ids, attention mask[, token type ids]."""
         return self.input.pad(data, self.cfg.max_len)
 
+    def cache_window(self, data: Any, train: bool, ctx: SampleContext | None = None) -> str:
+        """No train-time randomness: the sample alone fixes its input."""
+        return ""
+
     def empty(self) -> torch.Tensor:
         if self.input is None:
             return torch.full((self.cfg.max_len,), self.pad_id, dtype=torch.long)

@@ -216,6 +216,10 @@ class Video(Processor):
         """uint8 frames -> ``[T, 3, S, S]`` float32 as the tower type's input makes them."""
         return self.input.transform(data)
 
+    def cache_window(self, data: Any, train: bool, ctx: SampleContext | None = None) -> str:
+        """No train-time randomness: the sample alone fixes its input."""
+        return ""
+
     def empty(self) -> torch.Tensor:
         return torch.zeros(self.cfg.frames, 3, self.cfg.size, self.cfg.size)
 

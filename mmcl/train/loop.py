@@ -36,6 +36,7 @@ from mmcl.train.checkpoint import (check_resume, load_checkpoint, resolve_resume
                                    save_training_checkpoint, set_rng_state)
 from mmcl.train.engine import make_engine
 from mmcl.train.evaluate import periodic_eval, save_final
+from mmcl.train.feature_cache import FeatureCache
 from mmcl.train.logs import RunLog
 from mmcl.train.optim import apply_tower_controls, build_optimizer, build_scheduler, group_lrs, parameter_report
 from mmcl.train.step import ForwardBackward, micro_batches, to_device
@@ -119,6 +120,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
 
     engine.prepare(model, optimizer)
     forward_backward = ForwardBackward(engine)
+    feature_cache = FeatureCache.for_run(cfg, engine.inner, out, engine.rank, engine.device, loader.size,
+                                         getattr(engine, "stage", 0))
     resume_rng = None
     if resume_state is not None:
         engine.load_state(resume_path, resume_state)
@@ -151,6 +154,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
         if resume_rng is not None:
             set_rng_state(resume_rng["epoch_start"])
         epoch_rng = rng_state()  # seeds this epoch's loader (and its workers)
+        if feature_cache is not None:
+            feature_cache.refresh()
         groups = micro_batches(loader, cfg.train.grad_accum)
         if resume_rng is not None:  # resuming mid-epoch: the stream is deterministic, fast-forward it
             for _ in range(position["batch_in_epoch"]):
@@ -161,6 +166,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
             set_rng_state(resume_rng["now"])
             resume_rng = None
         for group in groups:
+            if feature_cache is not None:
+                group = feature_cache(group)
             loss = forward_backward(to_device(group, engine.device))
             engine.step()
             scheduler.step()
@@ -181,6 +188,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
                        "samples_per_s": samples_window / max(now - t_window, 1e-9), **scalars}
                 if skipped:
                     rec["skipped"] = dict(skipped)
+                if feature_cache is not None:
+                    rec["feature_cache"] = feature_cache.take_counts()
                 if cfg.train.log_keys:
                     rec["keys"] = engine.gather_object([k for b in group for k in b["keys"]])
                 run_log.write(rec, {**{f"train/{k}": rec[k] for k in ("loss", "lr", "samples_per_s", *scalars)},
@@ -201,6 +210,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
         if not done:
             position.update(epoch=position["epoch"] + 1, batch_in_epoch=0)
     bar.close()
+    if feature_cache is not None:
+        feature_cache.close()
     seconds = time.time() - t_start
     summary: dict[str, Any] = {"train": {"steps": step, "samples": position["samples"], "seconds": round(seconds, 2),
                                          "samples_per_s": position["samples"] / max(seconds, 1e-9),
