@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,14 +19,21 @@ from mmcl.modalities.audio import empty_mel_filters
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only case")
-def test_deepspeed_is_told_the_cpu() -> None:
-    code = ("from mmcl.train.engine import tell_deepspeed_the_device\n"
-            "tell_deepspeed_the_device(False)\n"
-            "import deepspeed\n"
+def test_deepspeed_is_told_the_cpu(tmp_path: Path) -> None:
+    """Importing mmcl's model is enough: transformers' save_pretrained and accelerate (which import DeepSpeed)
+    then print no accelerator detection line."""
+    code = ("import sys\n"
+            "import mmcl.model\n"
+            "from transformers import BertConfig, BertModel\n"
+            "BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,\n"
+            "                     intermediate_size=8)).save_pretrained(sys.argv[1])\n"
+            "import accelerate\n"
+            "accelerate.Accelerator(cpu=True)\n"
             "from deepspeed.accelerator import get_accelerator\n"
             "print(get_accelerator()._name)\n")
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "bert")], capture_output=True, text=True,
+                          env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "cpu"
     assert "Setting accelerator" not in done.stderr + done.stdout

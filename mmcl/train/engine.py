@@ -152,18 +152,10 @@ class AccelerateEngine(Engine):
             raise ConfigError(f"--resume {directory}: written under DeepSpeed, resumed without it")
 
 
-def tell_deepspeed_the_device(cuda: bool) -> None:
-    """Without a GPU, tell DeepSpeed it runs on the CPU (``DS_ACCELERATOR=cpu``, unless set) before it is
-    first imported: its own detection would warn "Setting accelerator to CPU" on every command."""
-    if not cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
 def make_accelerator(cfg: Config, model: nn.Module) -> Accelerator:
     """The Accelerator for this launch (DeepSpeed when ``train.deepspeed`` or ``accelerate launch`` names a
     config; ``model`` sizes its "auto" buckets)."""
     cuda = torch.cuda.is_available()
-    tell_deepspeed_the_device(cuda)
     precision = cfg.train.precision if cuda else "fp32"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # On CPU accelerate must be told gloo, else it believes the world size is 1 (see shared/ENV.md).
