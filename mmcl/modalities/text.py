@@ -294,10 +294,10 @@ class TextTower(Tower):
         return list(self.encoder.encoder.layer)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            self.encoder.gradient_checkpointing_enable()
+        if enable:  # transformers' own (its gradient_checkpointing_* names are deprecated)
+            self.encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
-            self.encoder.gradient_checkpointing_disable()
+            self.encoder.activation_checkpointing_disable()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         mask = (ids != self.pad_id).long()

@@ -288,10 +288,10 @@ class HFVideoTower(Tower):
         return list(layers) if layers is not None else []
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            self.model.gradient_checkpointing_enable()
+        if enable:  # transformers' own (its gradient_checkpointing_* names are deprecated)
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
-            self.model.gradient_checkpointing_disable()
+            self.model.activation_checkpointing_disable()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.model(pixel_values=x).last_hidden_state
