@@ -357,6 +357,9 @@ class DataConfig:
     #: Train-time augmentation per modality kind (``video``: crop / flip / colour jitter, ``audio``:
     #: SpecAugment; see mmcl.data.augment); absent: none.
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    #: Training drops each loader's last partial batch (a contrastive objective needs enough negatives); eval
+    #: never drops a sample.
+    drop_last: bool = True
 
     def validate(self, where: str) -> None:
         _positive(where, batch_size=self.batch_size)
@@ -374,8 +377,11 @@ class TowerControl:
     unlocked_blocks: int | None = None
     #: The first N blocks frozen, with the stem registered before them (patch or token embedding, positions).
     frozen_blocks: int | None = None
-    #: The tower's (and its head's) learning rate instead of ``train.lr``.
+    #: The tower's learning rate instead of ``train.lr``.
     lr: float | None = None
+    #: Its projection head's learning rate instead of ``train.lr`` (with a shared trunk: the modality's head;
+    #: the trunk has none).
+    head_lr: float | None = None
     grad_checkpointing: bool = False
 
     def validate(self, where: str) -> None:
@@ -384,6 +390,10 @@ class TowerControl:
                               f"unlocked_blocks then unfreezes its last blocks)")
         if self.unlocked_blocks is not None and not self.lock:
             raise ConfigError(f"{where}.unlocked_blocks: only meaningful with lock: true")
+        for name in ("lr", "head_lr"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{where}.{name}: must be >= 0, got {value}")
 
 
 @dataclass
@@ -411,6 +421,11 @@ class TrainConfig:
     progress: bool = True
     #: Torch intra-op threads (0: leave torch's default).
     threads: int = 0
+    #: Frozen-feature cache of the fully locked towers whose input is fixed per sample
+    #: (:mod:`mmcl.train.feature_cache`): ``auto`` (in RAM when the features of a data set of known size fit in
+    #: ``feature_cache_ram_gb``, else on disk beside the run), ``ram``, ``disk`` or ``none``.
+    feature_cache: Literal["auto", "ram", "disk", "none"] = "auto"
+    feature_cache_ram_gb: float = 2.0
     #: DeepSpeed config JSON (ZeRO stage etc.; "auto" values are filled from this config). Empty: no
     #: DeepSpeed, unless ``accelerate launch`` was given a DeepSpeed config.
     deepspeed: str = ""

@@ -18,6 +18,7 @@ from mmcl.errors import HubError
 from mmcl.hub import check_weights, eval_records, resolve_pretrained, write_model_card
 from mmcl.modalities import Processor, build_processor, build_tower
 from mmcl.modalities.pretrained import build_session
+from mmcl.modalities.base import frozen_to_eval
 from mmcl.objectives import build_objective
 from mmcl.persistence import CONFIG_NAME, read_config, read_model_dir, weights_file, write_model_dir
 from mmcl.shared import build_shared_towers, encode_shared
@@ -102,6 +103,16 @@ class MultimodalModel(nn.Module):
         if model_cfg.logit_scale_init == "checkpoint" and pretrained:
             init_scale_from_checkpoint(self)
 
+    def train(self, mode: bool = True) -> MultimodalModel:
+        """Training mode, except the frozen parts of the towers (a locked tower, frozen blocks and stem), which
+        stay in eval mode (:func:`~mmcl.modalities.base.frozen_to_eval`): what is frozen is decided by
+        ``requires_grad`` at the time of the call (``train.towers``, :func:`mmcl.train.optim.apply_tower_controls`)."""
+        super().train(mode)
+        if mode:
+            for tower in self.towers.values():
+                frozen_to_eval(tower)
+        return self
+
     @property
     def modality_names(self) -> list[str]:
         return list(self.processors)
@@ -115,20 +126,32 @@ class MultimodalModel(nn.Module):
         counts["total"] = sum(p.numel() for p in self.parameters())
         return counts
 
-    def encode(self, inputs: dict[str, torch.Tensor], normalize: bool = True) -> dict[str, torch.Tensor]:
-        """``{modality: batch input}`` (any subset) -> ``{modality: [N, embed_dim]}``."""
+    def tower_features(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Modality ``name``'s batch input -> its tower's pooled features ``[N, F]``, before the projection head
+        (with a shared trunk: its embedder, then the trunk). What a frozen-feature cache keeps of a locked
+        tower (:mod:`mmcl.train.feature_cache`)."""
+        if name not in self.processors:
+            raise KeyError(f"model has no modality {name!r} (has: {', '.join(self.processors)})")
+        return encode_shared(self.towers, name, x) if self.model_cfg.shared_trunk else self.towers[name](x)
+
+    def encode(self, inputs: dict[str, torch.Tensor], normalize: bool = True,
+               features: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``{modality: batch input}`` (any subset) -> ``{modality: [N, embed_dim]}``. ``features``:
+        ``{modality: [N, F]}`` tower features computed before (:meth:`tower_features`), which go through the
+        head in place of running the tower."""
+        given = features or {}
         out = {}
-        for name, x in inputs.items():
-            if name not in self.processors:
-                raise KeyError(f"model has no modality {name!r} (has: {', '.join(self.processors)})")
-            features = encode_shared(self.towers, name, x) if self.model_cfg.shared_trunk else self.towers[name](x)
-            z = self.heads[name](features)
+        for name in [*inputs, *(m for m in given if m not in inputs)]:
+            f = given[name] if name in given else self.tower_features(name, inputs[name])
+            z = self.heads[name](f)
             out[name] = F.normalize(z, dim=-1) if normalize else z
         return out
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One batch ``{modality: input}`` -> L2-normalised embeddings ``{modality: [N, embed_dim]}``."""
-        return self.encode(inputs)
+    def forward(self, inputs: dict[str, torch.Tensor],
+                features: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """One batch ``{modality: input}`` (and ``features``, see :meth:`encode`) -> L2-normalised embeddings
+        ``{modality: [N, embed_dim]}``."""
+        return self.encode(inputs, features=features)
 
     # -- persistence -------------------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:

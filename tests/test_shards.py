@@ -364,3 +364,15 @@ def test_sample_context_draws_are_a_function_of_seed_epoch_key_purpose_alone():
     a = torch.rand(4, generator=ctx.generator("window"))
     assert torch.equal(a, torch.rand(4, generator=SampleContext("clip-000001", 2, 7, False).generator("window")))
     assert ctx.random("x").random() == ctx.random("x").random()
+
+
+def test_drop_last_in_training_only(synthetic_data: Path, modalities: dict[str, Processor]) -> None:
+    """32 test samples in batches of 10: training drops the last 2 (and still counts skipped samples),
+    eval keeps them whatever it is asked."""
+    spec = _spec(synthetic_data, "test")
+    text = {"text": modalities["text"]}
+    sizes = {}
+    for train, drop in ((True, True), (True, False), (False, True)):
+        loader = build_loader(spec, text, 10, train=train, drop_last=drop, shard_shuffle=False, shuffle_buffer=0)
+        sizes[train, drop] = [len(b["keys"]) for b in loader]
+    assert sizes == {(True, True): [10, 10, 10], (True, False): [10, 10, 10, 2], (False, True): [10, 10, 10, 2]}

@@ -185,10 +185,13 @@ def report_counts(report: str) -> dict[str, tuple[int, int]]:
 
 
 def test_controls_report_and_lrs(synthetic_data: Path):
-    """text's tokeniser locked, the trunk locked but its last block, per-tower lrs (a head follows its
-    modality's): the report's counts follow from the architecture, the optimizer groups from the config."""
+    """text's tokeniser locked, the trunk locked but its last block, per-tower lrs (a head has its own,
+    ``head_lr``; the trunk has none): the report's counts follow from the architecture, the optimizer groups
+    from the config."""
     model = build(shared_spec(synthetic_data))
-    lrs = apply_tower_controls(model, {"text": {"lock": True, "lr": 1e-3},
+    with pytest.raises(ConfigError, match=r"^train.towers.trunk.head_lr: the tower has no projection head"):
+        apply_tower_controls(model, {"trunk": {"head_lr": 1e-3}})
+    lrs = apply_tower_controls(model, {"text": {"lock": True, "lr": 1e-3, "head_lr": 1e-3},
                                        "trunk": {"lock": True, "unlocked_blocks": 1, "lr": 2e-4}})
     counts = report_counts(parameter_report(model))
     text = model.processors["text"]

@@ -67,6 +67,16 @@ def test_baseline_run_files_and_logit_scale_clamp(baseline: Path) -> None:
     assert [s for s, _ in list_checkpoints(baseline / "checkpoints")] == [2, 4]
     results = json.loads((baseline / "results.json").read_text())
     assert results["train"]["steps"] == STEPS and results["train"]["world_size"] == 1
+    # Every parameter group's lr by name, in log.jsonl and tensorboard.
+    groups = {f"{part}{suffix}" for part in ("towers.video", "towers.audio", "towers.text") for suffix in
+              ("", ".no_decay")} | {"heads.video", "heads.audio", "heads.text", "objective.no_decay"}
+    assert all(set(r["lrs"]) == groups and set(r["lrs"].values()) == {r["lr"]} for r in log)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(baseline / "tb"))
+    tb.Reload()
+    assert {f"train/lr/{g}" for g in groups} <= set(tb.Tags()["scalars"])
+    assert [e.value for e in tb.Scalars("train/lr/heads.text")] == pytest.approx([r["lr"] for r in log])
 
 
 def test_grad_accumulation_equals_the_large_batch(baseline: Path, synthetic_data: Path, tmp_path: Path) -> None:
@@ -114,9 +124,9 @@ def test_locked_and_frozen_towers_stay_put(synthetic_data: Path, tmp_path: Path)
 def test_parameter_report_and_lrs_follow_the_controls(synthetic_data: Path) -> None:
     """The start-of-run report's trainable / frozen counts per tower, from the architecture (width 32 towers:
     video 2 blocks behind a 2 x 12 x 12 tubelet stem, audio 1 block behind 16 x 16 patches), and the
-    optimizer's per-tower lrs (a head follows its tower)."""
+    optimizer's per-tower lrs (a head has its own: ``head_lr``, default ``train.lr``) and named groups."""
     cfg = make_config(synthetic_data, "train.towers.text.lock=true", "train.towers.video.frozen_blocks=1",
-                      "train.towers.video.lr=1e-4", "train.towers.audio.lock=true",
+                      "train.towers.video.lr=1e-4", "train.towers.audio.lock=true", "train.towers.audio.head_lr=3e-3",
                       "train.towers.audio.unlocked_blocks=1", "train.towers.audio.lr=2e-3")
     model = MultimodalModel(cfg.model, cfg.objective)
     lrs = apply_tower_controls(model, cfg.train.towers)
@@ -130,9 +140,13 @@ def test_parameter_report_and_lrs_follow_the_controls(synthetic_data: Path) -> N
     assert counts["head:text"] == (w * 16, 0) and counts["objective"] == (1, 0)
     by_param = {id(p): g["lr"] for g in param_groups(model, cfg, lrs) for p in g["params"]}
     lr_of = {name: by_param.get(id(p)) for name, p in model.named_parameters()}
-    assert lr_of["towers.video.trunk.blocks.1.attn.qkv.weight"] == lr_of["heads.video.weight"] == 1e-4
-    assert lr_of["towers.audio.trunk.blocks.0.mlp.fc1.weight"] == lr_of["heads.audio.weight"] == 2e-3
-    assert lr_of["heads.text.weight"] == lr_of["objective.logit_scale"] == cfg.train.lr
+    assert lr_of["towers.video.trunk.blocks.1.attn.qkv.weight"] == lr_of["towers.video.trunk.norm.bias"] == 1e-4
+    assert lr_of["towers.audio.trunk.blocks.0.mlp.fc1.weight"] == 2e-3 and lr_of["heads.audio.weight"] == 3e-3
+    assert lr_of["heads.text.weight"] == lr_of["heads.video.weight"] == lr_of["objective.logit_scale"] == cfg.train.lr
+    names = {g["name"]: g["lr"] for g in param_groups(model, cfg, lrs)}
+    assert names == {"towers.video": 1e-4, "towers.video.no_decay": 1e-4, "towers.audio": 2e-3,
+                     "towers.audio.no_decay": 2e-3, "heads.video": cfg.train.lr, "heads.audio": 3e-3,
+                     "heads.text": cfg.train.lr, "objective.no_decay": cfg.train.lr}
     assert lr_of["towers.video.trunk.blocks.0.attn.qkv.weight"] is None  # frozen: not optimised
 
 
@@ -166,7 +180,8 @@ def test_no_weight_decay_sets_equal_the_substring_rule(synthetic_data: Path, nam
 
 @pytest.mark.parametrize(("control", "message"), [
     ("train.towers.text.lokc=true", "train.towers.text.lokc: unknown field (allowed: frozen_blocks, "
-                                    "grad_checkpointing, lock, lr, unlocked_blocks)"),
+                                    "grad_checkpointing, head_lr, lock, lr, unlocked_blocks)"),
+    ("train.towers.text.head_lr=-1", "train.towers.text.head_lr: must be >= 0, got -1.0"),
     ("train.towers.text.lock=3", "train.towers.text.lock: expected true or false, got 3"),
     ("train.towers.text.unlocked_blocks=1", "train.towers.text.unlocked_blocks: only meaningful with lock: true"),
 ])
@@ -259,3 +274,29 @@ def test_checkpoint_commit_keep_last_and_crash_leftovers(tmp_path: Path) -> None
     assert not list(root.glob(f"{TMP_PREFIX}*"))
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
         resolve_resume(str(root / "step_2"), root)
+
+
+def test_batch_checks_for_negatives(synthetic_data: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One warning line when a global batch has a single sample; drop_last leaving no step is an error."""
+    from mmcl.train.loop import check_batch
+
+    check_batch(make_config(synthetic_data, "data.batch_size=1"), 64, 1)
+    check_batch(make_config(synthetic_data, "data.batch_size=9", "data.drop_last=false"), 64, 7)
+    check_batch(make_config(synthetic_data, "data.batch_size=1", "train.grad_accum=2"), 64, 1)  # 2: no warning
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert lines == [
+        "data.batch_size 1 x 1 rank(s) x train.grad_accum 1: a global batch of 1 sample gives the clip objective "
+        "no negatives: raise data.batch_size",
+        "data.drop_last is false and the last batch of an epoch holds 1 sample (64 samples, data.batch_size 9 x 7 "
+        "rank(s)): it has no negatives for the clip objective (set data.drop_last: true)"]
+    with pytest.raises(ConfigError, match=r"^data.batch_size: data.batch_size 8 x 9 rank\(s\) = 72 per step "
+                                          r"exceeds the 64 training samples: with data.drop_last no step is left"):
+        check_batch(make_config(synthetic_data), 64, 9)
+
+
+def test_epochs_with_drop_last(synthetic_data: Path, tmp_path: Path) -> None:
+    """2 epochs of 64 samples in batches of 24: 2 steps each (the last 16 dropped), the schedule sized to it."""
+    train(make_config(synthetic_data, "train.steps=0", "train.epochs=2", "data.batch_size=24",
+                      "train.checkpoint_every=0"), tmp_path)
+    log = read_log(tmp_path)
+    assert [(r["step"], r["epoch"], len(r["keys"])) for r in log] == [(1, 0, 24), (2, 0, 24), (3, 1, 24), (4, 1, 24)]

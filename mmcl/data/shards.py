@@ -14,7 +14,11 @@ A batch is a dict::
     {"keys": [N] sample keys, "inputs": {modality: tensor [N, ...]},
      "present": {modality: bool [N]}, "skipped": {reason: count since the previous batch},
      "adjusted": {reason: count of samples changed to fit, e.g. short_source},
-     "windows": [N] [start, end] seconds (with data.clip only)}
+     "windows": [N] [start, end] seconds (with data.clip only),
+     "cache_windows": {modality: [N] str | None}}
+
+``cache_windows`` say per sample what fixes the input besides the key (:meth:`ShardStream._cache_window`;
+None: drawn at random), for the trainer's frozen-feature cache.
 """
 
 from __future__ import annotations
@@ -371,8 +375,9 @@ class ShardStream(IterableDataset):
         urls: expanded shard list (see :func:`expand_shards`).
         processors: ``{modality: Processor}`` to decode with (e.g. ``model.processors``); a sample must
             provide each (or, with ``on_missing="mask"``, at least one) of them.
-        batch_size: samples per batch; the last batch of a worker may be smaller.
+        batch_size: samples per batch; the last batch of a worker may be smaller (dropped with ``drop_last``).
         train: shuffle shards and samples and allow augmentation.
+        drop_last: drop each worker's last partial batch (training only: ignored when ``train`` is False).
         split_by_node: give each rank its own shards (training); off for eval on one rank.
         clip: ``data.clip``, one time window per sample (see :class:`SampleDecoder`); ``view``: which of its
             evaluation windows. With a window and ``cache`` in training, the cache keeps the raw sample
@@ -386,7 +391,7 @@ class ShardStream(IterableDataset):
                  train: bool = True, shuffle_buffer: int = 1000, shard_shuffle: bool = True,
                  resample: bool = False, seed: int = 0, on_missing: str = "skip", cache: bool = False,
                  split_by_node: bool = True, with_meta: bool = False, clip: WindowConfig | None = None,
-                 view: int = 0, augment: AugmentConfig | None = None):
+                 view: int = 0, augment: AugmentConfig | None = None, drop_last: bool = False):
         super().__init__()
         self.urls = list(urls)
         if train and augment is not None:
@@ -402,6 +407,7 @@ class ShardStream(IterableDataset):
         self.cache = cache
         self.split_by_node = split_by_node
         self.with_meta = with_meta
+        self.drop_last = drop_last and train
         self.decoder = SampleDecoder(processors, on_missing, with_meta, clip, view)
         self.epoch = SharedEpoch()
         #: The cache keeps raw samples (decoded again each epoch: a new window) instead of decoded ones.
@@ -520,26 +526,45 @@ class ShardStream(IterableDataset):
         if cached:
             self._cache_skips, self._cache_complete = skips, True
 
-    def _samples(self, epoch: int) -> Iterator[tuple[str, dict, dict, Any, Window | None]]:
-        """(key, {modality: tensor}, presence, metadata, window) of each usable sample."""
+    def _samples(self, epoch: int) -> Iterator[tuple[str, dict, dict, Any, Window | None, dict]]:
+        """(key, {modality: tensor}, presence, metadata, window, {modality: cache window}) of each usable
+        sample (the cache window: :meth:`_cache_window`)."""
         for key, decoded, present in self._decoded_samples(epoch):
+            ctx = SampleContext(key, epoch, self.seed, self.train)
             try:
-                inputs = self.decoder.transform(decoded, present, self.train,
-                                                SampleContext(key, epoch, self.seed, self.train))
+                inputs = self.decoder.transform(decoded, present, self.train, ctx)
             except SampleError as e:
                 self._skip(e.reason, e.detail, key)
                 continue
-            yield key, inputs, present, decoded.get("__meta__"), decoded.get("__window__")
+            cache_windows = {name: self._cache_window(proc, decoded, present[name], ctx)
+                             for name, proc in self.processors.items()}
+            yield key, inputs, present, decoded.get("__meta__"), decoded.get("__window__"), cache_windows
 
-    def _collate(self, items: list[tuple[str, dict, dict, Any, Window | None]]) -> dict[str, Any]:
-        batch: dict[str, Any] = {"keys": [k for k, *_ in items], "inputs": {}, "present": {}}
+    def _cache_window(self, proc: Processor, decoded: dict, present: bool, ctx: SampleContext) -> str | None:
+        """What fixes a modality's input besides the sample key (``""`` for an absent one): None (never
+        cached) when training augments it or draws its shared time window at random; the window's span when
+        it has one; else the processor's own :meth:`Processor.cache_window`."""
+        if not present:
+            return ""
+        if self.train and proc.augment is not None:
+            return None
+        window = decoded.get("__window__")
+        if window is not None and proc.timed:
+            if self.train and self.decoder.clip.train == "random" and window.duration > window.seconds:
+                return None
+            return f"{window.start:.6f}+{window.seconds:g}"
+        return proc.cache_window(decoded[proc.name], self.train, ctx)
+
+    def _collate(self, items: list[tuple[str, dict, dict, Any, Window | None, dict]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {"keys": [k for k, *_ in items], "inputs": {}, "present": {}, "cache_windows": {}}
         if self.with_meta:
             batch["meta"] = [item[3] for item in items]
         if self.decoder.clip is not None:
-            batch["windows"] = [[w.start, w.end] if w is not None else None for *_, w in items]
+            batch["windows"] = [[w.start, w.end] if w is not None else None for w in (item[4] for item in items)]
         for name, mod in self.processors.items():
             batch["inputs"][name] = mod.collate([item[1][name] for item in items])
             batch["present"][name] = torch.tensor([item[2][name] for item in items], dtype=torch.bool)
+            batch["cache_windows"][name] = [item[5][name] for item in items]
         return batch
 
     def _take_skipped(self) -> dict[str, int]:
@@ -586,8 +611,11 @@ class ShardStream(IterableDataset):
                 batch["skipped"], batch["adjusted"] = self._take_skipped(), self._take_adjusted()
                 pending = []
                 yield batch
+        if self.drop_last:
+            pending = []
         if pending or self._skipped or self._adjusted:
-            batch = self._collate(pending) if pending else {"keys": [], "inputs": {}, "present": {}, "meta": []}
+            batch = self._collate(pending) if pending else {"keys": [], "inputs": {}, "present": {},
+                                                            "cache_windows": {}, "meta": []}
             batch["skipped"], batch["adjusted"] = self._take_skipped(), self._take_adjusted()
             yield batch
 

@@ -18,7 +18,9 @@ pipeline (:class:`AudioInput`) the processor runs for it.
 from __future__ import annotations
 
 import io
+import logging
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
@@ -36,6 +38,8 @@ from mmcl.modalities.base import MissingModality, Processor, SampleError, regist
 from mmcl.modalities.layers import PatchTokens, TokenTower, Trunk, patch_grid
 from mmcl.modalities.pretrained import HFTower, HFTowerFields, hf_encoder, load_hf_component, load_hf_config, pool
 from mmcl.modalities.timm_towers import TimmAudioTower, TimmTowerConfig
+
+log = logging.getLogger(__name__)
 
 #: transformers ``model_type`` of the audio encoders whose first token is a CLS token (``pooling: cls``).
 CLS_MODEL_TYPES = ("audio-spectrogram-transformer",)
@@ -202,18 +206,61 @@ class AudioInput(Protocol):
 
     def empty(self) -> torch.Tensor: ...
 
+    def random_window(self, data: torch.Tensor) -> bool:
+        """Whether training draws a random window of this clip (it is longer than ``seconds``)."""
+        ...
+
+
+#: torchaudio's own warning (said instead by :func:`warn_empty_mel_filters`, naming the mmcl settings).
+_TORCHAUDIO_EMPTY = "At least one mel filterbank has all zero values"
+
+
+def empty_mel_filters(sample_rate: int, n_fft: int, n_mels: int) -> int:
+    """How many of the ``n_mels`` triangular filters of ``torchaudio.transforms.MelSpectrogram`` (HTK scale,
+    0 Hz to Nyquist) cover no frequency bin of an ``n_fft`` FFT (all-zero filters: constant mel channels)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_TORCHAUDIO_EMPTY)
+        fb = torchaudio.functional.melscale_fbanks(n_fft // 2 + 1, 0.0, sample_rate / 2, n_mels, sample_rate)
+    return int((fb.max(dim=0).values == 0).sum())
+
+
+#: (where, sample rate, n_fft, n_mels) already warned about in this process.
+_warned_mel: set[tuple[str, int, int, int]] = set()
+
+
+def warn_empty_mel_filters(cfg: AudioConfig, where: str) -> None:
+    """One warning line (once per process and setting) naming ``<where>.n_fft`` when some mel filters are
+    empty, with the smallest even ``n_fft`` that fills them all."""
+    empty = empty_mel_filters(cfg.sample_rate, cfg.n_fft, cfg.n_mels)
+    key = (where, cfg.sample_rate, cfg.n_fft, cfg.n_mels)
+    if not empty or key in _warned_mel:
+        return
+    _warned_mel.add(key)
+    lo, hi = cfg.n_fft, cfg.n_fft * 2
+    while empty_mel_filters(cfg.sample_rate, hi, cfg.n_mels) and hi < 2**16:
+        lo, hi = hi, hi * 2
+    while hi - lo > 2:  # the smallest even n_fft without empty filters, between lo (some) and hi (none)
+        mid = (lo + hi) // 4 * 2
+        lo, hi = (mid, hi) if empty_mel_filters(cfg.sample_rate, mid, cfg.n_mels) else (lo, mid)
+    log.warning("%s.n_fft: %d leaves %d of the %d mel filters (%s.n_mels) empty at %d Hz: those mel channels are "
+                "constant; set %s.n_fft >= %d or lower %s.n_mels", where, cfg.n_fft, empty, cfg.n_mels, where,
+                cfg.sample_rate, where, hi, where)
+
 
 class LogMel:
     """Log-mel input of the towers built here and of timm towers: ``[1, n_mels, n_frames]`` standardised per
     clip; ``n_frames`` is cut down to a multiple of ``multiple`` (a ViT's patch size)."""
 
-    def __init__(self, cfg: AudioConfig, multiple: int = 1):
+    def __init__(self, cfg: AudioConfig, multiple: int = 1, where: str = "audio"):
         self.cfg = cfg
         frames = cfg.n_samples // cfg.hop + 1
         #: Spectrogram frames of a window.
         self.n_frames = frames - frames % multiple
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop, n_mels=cfg.n_mels)
+        warn_empty_mel_filters(cfg, where)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_TORCHAUDIO_EMPTY)
+            self.mel = torchaudio.transforms.MelSpectrogram(
+                sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop, n_mels=cfg.n_mels)
 
     def features(self, wav: torch.Tensor) -> torch.Tensor:
         """Waveform ``[S]`` -> log-mel ``[n_mels, frames]`` of the whole clip. Deterministic, so computed at
@@ -234,6 +281,9 @@ class LogMel:
 
     def empty(self) -> torch.Tensor:
         return torch.zeros(1, self.cfg.n_mels, self.n_frames)
+
+    def random_window(self, data: torch.Tensor) -> bool:
+        return data.shape[1] > self.n_frames
 
 
 class FeatureExtractorInput:
@@ -319,6 +369,9 @@ class FeatureExtractorInput:
             data = data[start:start + n]
         return self.extract(data)
 
+    def random_window(self, data: torch.Tensor) -> bool:
+        return data.numel() > self.cfg.n_samples
+
     def empty(self) -> torch.Tensor:
         if self._empty is None:
             self._empty = self.extract(torch.zeros(self.cfg.n_samples))
@@ -398,6 +451,11 @@ class Audio(Processor):
 
     def empty(self) -> torch.Tensor:
         return self.input.empty()
+
+    def cache_window(self, data: torch.Tensor, train: bool, ctx: SampleContext | None = None) -> str | None:
+        """Training draws a random window of a clip longer than ``seconds`` (not cached); a shorter clip, or
+        the centred window outside training, is fixed by the sample."""
+        return None if train and self.input.random_window(data) else ""
 
     @property
     def n_frames(self) -> int:
@@ -495,7 +553,9 @@ class HFAudioTower(HFTower):
 
 
 register_tower("audio", "vit", config=AudioTowerConfig, build=vit_tower,
-               inputs=lambda audio: LogMel(audio.cfg, multiple=audio.cfg.tower.patch), embedder=spectrogram_tokens)
+               inputs=lambda audio: LogMel(audio.cfg, multiple=audio.cfg.tower.patch, where=audio.where),
+               embedder=spectrogram_tokens)
 register_tower("audio", "hf", config=AudioTowerConfig, build=hf_tower,
                inputs=lambda audio: FeatureExtractorInput(audio.cfg, audio.resolve(audio.cfg.tower.path), audio.where))
-register_tower("audio", "timm", config=TimmTowerConfig, build=timm_tower, inputs=lambda audio: LogMel(audio.cfg))
+register_tower("audio", "timm", config=TimmTowerConfig, build=timm_tower,
+               inputs=lambda audio: LogMel(audio.cfg, where=audio.where))

@@ -75,6 +75,24 @@ class Tower(nn.Module):
         self.grad_checkpointing = enable
 
 
+def frozen_to_eval(module: nn.Module) -> None:
+    """Put ``module``'s frozen parts in eval mode (call after ``module.train()``): a locked tower or a frozen
+    block must give deterministic features (no dropout, drop path or batch-norm statistics updates). Frozen
+    are the submodules whose parameters are all frozen, and the parameter-free ones (dropout, drop path)
+    registered before the first trainable parameter (e.g. a ViT's ``pos_drop`` after a frozen stem). A module
+    with no frozen parameter is left as it is."""
+    if all(p.requires_grad for p in module.parameters()):
+        return
+    seen_trainable = False
+    for m in module.modules():  # registration order, parents before their children
+        params = list(m.parameters())
+        if params and not any(p.requires_grad for p in params):
+            m.eval()
+        elif not params and not seen_trainable:
+            m.eval()
+        seen_trainable = seen_trainable or any(p.requires_grad for p in m.parameters(recurse=False))
+
+
 class TokenEmbedder(nn.Module):
     """A modality's token embedder: modality input batch -> ``(tokens [N, L, width], valid [N, L] bool or
     None)``. The tokens carry their positions; ``valid`` marks the tokens to attend to and pool (``None``:
@@ -148,6 +166,14 @@ class Processor:
     def empty(self) -> torch.Tensor:
         """Placeholder input for a sample missing this modality (masked out downstream)."""
         raise NotImplementedError
+
+    def cache_window(self, data: Any, train: bool, ctx: SampleContext | None = None) -> str | None:
+        """What fixes this sample's transformed input besides its key, for the frozen-feature cache
+        (:mod:`mmcl.train.feature_cache`): ``""`` (the sample alone: ``transform`` is deterministic), a window's
+        description (a time window that is a function of the sample: it joins the cache key), or None (drawn
+        at random: never cached). Default: deterministic outside training, unknown (None) in training;
+        processors without train-time randomness return ``""``."""
+        return "" if not train else None
 
     def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
         """Stack per-sample tensors into the tower's batch input."""

@@ -30,6 +30,17 @@ from mmcl.modalities.base import Tower
 #: How many key names an error lists before "... and N more".
 _SHOWN_KEYS = 5
 
+
+def tell_deepspeed_the_device(cuda: bool | None = None) -> None:
+    """Without a GPU (``cuda`` False; None: ask torch), tell DeepSpeed it runs on the CPU (``DS_ACCELERATOR=cpu``,
+    unless set) before it is first imported (by accelerate, or by transformers' ``save_pretrained``): its own
+    detection warns "Setting accelerator to CPU" on every command. Done when this module is imported."""
+    if not (torch.cuda.is_available() if cuda is None else cuda):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+tell_deepspeed_the_device()
+
 def local_path(path: str | Path, where: str, kind: str = "directory") -> Path:
     """``path`` as an existing local ``kind`` (``"directory"`` or ``"file"``), else a one-line error."""
     p = Path(path).expanduser()

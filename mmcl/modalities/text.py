@@ -225,6 +225,10 @@ class Text(Processor):
         are (the tokenizer padded them): ids, attention mask[, token type ids]."""
         return self.input.pad(data, self.cfg.max_len)
 
+    def cache_window(self, data: Any, train: bool, ctx: SampleContext | None = None) -> str:
+        """No train-time randomness: the sample alone fixes its input."""
+        return ""
+
     def empty(self) -> torch.Tensor:
         if self.input is None:
             return torch.full((self.cfg.max_len,), self.pad_id, dtype=torch.long)
@@ -290,10 +294,10 @@ class TextTower(Tower):
         return list(self.encoder.encoder.layer)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            self.encoder.gradient_checkpointing_enable()
+        if enable:  # transformers' own (its gradient_checkpointing_* names are deprecated)
+            self.encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
-            self.encoder.gradient_checkpointing_disable()
+            self.encoder.activation_checkpointing_disable()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         mask = (ids != self.pad_id).long()

@@ -192,15 +192,6 @@ class TimmTower(Tower):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
 
-    def train(self, mode: bool = True) -> TimmTower:
-        """Batch norm whose parameters are all frozen (a locked CNN) stays in eval mode: its running
-        statistics are weights too, and a locked tower must not move."""
-        super().train(mode)
-        for m in self.model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
-                m.eval()
-        return self
-
 
 class TimeAttention(nn.Module):
     """Attention over time among the patch tokens of each spatial position: ``[N*T, prefix + P, D]`` -> the

@@ -132,6 +132,10 @@ class Vector(Processor):
             return (data - self.mean) / self.std
         return data
 
+    def cache_window(self, data: Any, train: bool, ctx: SampleContext | None = None) -> str:
+        """No train-time randomness: the sample alone fixes its input."""
+        return ""
+
     def empty(self) -> torch.Tensor:
         return torch.zeros(self.cfg.dim)
 

@@ -318,6 +318,10 @@ class Video(Processor):
             data = augment_frames(data, self.augment, ctx.generator("augment.video"))
         return self.input.transform(data)
 
+    def cache_window(self, data: Any, train: bool, ctx: SampleContext | None = None) -> str:
+        """No train-time randomness: the sample alone fixes its input."""
+        return ""
+
     def empty(self) -> torch.Tensor:
         return torch.zeros(self.cfg.frames, 3, self.cfg.size, self.cfg.size)
 
@@ -386,10 +390,10 @@ class HFVideoTower(Tower):
         return list(layers) if layers is not None else []
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            self.model.gradient_checkpointing_enable()
+        if enable:  # transformers' own (its gradient_checkpointing_* names are deprecated)
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
-            self.model.gradient_checkpointing_disable()
+            self.model.activation_checkpointing_disable()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.model(pixel_values=x).last_hidden_state

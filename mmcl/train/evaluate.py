@@ -25,6 +25,7 @@ def periodic_eval(engine: Engine, cfg: Config, step: int, log: RunLog) -> None:
                             clip=cfg.data.clip)
         flat = flat_metrics(results)
         log.write({"step": step, **flat}, {k: v for k, v in flat.items() if not math.isnan(v)})
+    engine.model.train()  # the suite put the model in eval mode (a single process exports the model itself)
     engine.wait()
 
 

@@ -36,8 +36,9 @@ from mmcl.train.checkpoint import (check_resume, load_checkpoint, resolve_resume
                                    save_training_checkpoint, set_rng_state)
 from mmcl.train.engine import make_engine
 from mmcl.train.evaluate import periodic_eval, save_final
+from mmcl.train.feature_cache import FeatureCache
 from mmcl.train.logs import RunLog
-from mmcl.train.optim import apply_tower_controls, build_optimizer, build_scheduler, parameter_report
+from mmcl.train.optim import apply_tower_controls, build_optimizer, build_scheduler, group_lrs, parameter_report
 from mmcl.train.step import ForwardBackward, micro_batches, to_device
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,35 @@ def total_steps(cfg: Config, loader: Loader, world: int) -> int:
     if cfg.train.steps > 0:
         return cfg.train.steps
     if loader.size is not None and not cfg.data.resample:
-        return cfg.train.epochs * math.ceil(loader.size / (cfg.data.batch_size * world * cfg.train.grad_accum))
+        per_rank = loader.size / (cfg.data.batch_size * world)
+        batches = math.floor(per_rank) if cfg.data.drop_last else math.ceil(per_rank)
+        return cfg.train.epochs * math.ceil(batches / cfg.train.grad_accum)
     raise ConfigError("train.steps: the dataset size is unknown (no sizes.json, or data.resample): "
                       "set train.steps > 0")
+
+
+#: The smallest global batch in which each sample has a negative (all of mmcl's objectives).
+MIN_GLOBAL_BATCH = 2
+
+
+def check_batch(cfg: Config, size: int | None, world: int) -> None:
+    """One warning line when a step's global batch can be too small for the objective to have negatives; an
+    error when ``data.drop_last`` leaves an epoch without a step."""
+    per_step = cfg.data.batch_size * world
+    batch = f"data.batch_size {cfg.data.batch_size} x {world} rank(s)"
+    if per_step * cfg.train.grad_accum < MIN_GLOBAL_BATCH:
+        log.warning("%s x train.grad_accum %d: a global batch of %d sample gives the %s objective no negatives: "
+                    "raise data.batch_size", batch, cfg.train.grad_accum, per_step * cfg.train.grad_accum,
+                    cfg.objective.name)
+    if size is None or cfg.data.resample:
+        return
+    if cfg.data.drop_last and size < per_step:
+        raise ConfigError(f"data.batch_size: {batch} = {per_step} per step exceeds the {size} training samples: "
+                          f"with data.drop_last no step is left (lower data.batch_size)")
+    if not cfg.data.drop_last and 0 < size % per_step < MIN_GLOBAL_BATCH:
+        log.warning("data.drop_last is false and the last batch of an epoch holds %d sample (%d samples, %s): "
+                    "it has no negatives for the %s objective (set data.drop_last: true)", size % per_step,
+                    size, batch, cfg.objective.name)
 
 
 def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[str, Any]:
@@ -71,14 +98,15 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
     engine = make_engine(cfg, model)
     world, main = engine.world, engine.is_main
     seed_everything(cfg.train.seed + engine.rank)
-    tower_lrs = apply_tower_controls(model, cfg.train.towers)
+    lrs = apply_tower_controls(model, cfg.train.towers)
     loader = build_loader(
         cfg.data.train, model.processors, cfg.data.batch_size, train=True, workers=cfg.data.workers, world=world,
         shuffle_buffer=cfg.data.shuffle_buffer, shard_shuffle=cfg.data.shard_shuffle, resample=cfg.data.resample,
         seed=cfg.train.seed, on_missing=cfg.data.on_missing, cache=cfg.data.cache, clip=cfg.data.clip,
-        augment=cfg.data.augment)
+        augment=cfg.data.augment, drop_last=cfg.data.drop_last)
+    check_batch(cfg, loader.size, world)
     steps_total = total_steps(cfg, loader, world)
-    optimizer = build_optimizer(model, cfg, tower_lrs)
+    optimizer = build_optimizer(model, cfg, lrs)
     scheduler = build_scheduler(optimizer, cfg, steps_total)
 
     ckpt_root = out / "checkpoints"
@@ -94,6 +122,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
 
     engine.prepare(model, optimizer)
     forward_backward = ForwardBackward(engine)
+    feature_cache = FeatureCache.for_run(cfg, engine.inner, out, engine.rank, engine.device, loader.size,
+                                         getattr(engine, "stage", 0))
     resume_rng = None
     if resume_state is not None:
         engine.load_state(resume_path, resume_state)
@@ -122,6 +152,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
         if resume_rng is not None:
             set_rng_state(resume_rng["epoch_start"])
         epoch_rng = rng_state()  # seeds this epoch's loader (and its workers)
+        if feature_cache is not None:
+            feature_cache.refresh()
         groups = micro_batches(loader, cfg.train.grad_accum)
         if resume_rng is not None:  # resuming mid-epoch: the stream is deterministic, fast-forward it
             for _ in range(position["batch_in_epoch"]):
@@ -133,6 +165,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
             set_rng_state(resume_rng["now"])
             resume_rng = None
         for group in groups:
+            if feature_cache is not None:
+                group = feature_cache(group)
             loss = forward_backward(to_device(group, engine.device))
             engine.step()
             scheduler.step()
@@ -150,15 +184,19 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
                 now = time.time()
                 scalars = engine.objective_logs()
                 rec = {"step": step, "epoch": position["epoch"], "loss": engine.mean(loss),
-                       "lr": scheduler.get_last_lr()[0], "samples": position["samples"],
+                       "lr": cfg.train.lr * scheduler.lr_lambdas[0](scheduler.last_epoch),
+                       "lrs": group_lrs(optimizer), "samples": position["samples"],
                        "samples_per_s": samples_window / max(now - t_window, 1e-9), **scalars}
                 if skipped:
                     rec["skipped"] = dict(skipped)
+                if feature_cache is not None:
+                    rec["feature_cache"] = feature_cache.take_counts()
                 if cfg.train.log_keys:
                     rec["keys"] = engine.gather_object([k for b in group for k in b["keys"]])
                     if cfg.data.clip is not None:  # [start, end] seconds of each key's window
                         rec["windows"] = engine.gather_object([w for b in group for w in b["windows"]])
-                run_log.write(rec, {f"train/{k}": rec[k] for k in ("loss", "lr", "samples_per_s", *scalars)})
+                run_log.write(rec, {**{f"train/{k}": rec[k] for k in ("loss", "lr", "samples_per_s", *scalars)},
+                                    **{f"train/lr/{k}": v for k, v in rec["lrs"].items()}})
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", sps=f"{rec['samples_per_s']:.0f}")
                 t_window, samples_window = now, 0
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
@@ -172,9 +210,13 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
         loader.skipped.clear()
         adjusted.update(loader.adjusted)
         loader.adjusted.clear()
+        if cfg.train.steps <= 0 and position["epoch"] + 1 >= cfg.train.epochs:
+            done = True  # the epochs are done (drop_last and skipped samples can make them shorter than estimated)
         if not done:
             position.update(epoch=position["epoch"] + 1, batch_in_epoch=0)
     bar.close()
+    if feature_cache is not None:
+        feature_cache.close()
     seconds = time.time() - t_start
     summary: dict[str, Any] = {"train": {"steps": step, "samples": position["samples"], "seconds": round(seconds, 2),
                                          "samples_per_s": position["samples"] / max(seconds, 1e-9),

@@ -20,8 +20,9 @@ def apply_tower_controls(model: MultimodalModel,
     """Per tower (:class:`~mmcl.config.TowerControl`, or its mapping): ``lock`` (LiT: the whole tower
     frozen, ``unlocked_blocks`` of its last blocks trainable again), ``frozen_blocks: N`` (the first N blocks
     frozen, with the stem registered before them: patch or token embedding and positions),
-    ``grad_checkpointing`` and ``lr``. Returns the per-tower lrs. With a shared trunk the towers are the
-    modalities' tokenisers (no blocks) and ``trunk`` (see mmcl.shared)."""
+    ``grad_checkpointing``, ``lr`` (the tower's) and ``head_lr`` (its projection head's). Returns the lrs that
+    differ from ``train.lr`` by parameter prefix: ``{"towers.<name>": lr, "heads.<name>": head_lr}``. With a
+    shared trunk the towers are the modalities' tokenisers (no blocks) and ``trunk`` (see mmcl.shared)."""
     lrs = {}
     for name, ctl in controls.items():
         where = f"train.towers.{name}"
@@ -46,7 +47,12 @@ def apply_tower_controls(model: MultimodalModel,
                 raise ConfigError(f"{where}.grad_checkpointing: the tower has no blocks to checkpoint{hint}")
             tower.set_grad_checkpointing(True)
         if ctl.lr is not None:
-            lrs[name] = ctl.lr
+            lrs[f"towers.{name}"] = ctl.lr
+        if ctl.head_lr is not None:
+            if name not in model.heads:
+                raise ConfigError(f"{where}.head_lr: the tower has no projection head (heads: "
+                                  f"{', '.join(model.heads)})")
+            lrs[f"heads.{name}"] = ctl.head_lr
     return lrs
 
 
@@ -76,25 +82,42 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(model: MultimodalModel, cfg: Config, tower_lrs: dict[str, float]) -> list[dict[str, Any]]:
-    """AdamW groups of the trainable parameters: no weight decay on 1-D (biases, norms) and 0-D parameters
-    and on those the modules declare (:func:`no_weight_decay_names`: the objective's scalars and missing
-    embeddings); per-tower lrs (a tower's head takes its tower's lr)."""
+def group_name(param_name: str, decay: bool) -> str:
+    """The parameter group of a parameter: its part (``towers.<name>``, ``heads.<name>``, ``objective``, ...),
+    with ``.no_decay`` for the parameters without weight decay."""
+    parts = param_name.split(".")
+    part = ".".join(parts[:2]) if parts[0] in ("towers", "heads") and len(parts) > 2 else parts[0]
+    return part if decay else f"{part}.no_decay"
+
+
+def param_groups(model: MultimodalModel, cfg: Config, lrs: dict[str, float]) -> list[dict[str, Any]]:
+    """AdamW groups of the trainable parameters, one per part and weight decay (named by :func:`group_name`,
+    under ``"name"``): no weight decay on 1-D (biases, norms) and 0-D parameters and on those the modules
+    declare (:func:`no_weight_decay_names`: the objective's scalars and missing embeddings); the lr of the
+    part from ``lrs`` (``{"towers.<m>" | "heads.<m>": lr}``, :func:`apply_tower_controls`), else ``train.lr``."""
     no_decay = no_weight_decay_names(model)
-    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    groups: dict[str, dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = 0.0 if p.ndim < 2 or name in no_decay else cfg.train.weight_decay
-        parts = name.split(".")
-        lr = tower_lrs.get(parts[1], cfg.train.lr) if parts[0] in ("towers", "heads") else cfg.train.lr
-        groups.setdefault((lr, decay), []).append(p)
-    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+        decay = not (p.ndim < 2 or name in no_decay)
+        group = group_name(name, decay)
+        part = group.removesuffix(".no_decay")
+        if group not in groups:
+            groups[group] = {"params": [], "lr": lrs.get(part, cfg.train.lr), "name": group,
+                             "weight_decay": cfg.train.weight_decay if decay else 0.0}
+        groups[group]["params"].append(p)
+    return list(groups.values())
 
 
-def build_optimizer(model: MultimodalModel, cfg: Config, tower_lrs: dict[str, float]) -> torch.optim.AdamW:
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The current lr of every parameter group, by name (``lr/<name>`` in the run's log)."""
+    return {g.get("name", str(i)): float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
+
+
+def build_optimizer(model: MultimodalModel, cfg: Config, lrs: dict[str, float]) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups` with ``train.lr``, ``betas`` and ``eps``."""
-    return torch.optim.AdamW(param_groups(model, cfg, tower_lrs), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+    return torch.optim.AdamW(param_groups(model, cfg, lrs), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                              eps=cfg.train.eps)
 
 

@@ -61,7 +61,8 @@ class ObjectiveGradScale:
 
 class ForwardBackward:
     """``step(group)``: the forward and backward passes of one optimizer step over ``group`` (micro-batches
-    on the engine's device) on a prepared engine; returns the (local, detached) loss of the whole group.
+    on the engine's device; a batch's ``features``, where the frozen-feature cache gave them, go through the
+    heads in place of the towers) on a prepared engine; returns the (local, detached) loss of the whole group.
     The update itself is ``engine.step()``."""
 
     def __init__(self, engine: Engine):
@@ -73,16 +74,16 @@ class ForwardBackward:
         engine, model = self.engine, self.engine.model
         self.scale.micro_batches = len(group)
         if len(group) == 1:
-            loss = self.objective(model(group[0]["inputs"]), group[0]["present"])
+            loss = self.objective(model(group[0]["inputs"], group[0].get("features")), group[0]["present"])
             engine.backward(loss, True)
             return loss.detach()
         present = _cat([b["present"] for b in group])
         with torch.no_grad():
-            cached = [model(b["inputs"]) for b in group]
+            cached = [model(b["inputs"], b.get("features")) for b in group]
         for j, b in enumerate(group):
             last = j == len(group) - 1
             with nullcontext() if last else engine.no_sync():
-                fresh = model(b["inputs"])
+                fresh = model(b["inputs"], b.get("features"))
                 emb = _cat([fresh if i == j else c for i, c in enumerate(cached)])
                 loss = self.objective(emb, present)
                 engine.backward(loss, last)
