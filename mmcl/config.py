@@ -389,6 +389,10 @@ class TrainConfig:
     #: DeepSpeed config JSON (ZeRO stage etc.; "auto" values are filled from this config). Empty: no
     #: DeepSpeed, unless ``accelerate launch`` was given a DeepSpeed config.
     deepspeed: str = ""
+    #: TF32 tensor-core matmuls / convolutions for fp32 math on Ampere+ GPUs (no effect elsewhere).
+    tf32: bool = True
+    #: ``torch.compile`` each tower (and its head) before training.
+    compile: bool = False
 
     def validate(self, where: str) -> None:
         _positive(where, lr=self.lr, grad_accum=self.grad_accum)

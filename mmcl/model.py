@@ -80,7 +80,7 @@ class MultimodalModel(nn.Module):
                 raise KeyError(f"model has no modality {name!r} (has: {', '.join(self.processors)})")
             features = encode_shared(self.towers, name, x) if self.model_cfg.shared_trunk else self.towers[name](x)
             z = self.heads[name](features)
-            out[name] = F.normalize(z, dim=-1) if normalize else z
+            out[name] = F.normalize(z.float(), dim=-1) if normalize else z  # unit norm in fp32 under autocast
         return out
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -91,7 +91,7 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
         model.load_state_dict(weights)
 
     engine.prepare(model, optimizer)
-    forward_backward = ForwardBackward(engine)
+    forward_backward = ForwardBackward(engine, full_batches=cfg.data.resample)
     resume_rng = None
     if resume_state is not None:
         engine.load_state(resume_path, resume_state)
@@ -147,10 +147,12 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
             loader.skipped.clear()
             if step % cfg.train.log_every == 0 or cfg.train.log_keys or step == steps_total:
                 now = time.time()
-                scalars = engine.objective_logs()
-                rec = {"step": step, "epoch": position["epoch"], "loss": engine.mean(loss),
+                values = engine.log_values(loss)  # the step's one host read
+                scalars = [k for k in values if k != "loss"]
+                rec = {"step": step, "epoch": position["epoch"], "loss": values["loss"],
                        "lr": scheduler.get_last_lr()[0], "samples": position["samples"],
-                       "samples_per_s": samples_window / max(now - t_window, 1e-9), **scalars}
+                       "samples_per_s": samples_window / max(now - t_window, 1e-9),
+                       **{k: values[k] for k in scalars}}
                 if skipped:
                     rec["skipped"] = dict(skipped)
                 if cfg.train.log_keys:

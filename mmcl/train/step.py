@@ -36,7 +36,12 @@ def micro_batches(loader: Iterable[dict[str, Any]], accum: int) -> Iterator[list
 
 
 def to_device(group: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
-    """The micro-batches with their tensors on the training device (the loader yields CPU tensors)."""
+    """The micro-batches with their tensors on the training device (the loader yields CPU tensors, pinned
+    on CUDA, so the copies are asynchronous). A modality's ``present`` masks are dropped when they are all
+    true in every micro-batch: decided here on the host copies, so the objective takes its no-mask path
+    without reading anything back from the device."""
+    incomplete = {m for b in group for m, p in b["present"].items() if not p.all()}
+    group = [{**b, "present": {m: p for m, p in b["present"].items() if m in incomplete}} for b in group]
     if device.type == "cpu":
         return group
     return [{**b, "inputs": {k: v.to(device, non_blocking=True) for k, v in b["inputs"].items()},
@@ -61,19 +66,27 @@ class ObjectiveGradScale:
 
 class ForwardBackward:
     """``step(group)``: the forward and backward passes of one optimizer step over ``group`` (micro-batches
-    on the engine's device) on a prepared engine; returns the (local, detached) loss of the whole group.
-    The update itself is ``engine.step()``."""
+    on the engine's device, :func:`to_device`) on a prepared engine; returns the (local, detached) loss of the
+    whole group. The update itself is ``engine.step()``. Nothing in it reads a device value back to the host:
+    the objective runs with ``check=False`` and, when ``full_batches`` (every rank's batches are full, e.g.
+    ``data.resample``), with the ranks' batch sizes known instead of exchanged."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, full_batches: bool = False):
         self.engine = engine
         self.objective = engine.inner.objective
         self.scale = ObjectiveGradScale(self.objective)
+        self.full_batches = full_batches
+
+    def loss(self, emb: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> torch.Tensor:
+        n = next(iter(emb.values())).shape[0]
+        sizes = [n] * self.engine.world if self.full_batches and self.engine.world > 1 else None
+        return self.objective(emb, present, check=False, sizes=sizes)
 
     def __call__(self, group: list[dict[str, Any]]) -> torch.Tensor:
         engine, model = self.engine, self.engine.model
         self.scale.micro_batches = len(group)
         if len(group) == 1:
-            loss = self.objective(model(group[0]["inputs"]), group[0]["present"])
+            loss = self.loss(model(group[0]["inputs"]), group[0]["present"])
             engine.backward(loss, True)
             return loss.detach()
         present = _cat([b["present"] for b in group])
@@ -84,7 +97,7 @@ class ForwardBackward:
             with nullcontext() if last else engine.no_sync():
                 fresh = model(b["inputs"])
                 emb = _cat([fresh if i == j else c for i, c in enumerate(cached)])
-                loss = self.objective(emb, present)
+                loss = self.loss(emb, present)
                 engine.backward(loss, last)
         return loss.detach()
 

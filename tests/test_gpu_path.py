@@ -1,0 +1,189 @@
+"""The GPU path, checked on CPU: bf16 autocast through the real trainer stays close to fp32 for every
+objective, fp16 without CUDA is one config error, and a training step that does not log reads nothing back
+from the device (counted by patching every synchronising ``Tensor`` method), while a logging step reads
+once for all its values."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_distributed import read_log, tiny_config
+
+from mmcl.config import ConfigError, ObjectiveConfig, from_dict, load_config
+from mmcl.data.shards import build_loader
+from mmcl.model import MultimodalModel
+from mmcl.objectives import build_objective
+from mmcl.train.engine import make_engine
+from mmcl.train.loop import seed_everything, train
+from mmcl.train.optim import build_optimizer, build_scheduler
+from mmcl.train.step import ForwardBackward, to_device
+
+OBJECTIVES = [{"name": "clip"}, {"name": "siglip"}, {"name": "symile", "negatives": "n"},
+              {"name": "symile", "negatives": "n_squared"}, {"name": "gram"}]
+IDS = ["clip", "siglip", "symile-n", "symile-n_squared", "gram"]
+#: bf16 vs fp32 loss over 3 steps of the tiny model: |difference| <= REL * |fp32 loss| (measured: at most
+#: 0.0038 absolute, 0.15 % relative, for CLIP).
+REL = 1e-2
+
+#: Tensor methods that read a value back from the device (a host sync on CUDA).
+SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "nonzero")
+
+
+@contextmanager
+def count_syncs() -> Iterator[list[str]]:
+    """Record every call of a synchronising ``Tensor`` method (and ``torch.cuda.synchronize``) as
+    ``"method file:line"`` of its caller. Calls from ``torch/optim`` are left out: AdamW keeps its step
+    counters as CPU tensors (host scalars by design; the fused CUDA AdamW keeps them on the device)."""
+    calls: list[str] = []
+    saved = {name: getattr(torch.Tensor, name) for name in SYNCING}
+    saved_sync = torch.cuda.synchronize
+
+    def wrap(name: str, fn: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            caller = sys._getframe(1).f_code.co_filename
+            if f"torch{os.sep}optim" not in caller:
+                calls.append(f"{name} {caller}:{sys._getframe(1).f_lineno}")
+            return fn(*args, **kwargs)
+        return counted
+
+    for name, fn in saved.items():
+        setattr(torch.Tensor, name, wrap(name, fn))
+    torch.cuda.synchronize = wrap("cuda.synchronize", lambda *a, **k: None)
+    try:
+        yield calls
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+        torch.cuda.synchronize = saved_sync
+
+
+def run_config(data: Path, objective: dict[str, Any], **train: Any) -> dict[str, Any]:
+    base = tiny_config(data, shards=4)
+    base["objective"] = {**objective, "max_logit_scale": 10.0} if objective["name"] == "clip" else objective
+    base["train"].update(steps=3, checkpoint_every=0, log_keys=False, **train)
+    return base
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=IDS)
+def test_bf16_autocast_trains_close_to_fp32(objective: dict[str, Any], synthetic_data: Path, tmp_path: Path) -> None:
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        train(load_config(base=run_config(synthetic_data, objective, precision=precision)), tmp_path / precision)
+        losses[precision] = [r["loss"] for r in read_log(tmp_path / precision)]
+    assert len(losses["bf16"]) == 3
+    for a, b in zip(losses["fp32"], losses["bf16"], strict=True):
+        assert torch.isfinite(torch.tensor(b))
+        assert abs(a - b) <= REL * abs(a), (objective, losses)
+    assert losses["fp32"] != losses["bf16"]  # autocast did act
+
+
+def test_bf16_engine_runs_the_towers_in_bf16_and_embeds_in_fp32(synthetic_data: Path) -> None:
+    cfg = load_config(base=run_config(synthetic_data, {"name": "clip"}, precision="bf16"))
+    model = MultimodalModel(cfg.model, cfg.objective)
+    engine = make_engine(cfg, model)
+    engine.prepare(model, build_optimizer(model, cfg, {}))
+    dtypes = []
+    model.heads["text"].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    batch = next(iter(build_loader(cfg.data.train, model.processors, 4, train=True)))
+    emb = engine.model(batch["inputs"])
+    assert dtypes == [torch.bfloat16]
+    assert all(e.dtype == torch.float32 for e in emb.values())
+    assert all(torch.allclose(e.norm(dim=1), torch.ones(4), atol=1e-5) for e in emb.values())
+
+
+def test_fp16_without_cuda_is_one_config_error(synthetic_data: Path, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is allowed on CUDA")
+    with pytest.raises(ConfigError, match=r"^train.precision: fp16 needs a CUDA GPU .*fp32 or bf16"):
+        train(load_config(base=run_config(synthetic_data, {"name": "clip"}, precision="fp16")), tmp_path)
+
+
+def prepared_step(data: Path, objective: dict[str, Any], **data_overrides: Any):
+    """The trainer's own step (engine, optimizer, schedule, ForwardBackward) and a batch on its device."""
+    base = run_config(data, objective)
+    base["data"].update(data_overrides)
+    cfg = load_config(base=base)
+    seed_everything(0)
+    model = MultimodalModel(cfg.model, cfg.objective)
+    engine = make_engine(cfg, model)
+    optimizer = build_optimizer(model, cfg, {})
+    scheduler = build_scheduler(optimizer, cfg, 10)
+    loader = build_loader(cfg.data.train, model.processors, cfg.data.batch_size, train=True,
+                          on_missing=cfg.data.on_missing)
+    engine.prepare(model, optimizer)
+    engine.model.train()
+    return engine, scheduler, ForwardBackward(engine), to_device([next(iter(loader))], engine.device)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=IDS)
+def test_a_training_step_reads_nothing_back_and_a_logging_step_reads_once(objective: dict[str, Any],
+                                                                           synthetic_data: Path) -> None:
+    engine, scheduler, forward_backward, group = prepared_step(synthetic_data, objective)
+    forward_backward(group)  # the first step may set things up (e.g. GRAM's clamp floor per dtype)
+    engine.step()
+    with count_syncs() as calls:
+        loss = forward_backward(group)
+        engine.step()
+        scheduler.step()
+    assert calls == []
+    with count_syncs() as calls:
+        values = engine.log_values(loss)
+    assert len(calls) == 1 and calls[0].startswith("tolist"), calls
+    assert set(values) >= {"loss"} and all(isinstance(v, float) for v in values.values())
+
+
+def test_a_masked_step_reads_nothing_back(synthetic_data: Path) -> None:
+    """A batch with a modality missing in some samples (``data.on_missing: mask``) takes the masked path on
+    the device."""
+    engine, scheduler, forward_backward, group = prepared_step(synthetic_data, {"name": "clip"})
+    group[0]["present"]["audio"] = torch.arange(len(group[0]["keys"])) % 2 == 0
+    group = to_device(group, engine.device)
+    assert set(group[0]["present"]) == {"audio"}  # the complete masks are dropped on the host
+    with torch.no_grad():  # the checked path (one host read per check) gives the same loss
+        reference = engine.inner.objective(engine.model(group[0]["inputs"]), group[0]["present"])
+    with count_syncs() as calls:
+        loss = forward_backward(group)
+        engine.step()
+    assert calls == []
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+def _two_rank_worker(rank: int, init_file: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        assert dist.get_world_size() == 2
+        counts = {}
+        torch.manual_seed(rank)
+        emb = {m: torch.nn.functional.normalize(torch.randn(4, 8), dim=1).requires_grad_(True) for m in "abc"}
+        for cfg in OBJECTIVES:
+            objective = build_objective(from_dict(ObjectiveConfig, {**cfg, "anchor": "a"} if cfg["name"] == "gram"
+                                                  else cfg), list("abc"))
+            objective(emb, None, check=False, sizes=[4, 4]).backward()  # once: GRAM's clamp floor per dtype
+            with count_syncs() as known:
+                objective(emb, None, check=False, sizes=[4, 4]).backward()
+            with count_syncs() as exchanged:
+                objective(emb, None, check=False).backward()
+            counts[cfg["name"] + cfg.get("negatives", "")] = (len(known), len(exchanged))
+        torch.save(counts, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_gloo_ranks_gather_without_reading_back_when_sizes_are_known(tmp_path: Path) -> None:
+    mp.spawn(_two_rank_worker, args=(os.fspath(tmp_path / "rendezvous"), os.fspath(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        counts = torch.load(tmp_path / f"{rank}.pt")
+        # sizes known: nothing read back; sizes exchanged: one read of the sizes per step
+        assert counts == {k: (0, 1) for k in ("clip", "siglip", "symilen", "symilen_squared", "gram")}, counts
