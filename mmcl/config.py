@@ -332,9 +332,13 @@ class DataConfig:
     cache: bool = False
     #: A sample missing a modality: skip it (counted) or keep it with that modality masked out.
     on_missing: Literal["skip", "mask"] = "skip"
+    #: Loader workers live across epochs (seeded per epoch as fresh ones would be).
+    persistent_workers: bool = True
+    #: Batches each loader worker prepares ahead.
+    prefetch_factor: int = 4
 
     def validate(self, where: str) -> None:
-        _positive(where, batch_size=self.batch_size)
+        _positive(where, batch_size=self.batch_size, prefetch_factor=self.prefetch_factor)
         if self.workers < 0:
             raise ConfigError(f"{where}.workers: must be >= 0, got {self.workers}")
 

@@ -187,3 +187,25 @@ def test_two_gloo_ranks_gather_without_reading_back_when_sizes_are_known(tmp_pat
         counts = torch.load(tmp_path / f"{rank}.pt")
         # sizes known: nothing read back; sizes exchanged: one read of the sizes per step
         assert counts == {k: (0, 1) for k in ("clip", "siglip", "symilen", "symilen_squared", "gram")}, counts
+
+
+def test_persistent_workers_draw_what_fresh_workers_draw(synthetic_data: Path) -> None:
+    """Random audio crops from torch's global RNG in a loader worker, over two epochs: persistent workers
+    (reseeded per epoch) give exactly the batches fresh workers give, so exact resume still holds."""
+    base = run_config(synthetic_data, {"name": "clip"})
+    base["model"]["modalities"]["audio"]["seconds"] = 1.0  # random 1 s crops of the 2 s clips
+    cfg = load_config(base=base)
+    processors = MultimodalModel(cfg.model, cfg.objective, device="meta").processors
+    batches = {}
+    for persistent in (False, True):
+        torch.manual_seed(0)
+        loader = build_loader(cfg.data.train, processors, 8, train=True, workers=1, shuffle_buffer=8,
+                              persistent_workers=persistent, prefetch_factor=2)
+        assert loader.loader.persistent_workers == persistent and loader.loader.prefetch_factor == 2
+        batches[persistent] = []
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            batches[persistent] += [b["inputs"]["audio"] for b in loader]
+    assert len(batches[True]) == 16
+    assert all(torch.equal(a, b) for a, b in zip(batches[False], batches[True], strict=True))
+    assert not torch.equal(batches[True][0], batches[True][8])  # the epochs differ

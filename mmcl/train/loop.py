@@ -75,7 +75,9 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
     loader = build_loader(
         cfg.data.train, model.processors, cfg.data.batch_size, train=True, workers=cfg.data.workers, world=world,
         shuffle_buffer=cfg.data.shuffle_buffer, shard_shuffle=cfg.data.shard_shuffle, resample=cfg.data.resample,
-        seed=cfg.train.seed, on_missing=cfg.data.on_missing, cache=cfg.data.cache)
+        seed=cfg.train.seed, on_missing=cfg.data.on_missing, cache=cfg.data.cache,
+        pin_memory=engine.device.type == "cuda", persistent_workers=cfg.data.persistent_workers,
+        prefetch_factor=cfg.data.prefetch_factor)
     steps_total = total_steps(cfg, loader, world)
     optimizer = build_optimizer(model, cfg, tower_lrs)
     scheduler = build_scheduler(optimizer, cfg, steps_total)
