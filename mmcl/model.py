@@ -72,6 +72,12 @@ class MultimodalModel(nn.Module):
         counts["total"] = sum(p.numel() for p in self.parameters())
         return counts
 
+    def compile_towers(self, **options: Any) -> None:
+        """``torch.compile`` every tower in place (``train.compile``; with a shared trunk, the embedders and
+        the trunk): parameter names and saved weights are unchanged; ``options`` go to ``torch.compile``."""
+        for tower in self.towers.values():
+            tower.compile(**options)
+
     def encode(self, inputs: dict[str, torch.Tensor], normalize: bool = True) -> dict[str, torch.Tensor]:
         """``{modality: batch input}`` (any subset) -> ``{modality: [N, embed_dim]}``."""
         out = {}

@@ -209,3 +209,49 @@ def test_persistent_workers_draw_what_fresh_workers_draw(synthetic_data: Path) -
     assert len(batches[True]) == 16
     assert all(torch.equal(a, b) for a, b in zip(batches[False], batches[True], strict=True))
     assert not torch.equal(batches[True][0], batches[True][8])  # the epochs differ
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_compiled_tower_gives_the_same_outputs(synthetic_data: Path) -> None:
+    """``train.compile``: ``MultimodalModel.compile_towers`` compiles in place (same parameter names); the
+    tiny text tower's embeddings match the eager ones."""
+    cfg = load_config(base=run_config(synthetic_data, {"name": "clip"}))
+    seed_everything(0)
+    eager = MultimodalModel(cfg.model, cfg.objective).eval()
+    compiled = MultimodalModel(cfg.model, cfg.objective).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_towers()
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    ids = next(iter(build_loader(cfg.data.train, eager.processors, 4, train=False)))["inputs"]["text"]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.encode({"text": ids})["text"], eager.encode({"text": ids})["text"],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_every_tower_type_attends_through_sdpa(synthetic_data: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trunk towers and timm models: every timm attention layer has ``fused_attn`` set (even where timm's
+    default says otherwise); transformers towers run ``attn_implementation == "sdpa"``."""
+    import timm.layers.config
+    from transformers import AutoModel, BertConfig, BertModel
+
+    from mmcl.modalities.pretrained import hf_encoder, load_hf_model
+    from mmcl.modalities.timm_towers import TimmTowerConfig, create_timm_model
+
+    monkeypatch.setattr(timm.layers.config, "_USE_FUSED_ATTN", 0)  # what TIMM_FUSED_ATTN=0 sets
+    cfg = load_config(base=run_config(synthetic_data, {"name": "clip"}))
+    model = MultimodalModel(cfg.model, cfg.objective)
+    for name in ("video", "audio"):
+        layers = [m for m in model.towers[name].modules() if hasattr(m, "fused_attn")]
+        assert layers and all(m.fused_attn for m in layers), name
+    assert model.towers["text"].encoder.config._attn_implementation == "sdpa"
+    timm_model = create_timm_model(TimmTowerConfig(model="test_vit"), None, "model.modalities.video.tower")
+    layers = [m for m in timm_model.modules() if hasattr(m, "fused_attn")]
+    assert layers and all(m.fused_attn for m in layers)
+
+    BertModel(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path / "bert")
+    loaded = load_hf_model(AutoModel, tmp_path / "bert", "tower.path", attn_implementation="eager")
+    assert loaded.config._attn_implementation == "sdpa"
+    assert hf_encoder(tmp_path / "bert", "tower.path", init="config").config._attn_implementation == "sdpa"

@@ -72,6 +72,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
     world, main = engine.world, engine.is_main
     seed_everything(cfg.train.seed + engine.rank)
     tower_lrs = apply_tower_controls(model, cfg.train.towers)
+    if cfg.train.compile:
+        model.compile_towers()
     loader = build_loader(
         cfg.data.train, model.processors, cfg.data.batch_size, train=True, workers=cfg.data.workers, world=world,
         shuffle_buffer=cfg.data.shuffle_buffer, shard_shuffle=cfg.data.shard_shuffle, resample=cfg.data.resample,
