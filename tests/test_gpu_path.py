@@ -255,3 +255,44 @@ def test_every_tower_type_attends_through_sdpa(synthetic_data: Path, tmp_path: P
     loaded = load_hf_model(AutoModel, tmp_path / "bert", "tower.path", attn_implementation="eager")
     assert loaded.config._attn_implementation == "sdpa"
     assert hf_encoder(tmp_path / "bert", "tower.path", init="config").config._attn_implementation == "sdpa"
+
+
+def load_bench() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_step", Path(__file__).parents[1] / "bench" / "gpu_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_step_bench_counts_flops_and_splits_the_step_on_cpu(synthetic_data: Path) -> None:
+    """bench/gpu_step.py's pieces on CPU with the tiny model: the split phases add up to the step, FLOPs of
+    the forward equal those counted on the plain model, the backward costs about twice the forward, and
+    without CUDA the script refuses in one line."""
+    import subprocess
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gpu_step = load_bench()
+    cfg = load_config(base={**run_config(synthetic_data, {"name": "symile", "negatives": "n_squared"}),
+                            "train": {"precision": "bf16", "steps": 10, "progress": False}})
+    bench = gpu_step.Bench(cfg)
+    row = bench.measure(steps=2, warmup=1)
+    assert set(row["split_s"]) == {"data", "forward", "backward", "optimizer"}
+    assert all(v > 0 for v in row["split_s"].values())
+    assert row["s_per_step"] == pytest.approx(sum(row["split_s"].values()))
+    assert row["samples_per_s"] == pytest.approx(row["batch"] / row["s_per_step"])
+    assert sum(row["split_pct"].values()) == pytest.approx(100)
+
+    batch = bench.next_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16), FlopCounterMode(display=False) as plain:
+        bench.engine.inner.objective(bench.engine.inner(batch["inputs"]), batch["present"])
+    assert row["flops_forward"] == plain.get_total_flops() > 0
+    assert 1.5 <= row["flops_backward"] / row["flops_forward"] <= 2.5
+    assert row["flops_per_sample"] == (row["flops_forward"] + row["flops_backward"]) / row["batch"]
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "gpu_step.py")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("bench/gpu_step.py: needs a CUDA GPU")

@@ -419,7 +419,8 @@ class ShardStream(IterableDataset):
         if self.resample:
             rank, _, worker, _ = wds.utils.pytorch_worker_info()
             rng = random.Random(hash((self.seed, epoch, rank, worker)))
-            urls = (rng.choice(urls) for _ in iter(int, 1))
+            mine = urls  # (the generator must not look up its own name)
+            urls = (rng.choice(mine) for _ in iter(int, 1))
         return (sample for url in urls for sample in self._read(url))
 
     def _read(self, url: str) -> Iterator[dict]:
