@@ -296,3 +296,33 @@ def test_gpu_step_bench_counts_flops_and_splits_the_step_on_cpu(synthetic_data: 
     r = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "bench" / "gpu_step.py")], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("bench/gpu_step.py: needs a CUDA GPU")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=IDS)
+def test_cuda_step_does_not_sync(objective: dict[str, Any], synthetic_data: Path) -> None:
+    """On a GPU: the loader pins its batches, and a bf16 training step (fused AdamW) passes with
+    ``torch.cuda.set_sync_debug_mode("error")``, which raises on any synchronising CUDA call."""
+    base = run_config(synthetic_data, objective, precision="bf16")
+    cfg = load_config(base=base)
+    seed_everything(0)
+    model = MultimodalModel(cfg.model, cfg.objective)
+    engine = make_engine(cfg, model)
+    assert engine.device.type == "cuda"
+    optimizer = build_optimizer(model, cfg, {})
+    engine.prepare(model, optimizer)
+    loader = build_loader(cfg.data.train, model.processors, 8, train=True, pin_memory=True)
+    batch = next(iter(loader))
+    assert all(v.is_pinned() for v in batch["inputs"].values())
+    forward_backward = ForwardBackward(engine)
+    group = to_device([batch], engine.device)
+    forward_backward(group)
+    engine.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = forward_backward(group)
+        engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
