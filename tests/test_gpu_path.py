@@ -174,6 +174,12 @@ def _two_rank_worker(rank: int, init_file: str, out: str) -> None:
             with count_syncs() as exchanged:
                 objective(emb, None, check=False).backward()
             counts[cfg["name"] + cfg.get("negatives", "")] = (len(known), len(exchanged))
+            present = {"b": torch.tensor([True, False, True, True]), "c": torch.tensor([True, True, False, True])}
+            for mask in (None, present):  # the device-side path gives the checked path's loss
+                torch.manual_seed(7)
+                lazy = objective(emb, mask, check=False, sizes=[4, 4])
+                torch.manual_seed(7)
+                torch.testing.assert_close(lazy, objective(emb, mask), rtol=1e-6, atol=1e-6)
         torch.save(counts, f"{out}/{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -182,6 +188,8 @@ def _two_rank_worker(rank: int, init_file: str, out: str) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_gloo_ranks_gather_without_reading_back_when_sizes_are_known(tmp_path: Path) -> None:
+    """Under 2 gloo ranks: with the sizes given, no step reads anything back; without, once (the sizes); the
+    device-side path (masked or not) gives the checked path's loss."""
     mp.spawn(_two_rank_worker, args=(os.fspath(tmp_path / "rendezvous"), os.fspath(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         counts = torch.load(tmp_path / f"{rank}.pt")
