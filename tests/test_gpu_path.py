@@ -155,6 +155,9 @@ def test_a_masked_step_reads_nothing_back(synthetic_data: Path) -> None:
         engine.step()
     assert calls == []
     assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    one = {**group[0], "present": {m: torch.arange(len(group[0]["keys"])) > 0 for m in ("video", "audio")}}
+    with pytest.raises(ValueError, match="fewer than 2 present modalities"):  # checked on the host copies
+        to_device([one], engine.device)
 
 
 def _two_rank_worker(rank: int, init_file: str, out: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmcl.objectives.base import check_present
 from mmcl.train.engine import Engine
 
 
@@ -39,7 +40,13 @@ def to_device(group: list[dict[str, Any]], device: torch.device) -> list[dict[st
     """The micro-batches with their tensors on the training device (the loader yields CPU tensors, pinned
     on CUDA, so the copies are asynchronous). A modality's ``present`` masks are dropped when they are all
     true in every micro-batch: decided here on the host copies, so the objective takes its no-mask path
-    without reading anything back from the device."""
+    without reading anything back from the device. A sample with fewer than two present modalities is a
+    ``ValueError`` here (the objective's own check, on the host)."""
+    for b in group:  # the objective's per-sample check, on the host copies (the step itself skips it)
+        if b["present"]:
+            names, n = list(b["inputs"]), len(b["keys"])
+            check_present(torch.stack([b["present"].get(m, torch.ones(n, dtype=torch.bool)) for m in names], 1),
+                          names, n)
     incomplete = {m for b in group for m, p in b["present"].items() if not p.all()}
     group = [{**b, "present": {m: p for m, p in b["present"].items() if m in incomplete}} for b in group]
     if device.type == "cpu":
