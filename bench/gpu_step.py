@@ -256,7 +256,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--objectives", default=",".join(OBJECTIVES))
-    parser.add_argument("--workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) - 2)))
+    parser.add_argument("--workers", type=int, default=min(12, max(1, (os.cpu_count() or 2) - 2)))
     parser.add_argument("--compile", action="store_true", help="train.compile: torch.compile the towers")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: from a table)")
     args = parser.parse_args()

@@ -100,11 +100,15 @@ def test_bf16_engine_runs_the_towers_in_bf16_and_embeds_in_fp32(synthetic_data: 
     assert all(torch.allclose(e.norm(dim=1), torch.ones(4), atol=1e-5) for e in emb.values())
 
 
-def test_fp16_without_cuda_is_one_config_error(synthetic_data: Path, tmp_path: Path) -> None:
+def test_16_bit_without_cuda_is_one_config_error(synthetic_data: Path, tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("fp16 is allowed on CUDA")
     with pytest.raises(ConfigError, match=r"^train.precision: fp16 needs a CUDA GPU .*fp32 or bf16"):
         train(load_config(base=run_config(synthetic_data, {"name": "clip"}, precision="fp16")), tmp_path)
+    zero2 = Path(__file__).parents[1] / "configs" / "deepspeed" / "zero2.json"
+    with pytest.raises(ConfigError, match=r"^train.precision: bf16 under DeepSpeed needs a CUDA GPU"):
+        train(load_config(base=run_config(synthetic_data, {"name": "clip"}, precision="bf16",
+                                          deepspeed=str(zero2))), tmp_path)
 
 
 def prepared_step(data: Path, objective: dict[str, Any], **data_overrides: Any):

@@ -164,7 +164,8 @@ def resolve_precision(cfg: Config, cuda: bool) -> str:
     precision = cfg.train.precision
     if precision == "fp16" and not cuda:
         raise ConfigError("train.precision: fp16 needs a CUDA GPU (its grad scaler); on CPU use fp32 or bf16")
-    if precision != "fp32" and not cuda and (cfg.train.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")):
+    deepspeed = cfg.train.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if precision != "fp32" and not cuda and deepspeed:
         raise ConfigError(f"train.precision: {precision} under DeepSpeed needs a CUDA GPU; on CPU DeepSpeed "
                           f"runs fp32 (allowed here: fp32)")
     return precision
