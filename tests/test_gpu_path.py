@@ -86,6 +86,18 @@ def test_bf16_autocast_trains_close_to_fp32(objective: dict[str, Any], synthetic
     assert losses["fp32"] != losses["bf16"]  # autocast did act
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=IDS)
+def test_fp16_with_its_grad_scaler_trains_close_to_fp32_on_cuda(objective: dict[str, Any], synthetic_data: Path,
+                                                                tmp_path: Path) -> None:
+    losses = {}
+    for precision in ("fp32", "fp16"):
+        train(load_config(base=run_config(synthetic_data, objective, precision=precision)), tmp_path / precision)
+        losses[precision] = [r["loss"] for r in read_log(tmp_path / precision)]
+    for a, b in zip(losses["fp32"], losses["fp16"], strict=True):
+        assert abs(a - b) <= REL * abs(a), (objective, losses)
+
+
 def test_bf16_engine_runs_the_towers_in_bf16_and_embeds_in_fp32(synthetic_data: Path) -> None:
     cfg = load_config(base=run_config(synthetic_data, {"name": "clip"}, precision="bf16"))
     model = MultimodalModel(cfg.model, cfg.objective)
@@ -93,11 +105,11 @@ def test_bf16_engine_runs_the_towers_in_bf16_and_embeds_in_fp32(synthetic_data: 
     engine.prepare(model, build_optimizer(model, cfg, {}))
     dtypes = []
     model.heads["text"].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
-    batch = next(iter(build_loader(cfg.data.train, model.processors, 4, train=True)))
+    batch = to_device([next(iter(build_loader(cfg.data.train, model.processors, 4, train=True)))], engine.device)[0]
     emb = engine.model(batch["inputs"])
     assert dtypes == [torch.bfloat16]
     assert all(e.dtype == torch.float32 for e in emb.values())
-    assert all(torch.allclose(e.norm(dim=1), torch.ones(4), atol=1e-5) for e in emb.values())
+    assert all(torch.allclose(e.norm(dim=1).cpu(), torch.ones(4), atol=1e-5) for e in emb.values())
 
 
 def test_16_bit_without_cuda_is_one_config_error(synthetic_data: Path, tmp_path: Path) -> None:
@@ -149,7 +161,7 @@ def test_a_masked_step_reads_nothing_back(synthetic_data: Path) -> None:
     """A batch with a modality missing in some samples (``data.on_missing: mask``) takes the masked path on
     the device."""
     engine, scheduler, forward_backward, group = prepared_step(synthetic_data, {"name": "clip"})
-    group[0]["present"]["audio"] = torch.arange(len(group[0]["keys"])) % 2 == 0
+    group[0]["present"]["audio"] = torch.arange(len(group[0]["keys"]), device=engine.device) % 2 == 0
     group = to_device(group, engine.device)
     assert set(group[0]["present"]) == {"audio"}  # the complete masks are dropped on the host
     with torch.no_grad():  # the checked path (one host read per check) gives the same loss
@@ -159,7 +171,8 @@ def test_a_masked_step_reads_nothing_back(synthetic_data: Path) -> None:
         engine.step()
     assert calls == []
     assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
-    one = {**group[0], "present": {m: torch.arange(len(group[0]["keys"])) > 0 for m in ("video", "audio")}}
+    one = {**group[0], "present": {m: torch.arange(len(group[0]["keys"]), device=engine.device) > 0
+                                   for m in ("video", "audio")}}
     with pytest.raises(ValueError, match="fewer than 2 present modalities"):  # checked on the host copies
         to_device([one], engine.device)
 

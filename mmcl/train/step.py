@@ -45,8 +45,9 @@ def to_device(group: list[dict[str, Any]], device: torch.device) -> list[dict[st
     for b in group:  # the objective's per-sample check, on the host copies (the step itself skips it)
         if b["present"]:
             names, n = list(b["inputs"]), len(b["keys"])
-            check_present(torch.stack([b["present"].get(m, torch.ones(n, dtype=torch.bool)) for m in names], 1),
-                          names, n)
+            some = next(iter(b["present"].values()))
+            ones = torch.ones(n, dtype=torch.bool, device=some.device)
+            check_present(torch.stack([b["present"].get(m, ones) for m in names], 1), names, n)
     incomplete = {m for b in group for m, p in b["present"].items() if not p.all()}
     group = [{**b, "present": {m: p for m, p in b["present"].items() if m in incomplete}} for b in group]
     if device.type == "cpu":
