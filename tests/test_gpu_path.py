@@ -354,3 +354,43 @@ def test_cuda_step_does_not_sync(objective: dict[str, Any], synthetic_data: Path
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()
+
+
+def _rank_build_worker(rank: int, data: str, port: int, mode: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    base = run_config(Path(data), {"name": "clip"})
+    if mode != "ddp":
+        base["train"]["deepspeed"] = str(Path(__file__).parents[1] / "configs" / "deepspeed" / f"{mode}.json")
+    cfg = load_config(base=base)
+    engine = make_engine(cfg, MultimodalModel(cfg.model, cfg.objective, device="meta", pretrained=False))
+    assert engine.world == 2
+    seed_everything(cfg.train.seed)
+    model = engine.build_model()
+    engine.prepare(model, build_optimizer(model, cfg, {}))
+    got = engine.full_state_dict()
+    seed_everything(cfg.train.seed)
+    today = MultimodalModel(cfg.model, cfg.objective).state_dict()  # the construction every rank ran before
+    torch.save(sorted(k for k, v in today.items() if not torch.equal(got[k], v.float())), f"{out}/{rank}.pt")
+    engine.wait()
+    engine.end()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("mode", ["ddp", "zero3"])
+def test_other_ranks_build_only_the_architecture_and_get_the_seeded_weights(mode: str, synthetic_data: Path,
+                                                                            tmp_path: Path) -> None:
+    """2 gloo ranks: rank 1 builds the model with uninitialised parameters (``Engine.build_model``); after
+    ``prepare`` (DDP, DeepSpeed ZeRO-3) every rank holds exactly the weights of today's seeded construction."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_build_worker, args=(os.fspath(synthetic_data), port, mode, os.fspath(tmp_path)), nprocs=2,
+             join=True)
+    assert [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)] == [[], []]

@@ -48,6 +48,20 @@ class Engine:
     def describe(self) -> str:
         raise NotImplementedError
 
+    def build_model(self) -> MultimodalModel:
+        """This rank's model (call it after seeding with ``train.seed``): built as ever on rank 0, so its
+        weights are the seeded construction's; on the other ranks of a multi-process launch the architecture
+        alone with uninitialised parameters (no initialisation, no checkpoint read; buffers as constructed):
+        :meth:`prepare` gives every rank rank 0's weights (DDP and DeepSpeed broadcast the parameters)."""
+        if self.world == 1 or self.rank == 0:
+            return MultimodalModel(self.cfg.model, self.cfg.objective)
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model = MultimodalModel(self.cfg.model, self.cfg.objective, pretrained=False)
+        materialize_parameters(model)
+        return model
+
     def prepare(self, model: MultimodalModel, optimizer: torch.optim.Optimizer) -> None:
         """Wrap ``model`` and ``optimizer`` (built on ``model``'s parameters) for this launch."""
         self.shapes = {k: v.shape for k, v in model.state_dict().items()}
@@ -156,6 +170,18 @@ class AccelerateEngine(Engine):
     def check_checkpoint(self, directory: Path, state: dict[str, Any]) -> None:
         if "optimizer" not in state:
             raise ConfigError(f"--resume {directory}: written under DeepSpeed, resumed without it")
+
+
+def materialize_parameters(module: nn.Module) -> None:
+    """Give every meta-device parameter of ``module`` uninitialised CPU storage (shared parameters stay
+    shared); buffers are left as they are."""
+    done: dict[int, nn.Parameter] = {}
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.is_meta:
+                if id(p) not in done:
+                    done[id(p)] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
+                sub._parameters[name] = done[id(p)]
 
 
 def resolve_precision(cfg: Config, cuda: bool) -> str:

@@ -65,10 +65,11 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
     expand_shards(cfg.data.train)  # fail on a bad shard spec before building anything
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    # Initial weights must not depend on the rank: build on the common seed, then reseed per rank.
+    # Initial weights must not depend on the rank: build on the common seed (rank 0 builds them, the other
+    # ranks only the architecture and receive rank 0's weights in prepare), then reseed per rank.
+    engine = make_engine(cfg, MultimodalModel(cfg.model, cfg.objective, device="meta", pretrained=False))
     seed_everything(cfg.train.seed)
-    model = MultimodalModel(cfg.model, cfg.objective)
-    engine = make_engine(cfg, model)
+    model = engine.build_model()
     world, main = engine.world, engine.is_main
     seed_everything(cfg.train.seed + engine.rank)
     tower_lrs = apply_tower_controls(model, cfg.train.towers)

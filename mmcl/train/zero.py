@@ -92,6 +92,9 @@ class ZeroEngine(Engine):
         lift_scalar_parameters(model)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.inner = self.accelerator.unwrap_model(self.model)
+        if self.world > 1:  # DeepSpeed broadcasts rank 0's parameters, not its buffers (see build_model)
+            for buffer in self.inner.buffers():
+                torch.distributed.broadcast(buffer.data, src=0)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         # The boundary is set by hand: each of these losses is the whole group's loss (no division by the
