@@ -337,7 +337,10 @@ def test_cuda_step_does_not_sync(objective: dict[str, Any], synthetic_data: Path
     model = MultimodalModel(cfg.model, cfg.objective)
     engine = make_engine(cfg, model)
     assert engine.device.type == "cuda"
+    if torch.cuda.get_device_capability()[0] >= 8:  # train.tf32 (default on) on Ampere and newer
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
     optimizer = build_optimizer(model, cfg, {})
+    assert optimizer.param_groups[0]["fused"] is True
     engine.prepare(model, optimizer)
     loader = build_loader(cfg.data.train, model.processors, 8, train=True, pin_memory=True)
     batch = next(iter(loader))
