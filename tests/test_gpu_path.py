@@ -1,7 +1,9 @@
-"""The GPU path, checked on CPU: bf16 autocast through the real trainer stays close to fp32 for every
-objective, fp16 without CUDA is one config error, and a training step that does not log reads nothing back
-from the device (counted by patching every synchronising ``Tensor`` method), while a logging step reads
-once for all its values."""
+"""The GPU path, checked on CPU (and on a GPU where one is present): bf16 autocast through the real trainer
+stays close to fp32 for every objective, 16-bit where it cannot run is one config error, a training step
+that does not log reads nothing back from the device (counted by patching every synchronising ``Tensor``
+method; on CUDA under ``set_sync_debug_mode("error")``) while a logging step reads once for all its values,
+persistent loader workers draw what fresh ones do, compiled towers match eager ones, every tower type
+attends through SDPA, the other ranks get the seeded weights, and bench/gpu_step.py's pieces work."""
 
 from __future__ import annotations
 
