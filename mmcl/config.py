@@ -360,9 +360,13 @@ class DataConfig:
     #: Training drops each loader's last partial batch (a contrastive objective needs enough negatives); eval
     #: never drops a sample.
     drop_last: bool = True
+    #: Loader workers live across epochs (seeded per epoch as fresh ones would be).
+    persistent_workers: bool = True
+    #: Batches each loader worker prepares ahead.
+    prefetch_factor: int = 4
 
     def validate(self, where: str) -> None:
-        _positive(where, batch_size=self.batch_size)
+        _positive(where, batch_size=self.batch_size, prefetch_factor=self.prefetch_factor)
         if self.workers < 0:
             raise ConfigError(f"{where}.workers: must be >= 0, got {self.workers}")
 
@@ -429,6 +433,10 @@ class TrainConfig:
     #: DeepSpeed config JSON (ZeRO stage etc.; "auto" values are filled from this config). Empty: no
     #: DeepSpeed, unless ``accelerate launch`` was given a DeepSpeed config.
     deepspeed: str = ""
+    #: TF32 tensor-core matmuls / convolutions for fp32 math on Ampere+ GPUs (no effect elsewhere).
+    tf32: bool = True
+    #: ``torch.compile`` each tower (and its head) before training.
+    compile: bool = False
 
     def validate(self, where: str) -> None:
         _positive(where, lr=self.lr, grad_accum=self.grad_accum)

@@ -126,6 +126,12 @@ class MultimodalModel(nn.Module):
         counts["total"] = sum(p.numel() for p in self.parameters())
         return counts
 
+    def compile_towers(self, **options: Any) -> None:
+        """``torch.compile`` every tower in place (``train.compile``; with a shared trunk, the embedders and
+        the trunk): parameter names and saved weights are unchanged; ``options`` go to ``torch.compile``."""
+        for tower in self.towers.values():
+            tower.compile(**options)
+
     def tower_features(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Modality ``name``'s batch input -> its tower's pooled features ``[N, F]``, before the projection head
         (with a shared trunk: its embedder, then the trunk). What a frozen-feature cache keeps of a locked
@@ -144,7 +150,7 @@ class MultimodalModel(nn.Module):
         for name in [*inputs, *(m for m in given if m not in inputs)]:
             f = given[name] if name in given else self.tower_features(name, inputs[name])
             z = self.heads[name](f)
-            out[name] = F.normalize(z, dim=-1) if normalize else z
+            out[name] = F.normalize(z.float(), dim=-1) if normalize else z  # unit norm in fp32 under autocast
         return out
 
     def forward(self, inputs: dict[str, torch.Tensor],

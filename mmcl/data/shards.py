@@ -368,6 +368,34 @@ class SharedEpoch:
         return self.value.value
 
 
+class WorkerSeed:
+    """The per-epoch seed of persistent loader workers. A fresh DataLoader iterator draws a base seed from the
+    main process's torch RNG and seeds each new worker from it; persistent workers are seeded once. So that
+    they draw exactly what fresh workers would (and a resumed run, whose workers are fresh, matches), the
+    :class:`Loader` draws the base seed the same way at each later epoch and every worker applies it at the
+    start of its epoch as the DataLoader does (``random`` and torch: base + worker id; numpy from both)."""
+
+    def __init__(self) -> None:
+        self.value = mp.Array("q", [0, 0])  # [generation, base seed]; generation 0: nothing to apply
+        self.applied = 0
+
+    def set(self, base: int) -> None:
+        self.value[:] = [self.value[0] + 1, base]
+
+    def apply(self) -> None:
+        info = torch.utils.data.get_worker_info()
+        generation, base = self.value[:]
+        if info is None or generation in (0, self.applied):
+            return
+        import numpy as np
+        from torch.utils.data._utils.worker import _generate_state
+
+        random.seed(base + info.id)
+        torch.manual_seed(base + info.id)
+        np.random.seed(_generate_state(base, info.id))
+        self.applied = generation
+
+
 class ShardStream(IterableDataset):
     """Iterable of batches from shards. One instance per split; iterate once per epoch.
 
@@ -410,6 +438,7 @@ class ShardStream(IterableDataset):
         self.drop_last = drop_last and train
         self.decoder = SampleDecoder(processors, on_missing, with_meta, clip, view)
         self.epoch = SharedEpoch()
+        self.worker_seed = WorkerSeed()
         #: The cache keeps raw samples (decoded again each epoch: a new window) instead of decoded ones.
         self._cache_raw = clip is not None and train
         self._cache: dict[str, Any] = {}
@@ -448,7 +477,8 @@ class ShardStream(IterableDataset):
         if self.resample:
             rank, _, worker, _ = wds.utils.pytorch_worker_info()
             rng = random.Random(hash((self.seed, epoch, rank, worker)))
-            urls = (rng.choice(urls) for _ in iter(int, 1))
+            mine = urls  # (the generator must not look up its own name)
+            urls = (rng.choice(mine) for _ in iter(int, 1))
         return (sample for url in urls for sample in self._read(url, skips))
 
     def _read(self, url: str, skips: list[str] | None = None) -> Iterator[dict]:
@@ -578,6 +608,7 @@ class ShardStream(IterableDataset):
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.worker_seed.apply()
         batches = self._batches()
         while True:
             with one_thread():
@@ -623,17 +654,26 @@ class ShardStream(IterableDataset):
 class Loader:
     """A ``DataLoader`` over a :class:`ShardStream` that adds up the skip (``skipped``) and adjust
     (``adjusted``) counts from every worker and drops the count-only (empty) batches. Iterate it once per
-    epoch after :meth:`set_epoch`."""
+    epoch after :meth:`set_epoch`.
 
-    def __init__(self, stream: ShardStream, workers: int = 0):
+    ``pin_memory``: batches in page-locked memory (training on CUDA: the copies to the GPU are then
+    asynchronous); ``persistent``: workers live across epochs (always with ``stream.cache``, which lives in
+    them; seeded per epoch as fresh ones would be, :class:`WorkerSeed`); ``prefetch_factor``: batches each
+    worker prepares ahead."""
+
+    def __init__(self, stream: ShardStream, workers: int = 0, *, pin_memory: bool = False, persistent: bool = True,
+                 prefetch_factor: int = 4):
         self.stream = stream
         self.workers = workers
         self.skipped: Counter = Counter()
         self.adjusted: Counter = Counter()
+        persistent = workers > 0 and (persistent or stream.cache)
+        # With the RAM cache the stream reseeds its workers itself (ShardStream._seed_persistent_worker).
+        self.reseed = persistent and not stream.cache
+        self.iterated = False
         self.loader = DataLoader(
-            stream, batch_size=None, num_workers=workers,
-            persistent_workers=workers > 0 and stream.cache,
-            prefetch_factor=4 if workers > 0 else None,
+            stream, batch_size=None, num_workers=workers, persistent_workers=persistent,
+            prefetch_factor=prefetch_factor if workers > 0 else None, pin_memory=pin_memory,
         )
         self.size = dataset_size(stream.urls)
 
@@ -641,6 +681,9 @@ class Loader:
         self.stream.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.reseed and self.iterated:  # the draw a fresh DataLoader iterator makes
+            self.stream.worker_seed.set(int(torch.empty((), dtype=torch.int64).random_()))
+        self.iterated = True
         for batch in self.loader:
             self.skipped.update(batch.pop("skipped"))
             self.adjusted.update(batch.pop("adjusted"))
@@ -658,10 +701,13 @@ def check_shard_split(urls: list[str], world: int, workers: int, resample: bool)
 
 
 def build_loader(spec: str, processors: dict[str, Processor], batch_size: int, *, train: bool, workers: int = 0,
-                 world: int = 1, **kwargs: Any) -> Loader:
-    """Expand ``spec``, check it can be split over ``world`` ranks x ``workers``, and build the loader."""
+                 world: int = 1, pin_memory: bool = False, persistent_workers: bool = True, prefetch_factor: int = 4,
+                 **kwargs: Any) -> Loader:
+    """Expand ``spec``, check it can be split over ``world`` ranks x ``workers``, and build the loader (the
+    :class:`Loader` options, the rest for :class:`ShardStream`)."""
     urls = expand_shards(spec)
     if train:
         check_shard_split(urls, world, workers, kwargs.get("resample", False))
     stream = ShardStream(urls, processors, batch_size, train=train, split_by_node=train, **kwargs)
-    return Loader(stream, workers)
+    return Loader(stream, workers, pin_memory=pin_memory, persistent=persistent_workers,
+                  prefetch_factor=prefetch_factor)

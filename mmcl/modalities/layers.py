@@ -14,6 +14,15 @@ from mmcl.config import ConfigError, TrunkFields
 from mmcl.modalities.base import TokenEmbedder, Tower
 
 
+def use_fused_attention(module: nn.Module) -> int:
+    """Make every timm attention layer in ``module`` call ``F.scaled_dot_product_attention`` (FlashAttention /
+    memory-efficient kernels on GPUs) whatever ``TIMM_FUSED_ATTN`` says; returns how many were set."""
+    layers = [m for m in module.modules() if hasattr(m, "fused_attn")]
+    for m in layers:
+        m.fused_attn = True
+    return len(layers)
+
+
 def sincos_1d(n: int, dim: int) -> torch.Tensor:
     """Fixed 1-D sin-cos position table ``[n, dim]`` (dim even)."""
     if dim % 2:
@@ -51,6 +60,7 @@ class Trunk(nn.Module):
         )
         self.norm = nn.LayerNorm(width)
         self.grad_checkpointing = False
+        use_fused_attention(self)
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """``[N, L, width]`` -> pooled ``[N, width]``: the mean over every token, or over the ``valid`` ones

@@ -98,6 +98,15 @@ def load_hf_component(auto_cls: Any, path: str | Path, where: str, **kwargs: Any
                               f"{_first_line(e)}") from None
 
 
+def use_sdpa(model: nn.Module) -> nn.Module:
+    """Set a transformers model's attention to ``scaled_dot_product_attention`` when its class supports it
+    (FlashAttention / memory-efficient kernels on GPUs); ``model.config._attn_implementation`` tells which
+    one runs."""
+    if getattr(model, "_supports_sdpa", False) and model.config._attn_implementation != "sdpa":
+        model.set_attn_implementation("sdpa")
+    return model
+
+
 def load_hf_model(auto_cls: Any, path: str | Path, where: str, strict: bool = True, pretrained: bool = True,
                   **kwargs: Any) -> nn.Module:
     """``auto_cls.from_pretrained`` on a local directory, offline, with the loading report checked.
@@ -113,7 +122,7 @@ def load_hf_model(auto_cls: Any, path: str | Path, where: str, strict: bool = Tr
 
         config = load_hf_component(AutoConfig, directory, where)
         build = getattr(auto_cls, "from_config", None) or auto_cls._from_config
-        return build(config, **kwargs)
+        return use_sdpa(build(config, **kwargs))
     with offline():
         try:
             model, info = auto_cls.from_pretrained(str(directory), local_files_only=True,
@@ -126,7 +135,7 @@ def load_hf_model(auto_cls: Any, path: str | Path, where: str, strict: bool = Tr
     unexpected = [k for k in info.get("unexpected_keys", []) if k.split(".")[0] in own]
     check_keys(list(info.get("missing_keys", [])) + mismatched, unexpected, where, str(directory),
                type(model).__name__, strict)
-    return model
+    return use_sdpa(model)
 
 
 def read_state_dict(path: str | Path, where: str) -> dict[str, torch.Tensor]:
@@ -206,7 +215,7 @@ def hf_encoder(path: str | Path, where: str, init: HFInit = "pretrained", strict
     if init == "pretrained":
         model = load_hf_model(AutoModel, path, where, strict=strict)
     else:
-        model = AutoModel.from_config(load_hf_config(path, where))
+        model = use_sdpa(AutoModel.from_config(load_hf_config(path, where)))
     if model.config.is_encoder_decoder:
         model = model.get_encoder()
     # BERT-style models carry a pooler (dense + tanh over the first token, trained for next-sentence

@@ -285,7 +285,7 @@ class TextTower(Tower):
             vocab_size=vocab_size, hidden_size=tc.width, num_hidden_layers=tc.depth,
             num_attention_heads=tc.heads, intermediate_size=int(tc.width * tc.mlp_ratio),
             max_position_embeddings=cfg.max_len, type_vocab_size=1, pad_token_id=pad_id,
-            hidden_dropout_prob=tc.dropout, attention_probs_dropout_prob=tc.dropout,
+            hidden_dropout_prob=tc.dropout, attention_probs_dropout_prob=tc.dropout, attn_implementation="sdpa",
         )
         self.encoder = BertModel(bert, add_pooling_layer=False)
         self.out_dim = tc.width
@@ -300,9 +300,12 @@ class TextTower(Tower):
             self.encoder.activation_checkpointing_disable()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        mask = (ids != self.pad_id).long()
-        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        return pool(hidden, mask, self.pooling)
+        valid = ids != self.pad_id
+        # The 4-D boolean mask is used as given: from a 2-D one transformers would first test on the host
+        # whether any token is padding (a device sync per step).
+        attend = valid[:, None, None, :].expand(-1, 1, ids.shape[1], -1)
+        hidden = self.encoder(input_ids=ids, attention_mask=attend).last_hidden_state
+        return pool(hidden, valid.long(), self.pooling)
 
 
 class HFTextTower(HFTower):

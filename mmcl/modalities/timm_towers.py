@@ -29,7 +29,7 @@ from torch import nn
 
 from mmcl.config import ConfigError
 from mmcl.modalities.base import Tower
-from mmcl.modalities.layers import Trunk, init_linear_like_vit
+from mmcl.modalities.layers import Trunk, init_linear_like_vit, use_fused_attention
 from mmcl.modalities.pretrained import load_state_dict_checked
 
 #: ``timm.create_model`` arguments the tower sets itself (no download, features only, the input's shape).
@@ -153,6 +153,7 @@ def create_timm_model(cfg: TimmTowerConfig, checkpoint: Path | None, where: str,
     if checkpoint is not None:
         load_state_dict_checked(model, checkpoint, f"{where}.checkpoint", cfg.strict,
                                 adapt=lambda state: adapt_timm_state(state, model))
+    use_fused_attention(model)
     return model
 
 

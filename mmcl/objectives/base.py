@@ -13,15 +13,22 @@ Conventions shared by all objectives:
   against all columns. The returned loss is normalised so that **its mean over ranks is the loss of the
   global batch**; DDP's gradient averaging then yields the global-batch gradients.
 * Losses are computed in float32 or float64 with autocast disabled (a product of several embeddings or a
-  determinant loses too much in 16-bit).
+  determinant loses too much in 16-bit): :meth:`Objective.forward` and the functional losses
+  (:func:`full_precision`) upcast 16-bit inputs and turn autocast off.
+* The training step calls ``objective(emb, present, check=False)``: no check that reads values back to the
+  host (norms, per-sample counts), no host-side shortcut for a complete mask (the trainer drops masks that
+  are complete on the host before the step, :func:`mmcl.train.step.to_device`), and terms without valid
+  rows weighted out on the device (:class:`Term`); so the step never waits on the device. A term without any
+  valid row then contributes nothing (a step where it is the only term has loss 0) instead of raising.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +39,28 @@ from mmcl.objectives import gather
 
 #: Allowed deviation of an embedding's L2 norm from 1, by dtype.
 NORM_TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def _upcast(value: Any) -> Any:
+    if isinstance(value, Tensor) and value.dtype in (torch.float16, torch.bfloat16):
+        return value.float()
+    if isinstance(value, (list, tuple)) and any(isinstance(v, Tensor) for v in value):
+        return type(value)(_upcast(v) for v in value)
+    return value
+
+
+Fn = TypeVar("Fn", bound=Callable[..., Any])
+
+
+def full_precision(fn: Fn) -> Fn:
+    """Decorator of a functional loss: run ``fn`` with autocast off (CPU and CUDA) and its 16-bit tensor
+    arguments (also inside lists) upcast to float32, so logits, logsumexp and determinants are fp32 even when
+    called inside an autocast region."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*(_upcast(a) for a in args), **{k: _upcast(v) for k, v in kwargs.items()})
+    return wrapper  # type: ignore[return-value]
 
 
 def check_shapes(xs: Sequence[Tensor], names: Sequence[str], *, min_count: int = 2) -> None:
@@ -140,6 +169,14 @@ def ce_rows(logits: Tensor, offset: int) -> Tensor:
     return F.cross_entropy(logits, target, reduction="none")
 
 
+class Term(NamedTuple):
+    """A loss term computed without a host sync: ``value`` (0 when no row counted) and ``weight`` (1.0 when
+    some row counted, else 0.0), both 0-dim device tensors."""
+
+    value: Tensor
+    weight: Tensor
+
+
 @dataclass
 class Batch:
     """The embeddings an objective computes on, after checks, missing-handling and gathering.
@@ -151,6 +188,7 @@ class Batch:
         present: bool ``[N_global, M]`` or None when every modality of every sample is present.
         offset: index of this rank's first row in ``full``.
         world_size: number of ranks the batch was gathered from.
+        lazy: computed without host syncs (``check=False``): :meth:`reduce` returns :class:`Term` s.
     """
 
     names: list[str]
@@ -159,6 +197,7 @@ class Batch:
     present: Tensor | None
     offset: int
     world_size: int
+    lazy: bool = False
 
     @property
     def n_local(self) -> int:
@@ -170,7 +209,7 @@ class Batch:
             return None
         return self.present[self.offset:self.offset + self.n_local]
 
-    def reduce(self, rows: Tensor, valid: Tensor | None) -> Tensor | None:
+    def reduce(self, rows: Tensor, valid: Tensor | None) -> Tensor | Term | None:
         """Normalise per-row losses of the local rows so that the mean over ranks is the global mean.
 
         Args:
@@ -178,10 +217,16 @@ class Batch:
             valid: bool ``[N_global]`` rows that count (None = all).
 
         Returns:
-            ``sum(rows[valid_local]) * world_size / count(valid)``, or None when no row counts globally.
+            ``sum(rows[valid_local]) * world_size / count(valid)``, or None when no row counts globally; a
+            :class:`Term` when ``lazy`` and ``valid`` is given (the count stays on the device).
         """
         if valid is None:
             return rows.sum() * (self.world_size / self.full[0].shape[0])
+        if self.lazy:
+            mine = valid[self.offset:self.offset + self.n_local]
+            count = valid.sum()
+            value = torch.where(mine, rows, torch.zeros_like(rows)).sum() * self.world_size / count.clamp(min=1)
+            return Term(value, (count > 0).to(value.dtype))
         count = int(valid.sum())
         if count == 0:
             return None
@@ -189,8 +234,13 @@ class Batch:
         return torch.where(mine, rows, torch.zeros_like(rows)).sum() * (self.world_size / count)
 
 
-def mean_terms(terms: Sequence[Tensor | None], what: str) -> Tensor:
-    """Mean of the loss terms that exist (a term is None when no sample had its modalities)."""
+def mean_terms(terms: Sequence[Tensor | Term | None], what: str) -> Tensor:
+    """Mean of the loss terms that exist (a term is None when no sample had its modalities; a
+    :class:`Term` counts by its weight, on the device)."""
+    if any(isinstance(t, Term) for t in terms):
+        parts = [t if isinstance(t, Term) else Term(t, torch.ones_like(t)) for t in terms if t is not None]
+        values, weights = torch.stack([t.value for t in parts]), torch.stack([t.weight for t in parts])
+        return (values * weights).sum() / weights.sum().clamp(min=1)
     kept = [t for t in terms if t is not None]
     if not kept:
         raise ValueError(f"no sample has the modalities {what} needs")
@@ -252,9 +302,15 @@ class Objective(nn.Module):
         with torch.no_grad():
             self.logit_scale.clamp_(max=math.log(self.max_logit_scale))
 
+    def log_tensors(self) -> dict[str, Tensor]:
+        """Scalars worth logging as detached 0-dim tensors (read from the device together with the loss),
+        e.g. ``{"logit_scale": s}``."""
+        return {"logit_scale": self.logit_scale.detach().exp().reshape(())}
+
     def logs(self) -> dict[str, float]:
-        """Scalars worth logging, e.g. ``{"logit_scale": s}``."""
-        return {"logit_scale": float(self.logit_scale.detach().exp())}
+        """:meth:`log_tensors` as floats (one host read for all)."""
+        tensors = self.log_tensors()
+        return dict(zip(tensors, torch.stack([v.float() for v in tensors.values()]).tolist()))
 
     # -- inputs ----------------------------------------------------------------------------------------
     def order(self, names: Sequence[str]) -> list[str]:
@@ -264,8 +320,11 @@ class Objective(nn.Module):
             raise ValueError(f"unknown modalities {unknown}; this objective was built for {self.modalities}")
         return [m for m in self.modalities if m in names]
 
-    def prepare(self, emb: dict[str, Tensor], present: dict[str, Tensor] | None) -> Batch:
-        """Check ``emb``/``present``, handle missing rows, upcast and gather: the :class:`Batch` to use."""
+    def prepare(self, emb: dict[str, Tensor], present: dict[str, Tensor] | None, check: bool = True,
+                sizes: list[int] | None = None) -> Batch:
+        """Check ``emb``/``present``, handle missing rows, upcast and gather: the :class:`Batch` to use.
+        ``check=False``: no check or shortcut that reads values back to the host (see the module doc);
+        ``sizes``: every rank's local batch size when known (else exchanged, :func:`gather.all_gather_rows`)."""
         names = self.order(list(emb))
         xs = [emb[m] for m in names]
         check_shapes(xs, names)
@@ -280,8 +339,10 @@ class Objective(nn.Module):
                     raise ValueError(f"present mask for {m!r} must be bool [{n}], got {p.dtype} {tuple(p.shape)}")
             mask = torch.stack([present[m].to(xs[0].device) if m in present
                                 else torch.ones(n, dtype=torch.bool, device=xs[0].device) for m in names], 1)
-            check_present(mask, names, n)
-        check_embeddings(xs, names, mask)
+            if check:
+                check_present(mask, names, n)
+        if check:
+            check_embeddings(xs, names, mask)
         if any(x.dtype in (torch.float16, torch.bfloat16) for x in xs):
             xs = [x.float() for x in xs]
         if mask is not None:
@@ -296,25 +357,29 @@ class Objective(nn.Module):
             full, offset = xs, 0
             mask_full = mask
         else:
-            stacked, offset = gather.all_gather_rows(torch.stack(xs, 1))
+            sizes = sizes or gather.local_sizes(n, xs[0].device)  # one exchange for both gathers
+            stacked, offset = gather.all_gather_rows(torch.stack(xs, 1), sizes=sizes)
             full = list(stacked.unbind(1))
             if mask is None:
                 mask = torch.ones(n, len(names), dtype=torch.bool, device=xs[0].device)
-            mask_full, _ = gather.all_gather_rows(mask.to(torch.uint8), grad=False)
+            mask_full, _ = gather.all_gather_rows(mask.to(torch.uint8), grad=False, sizes=sizes)
             mask_full = mask_full.bool()
-        if mask_full is not None and bool(mask_full.all()):
+        if check and mask_full is not None and bool(mask_full.all()):
             mask_full = None
-        return Batch(names, xs, full, mask_full, offset, ws)
+        return Batch(names, xs, full, mask_full, offset, ws, lazy=not check)
 
     # -- API -------------------------------------------------------------------------------------------
-    def forward(self, emb: dict[str, Tensor], present: dict[str, Tensor] | None = None) -> Tensor:
+    def forward(self, emb: dict[str, Tensor], present: dict[str, Tensor] | None = None, *, check: bool = True,
+                sizes: list[int] | None = None) -> Tensor:
         """Scalar loss for ``emb`` ``{modality: [N, D]}`` with optional ``present`` ``{modality: bool [N]}``.
 
-        Autocast is disabled inside; 16-bit embeddings are upcast to float32.
+        Autocast is disabled inside; 16-bit embeddings are upcast to float32. ``check=False`` (the training
+        step): nothing reads device values back to the host (see the module doc). ``sizes``: every rank's
+        local batch size, when the caller knows them (saves their exchange when distributed).
         """
         device_type = next(iter(emb.values())).device.type if emb else "cpu"
         with torch.autocast(device_type=device_type, enabled=False):
-            return self.loss(self.prepare(emb, present))
+            return self.loss(self.prepare(emb, present, check, sizes))
 
     def loss(self, batch: Batch) -> Tensor:
         """The scalar loss of a prepared batch (local rows against the gathered columns)."""

@@ -4,7 +4,9 @@ Embeddings are gathered *with gradient* through :func:`torch.distributed.nn.func
 its backward sums, over ranks, the gradients every rank computed for this rank's rows. Each rank then
 computes only its own rows against the gathered columns (open_clip's local-loss trick), so the loss costs
 ``O(N_local x N_global)`` memory. Local batch sizes may differ between ranks (rows are padded for the
-collective and the padding is cut off again).
+collective and the padding is cut off again). The sizes are a host-side fact: given by the caller when it
+knows them (every rank's batch is full), else exchanged once per call (:func:`local_sizes`, the one host read
+of a gather).
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ def rank() -> int:
     return 0
 
 
-def _gather_sizes(n: int, device: torch.device) -> list[int]:
+def local_sizes(n: int, device: torch.device) -> list[int]:
+    """Every rank's local row count (this rank's is ``n``): one small all-gather and one host read."""
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
     dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=device))
-    return [int(s.item()) for s in sizes]
+    return torch.cat(sizes).tolist()
 
 
 def _pad_rows(x: Tensor, rows: int) -> Tensor:
@@ -41,12 +44,13 @@ def _pad_rows(x: Tensor, rows: int) -> Tensor:
     return torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))])
 
 
-def all_gather_rows(x: Tensor, *, grad: bool = True) -> tuple[Tensor, int]:
+def all_gather_rows(x: Tensor, *, grad: bool = True, sizes: list[int] | None = None) -> tuple[Tensor, int]:
     """Concatenate every rank's ``x`` along dim 0.
 
     Args:
         x: ``[N_local, ...]`` this rank's rows (``N_local`` may differ between ranks).
         grad: keep the gradient path (the backward sums over ranks the gradients of this rank's rows).
+        sizes: every rank's ``N_local`` when known (no exchange, no host read), else :func:`local_sizes`.
 
     Returns:
         ``([N_global, ...], offset)`` where ``offset`` is the index of this rank's first row, so that
@@ -56,7 +60,10 @@ def all_gather_rows(x: Tensor, *, grad: bool = True) -> tuple[Tensor, int]:
     ws = world_size()
     if ws == 1:
         return x, 0
-    sizes = _gather_sizes(x.shape[0], x.device)
+    if sizes is None:
+        sizes = local_sizes(x.shape[0], x.device)
+    elif len(sizes) != ws or sizes[rank()] != x.shape[0]:
+        raise ValueError(f"sizes {sizes} do not match world size {ws} and this rank's {x.shape[0]} rows")
     longest = max(sizes)
     padded = _pad_rows(x, longest)
     if grad:
@@ -64,17 +71,18 @@ def all_gather_rows(x: Tensor, *, grad: bool = True) -> tuple[Tensor, int]:
     else:
         parts = [torch.empty_like(padded) for _ in range(ws)]
         dist.all_gather(parts, padded.contiguous())
-    x_all = torch.cat([p[:n] for p, n in zip(parts, sizes)])
+    x_all = torch.cat(parts) if longest * ws == sum(sizes) else torch.cat([p[:n] for p, n in zip(parts, sizes)])
     return x_all, sum(sizes[: rank()])
 
 
-def broadcast_seed(device: torch.device) -> int:
-    """A random seed drawn from rank 0's global torch RNG and shared with every rank.
+def shared_permutations(count: int, n: int, device: torch.device) -> Tensor:
+    """``count`` permutations of ``range(n)``, ``[count, n]`` on ``device``, drawn with ``torch.randperm`` from
+    rank 0's global torch RNG (every rank draws, rank 0's are broadcast), so they are identical on all ranks
+    and seeding torch reproduces them; no value is read back to the host.
 
-    Used to draw permutations that are identical on all ranks (Symile ``negatives: n``).
+    Used for Symile's ``negatives: n``.
     """
-    seed = torch.randint(0, 2**62, (1,), dtype=torch.long)
+    perms = torch.stack([torch.randperm(n) for _ in range(count)]).to(device)
     if world_size() > 1:
-        seed = seed.to(device)
-        dist.broadcast(seed, src=0)
-    return int(seed.item())
+        dist.broadcast(perms, src=0)
+    return perms

@@ -22,6 +22,7 @@ directions) need the anchor; samples without it still serve as candidates in the
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -30,9 +31,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from mmcl.config import GramConfig
-from mmcl.objectives.base import (Batch, Objective, ce_rows, check_embeddings, check_present, check_score_inputs,
-                                  check_shapes, common_options, diagonal_ce, local_form, mask_columns, mean_valid,
-                                  register_objective)
+from mmcl.objectives.base import (Batch, Objective, Term, ce_rows, check_embeddings, check_present,
+                                  check_score_inputs, check_shapes, common_options, diagonal_ce, full_precision,
+                                  local_form, mask_columns, mean_valid, register_objective)
 
 #: Lower clamp of ``det G`` before the square root (volumes are at least ``sqrt(DET_EPS)``).
 DET_EPS = 1e-6
@@ -74,6 +75,12 @@ def _schur_det(qs: Sequence[Tensor], cs: Sequence[Tensor]) -> Tensor:
     return det_c * torch.linalg.det(resid).to(qs[0].dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _floor(eps: float, dtype: torch.dtype) -> float:
+    """``sqrt(eps)`` as ``dtype`` computes it (the clamped volume), read to the host once per (eps, dtype)."""
+    return torch.tensor(eps, dtype=dtype).sqrt().item()
+
+
 class _Volume3(torch.autograd.Function):
     """``scale * sqrt(max(det G, eps))`` for k = 3 from the cosines, with a hand-written backward.
 
@@ -90,7 +97,7 @@ class _Volume3(torch.autograd.Function):
         torch.sub(1 - c12.square(), det, out=det)
         volume = det.clamp_min_(eps).sqrt_()
         ctx.save_for_backward(c1, c2, c12, volume, scale)
-        ctx.floor = torch.tensor(eps, dtype=volume.dtype).sqrt().item()
+        ctx.floor = _floor(eps, volume.dtype)
         return volume * scale
 
     @staticmethod
@@ -131,6 +138,7 @@ def scaled_volume(anchor: Tensor, others: Sequence[Tensor], scale: Tensor | floa
     return gram_det(anchor, others).clamp_min(eps).sqrt() * scale
 
 
+@full_precision
 def gram_volume(anchor: Tensor, others: Sequence[Tensor], eps: float = DET_EPS) -> Tensor:
     """Volumes ``V_ij = vol(anchor_i, others[0]_j, ..., others[K-1]_j)``.
 
@@ -165,6 +173,7 @@ def gram_rows(anchor: Tensor, others: Sequence[Tensor], anchor_all: Tensor, othe
     return (ce_rows(fwd, offset) + ce_rows(bwd, offset)) / 2
 
 
+@full_precision
 def gram_loss(anchor: Tensor, others: Sequence[Tensor], temperature: Tensor | float, *,
               anchor_all: Tensor | None = None, others_all: Sequence[Tensor] | None = None, offset: int = 0,
               present: Tensor | None = None) -> Tensor:
@@ -229,8 +238,8 @@ class GramObjective(Objective):
         with torch.no_grad():
             self.log_temperature.clamp_(min=-math.log(self.max_logit_scale))
 
-    def logs(self) -> dict[str, float]:
-        return {"temperature": float(self.log_temperature.detach().exp())}
+    def log_tensors(self) -> dict[str, Tensor]:
+        return {"temperature": self.log_temperature.detach().exp().reshape(())}
 
     def loss(self, batch: Batch) -> Tensor:
         if self.anchor not in batch.names:
@@ -243,7 +252,7 @@ class GramObjective(Objective):
         term = batch.reduce(rows, anchor_present)
         if term is None:
             raise ValueError(f"GRAM: no sample in the batch has the anchor {self.anchor!r}")
-        return term
+        return term.value if isinstance(term, Term) else term
 
     def score(self, query: dict[str, Tensor], candidates: dict[str, Tensor]) -> Tensor:
         """``-vol(query_i..., candidate_j...)``, ``[Nq, Nc]``: smaller volume = better match."""

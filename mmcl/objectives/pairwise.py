@@ -30,8 +30,8 @@ from torch import Tensor
 
 from mmcl.config import ClipConfig, SiglipConfig
 from mmcl.objectives.base import (Batch, Objective, ce_rows, check_embeddings, check_score_inputs, check_shapes,
-                                  common_options, diagonal_ce, local_form, mask_columns, mean_terms, mean_valid,
-                                  register_objective)
+                                  common_options, diagonal_ce, full_precision, local_form, mask_columns, mean_terms,
+                                  mean_valid, register_objective)
 
 
 def _local_slice(mask: Tensor | None, offset: int, n: int) -> Tensor | None:
@@ -110,6 +110,7 @@ def _checked_all(local: Tensor, gathered: Tensor | None, offset: int, present: T
     return _zero_absent(full, present)
 
 
+@full_precision
 def clip_loss(x: Tensor, y: Tensor, logit_scale: Tensor | float, *, x_all: Tensor | None = None,
               y_all: Tensor | None = None, offset: int = 0, x_present: Tensor | None = None,
               y_present: Tensor | None = None) -> Tensor:
@@ -133,6 +134,7 @@ def clip_loss(x: Tensor, y: Tensor, logit_scale: Tensor | float, *, x_all: Tenso
     return mean_valid(rows, _both(xp, yp))
 
 
+@full_precision
 def siglip_loss(x: Tensor, y: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | float, *,
                 y_all: Tensor | None = None, offset: int = 0, x_present: Tensor | None = None,
                 y_present: Tensor | None = None) -> Tensor:
@@ -234,8 +236,8 @@ class SiglipObjective(PairwiseObjective):
                            self.logit_bias, pb)
         return rows, pa
 
-    def logs(self) -> dict[str, float]:
-        return {**super().logs(), "logit_bias": float(self.logit_bias.detach())}
+    def log_tensors(self) -> dict[str, Tensor]:
+        return {**super().log_tensors(), "logit_bias": self.logit_bias.detach().clone().reshape(())}
 
 
 @register_objective("clip")

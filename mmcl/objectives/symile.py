@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 from mmcl.config import SymileConfig
 from mmcl.objectives import gather
 from mmcl.objectives.base import (Batch, Objective, check_embeddings, check_present, check_score_inputs,
-                                  check_shapes, common_options, local_form, mean_terms, mean_valid,
+                                  check_shapes, common_options, full_precision, local_form, mean_terms, mean_valid,
                                   register_objective)
 from mmcl.objectives.pairwise import clip_rows
 
@@ -60,10 +60,13 @@ def _perm(n: int, generator: torch.Generator | None, device: torch.device) -> Te
 
 
 def _rows_n(anchor: Tensor, others: Sequence[Tensor], positive: Tensor, offset: int,
-            logit_scale: Tensor | float, generator: torch.Generator | None) -> Tensor:
-    """Per-row CE ``[N_local]`` with O(N) negatives (one permutation per non-anchor)."""
+            logit_scale: Tensor | float, generator: torch.Generator | None, perms: Tensor | None = None) -> Tensor:
+    """Per-row CE ``[N_local]`` with O(N) negatives (one permutation per non-anchor: the rows of ``perms``
+    ``[K, N_global]`` when given, else drawn with ``generator``)."""
     n_global = others[0].shape[0]
-    cands = _product([x[_perm(n_global, generator, x.device)] for x in others])
+    if perms is None:
+        perms = [_perm(n_global, generator, x.device) for x in others]
+    cands = _product([x[p] for x, p in zip(others, perms)])
     logits = logit_scale * anchor @ cands.T
     target = offset + torch.arange(anchor.shape[0], device=anchor.device)
     logits = logits.scatter(1, target[:, None], (logit_scale * positive)[:, None])
@@ -186,17 +189,19 @@ def streamed_lse(anchor: Tensor, others: Sequence[Tensor], logit_scale: Tensor |
 
 
 def symile_rows(local: Sequence[Tensor], full: Sequence[Tensor], m: int, offset: int,
-                logit_scale: Tensor | float, negatives: str, generator: torch.Generator | None) -> Tensor:
+                logit_scale: Tensor | float, negatives: str, generator: torch.Generator | None,
+                perms: Tensor | None = None) -> Tensor:
     """Per-row loss ``[N_local]`` of anchor ``m`` (M >= 3; absent rows already replaced by ones).
 
     Args:
         local: M tensors ``[N_local, D]``; full: M tensors ``[N_global, D]``; offset: first local row's
-            global index; negatives: ``"n"`` or ``"n_squared"``; generator: for ``"n"``.
+            global index; negatives: ``"n"`` or ``"n_squared"``; generator: for ``"n"``; perms: ``"n"``'s
+            permutations ``[M - 1, N_global]`` (one per non-anchor, in modality order) instead of drawing them.
     """
     others = [x for k, x in enumerate(full) if k != m]
     positive = _product(local).sum(-1)
     if negatives == "n":
-        return _rows_n(local[m], others, positive, offset, logit_scale, generator)
+        return _rows_n(local[m], others, positive, offset, logit_scale, generator, perms)
     return streamed_lse(local[m], others, logit_scale) - logit_scale * positive
 
 
@@ -211,6 +216,7 @@ def _check_negatives(negatives: str) -> None:
         raise ValueError(f"negatives must be 'n' or 'n_squared', got {negatives!r}")
 
 
+@full_precision
 def symile_loss(xs: Sequence[Tensor], logit_scale: Tensor | float, negatives: str = "n",
                 generator: torch.Generator | None = None, *, xs_all: Sequence[Tensor] | None = None,
                 offset: int = 0, present: Tensor | None = None) -> Tensor:
@@ -258,9 +264,10 @@ def symile_loss(xs: Sequence[Tensor], logit_scale: Tensor | float, negatives: st
 class SymileObjective(Objective):
     """Symile over M >= 2 modalities; scores are ``s * (prod_q x_q) . (prod_c x_c)`` ("mip").
 
-    ``logit_scale`` = log s (init ``log(1/0.07)`` unless given). The ``"n"`` permutations come from a
-    generator seeded, at every forward, from rank 0's global torch RNG (broadcast when distributed), so
-    that all ranks draw the same permutations of the global batch and seeding torch reproduces them.
+    ``logit_scale`` = log s (init ``log(1/0.07)`` unless given). The ``"n"`` permutations are drawn at every
+    forward with ``torch.randperm`` from rank 0's global torch RNG (broadcast when distributed,
+    :func:`gather.shared_permutations`; anchor by anchor, non-anchors in modality order), so that all ranks
+    draw the same permutations of the global batch and seeding torch reproduces them.
 
     Args:
         modalities: modality names; negatives: ``"n"`` or ``"n_squared"``; other keywords: see
@@ -286,12 +293,15 @@ class SymileObjective(Objective):
             rows = clip_rows(*local, *full, batch.offset, s, pa, pb)
             term = batch.reduce(rows, None if pres is None else pres.all(1))
             return mean_terms([term], "symile")
-        generator = None
+        n_mod = len(batch.names)
+        perms = None
         if self.negatives == "n":
-            generator = torch.Generator().manual_seed(gather.broadcast_seed(local[0].device))
-        terms = [batch.reduce(symile_rows(local, full, m, batch.offset, s, self.negatives, generator),
+            perms = gather.shared_permutations(n_mod * (n_mod - 1), full[0].shape[0], local[0].device)
+            perms = perms.view(n_mod, n_mod - 1, -1)
+        terms = [batch.reduce(symile_rows(local, full, m, batch.offset, s, self.negatives, None,
+                                          None if perms is None else perms[m]),
                               None if pres is None else pres[:, m])
-                 for m in range(len(batch.names))]
+                 for m in range(n_mod)]
         return mean_terms(terms, "symile")
 
     def score(self, query: dict[str, Tensor], candidates: dict[str, Tensor]) -> Tensor:

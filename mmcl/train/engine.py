@@ -8,8 +8,8 @@
 The loop drives either one the same way: ``prepare`` the model and optimizer, ``backward`` each
 micro-batch's loss (``last`` marks the accumulation boundary, the others run under ``no_sync``), ``step``
 (clip, optimizer step, zero_grad, the objective's clamp), ``save_state`` / ``load_state`` into a
-checkpoint directory, ``full_state_dict`` / ``export`` for the plain fp32 model, ``objective_logs`` for the
-log, and the few collectives the loop needs.
+checkpoint directory, ``full_state_dict`` / ``export`` for the plain fp32 model, ``log_values`` for the
+log (one host read for all its values), and the few collectives the loop needs.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import InitProcessGroupKwargs, gather_object
 from torch import nn
 
@@ -47,6 +48,20 @@ class Engine:
     def describe(self) -> str:
         raise NotImplementedError
 
+    def build_model(self) -> MultimodalModel:
+        """This rank's model (call it after seeding with ``train.seed``): built as ever on rank 0, so its
+        weights are the seeded construction's; on the other ranks of a multi-process launch the architecture
+        alone with uninitialised parameters (no initialisation, no checkpoint read; buffers as constructed):
+        :meth:`prepare` gives every rank rank 0's weights (DDP and DeepSpeed broadcast the parameters)."""
+        if self.world == 1 or self.rank == 0:
+            return MultimodalModel(self.cfg.model, self.cfg.objective)
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model = MultimodalModel(self.cfg.model, self.cfg.objective, pretrained=False)
+        materialize_parameters(model)
+        return model
+
     def prepare(self, model: MultimodalModel, optimizer: torch.optim.Optimizer) -> None:
         """Wrap ``model`` and ``optimizer`` (built on ``model``'s parameters) for this launch."""
         self.shapes = {k: v.shape for k, v in model.state_dict().items()}
@@ -65,9 +80,18 @@ class Engine:
         """After the boundary's backward: clip, optimizer step, zero the gradients, clamp the objective."""
         raise NotImplementedError
 
-    def objective_logs(self) -> dict[str, float]:
-        """The objective's scalars (logit scale ...); a collective where parameters are partitioned."""
-        return self.inner.objective.logs()
+    def objective_scalars(self) -> dict[str, torch.Tensor]:
+        """The objective's scalars (logit scale ...) as device tensors; a collective where parameters are
+        partitioned."""
+        return self.inner.objective.log_tensors()
+
+    def log_values(self, loss: torch.Tensor) -> dict[str, float]:
+        """``{"loss": mean over ranks, **objective scalars}`` as floats: one host read for all of them (a
+        collective)."""
+        scalars = self.objective_scalars()
+        mean = self.accelerator.reduce(loss, "mean") if self.world > 1 else loss
+        values = torch.stack([v.detach().float().reshape(()) for v in (mean, *scalars.values())]).tolist()
+        return dict(zip(["loss", *scalars], values))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's fp32 weights in the model's own shapes (a collective: every rank gets them)."""
@@ -95,10 +119,6 @@ class Engine:
         raise NotImplementedError
 
     # -- collectives -----------------------------------------------------------------------------------
-    def mean(self, value: torch.Tensor) -> float:
-        """The mean of a scalar over ranks."""
-        return (self.accelerator.reduce(value, "mean") if self.world > 1 else value).item()
-
     def gather_object(self, items: list[Any]) -> list[Any]:
         """Every rank's ``items``, concatenated in rank order."""
         return gather_object(items) if self.world > 1 else items
@@ -152,11 +172,45 @@ class AccelerateEngine(Engine):
             raise ConfigError(f"--resume {directory}: written under DeepSpeed, resumed without it")
 
 
+def materialize_parameters(module: nn.Module) -> None:
+    """Give every meta-device parameter of ``module`` uninitialised CPU storage (shared parameters stay
+    shared); buffers are left as they are."""
+    done: dict[int, nn.Parameter] = {}
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.is_meta:
+                if id(p) not in done:
+                    done[id(p)] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
+                sub._parameters[name] = done[id(p)]
+
+
+def resolve_precision(cfg: Config, cuda: bool) -> str:
+    """The autocast of this launch: ``train.precision`` as given (bf16 autocast runs on CPU too); fp16 needs
+    CUDA (its grad scaler) and DeepSpeed on CPU runs fp32 only (one-line errors otherwise)."""
+    precision = cfg.train.precision
+    if precision == "fp16" and not cuda:
+        raise ConfigError("train.precision: fp16 needs a CUDA GPU (its grad scaler); on CPU use fp32 or bf16")
+    deepspeed = cfg.train.deepspeed or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if precision != "fp32" and not cuda and deepspeed:
+        raise ConfigError(f"train.precision: {precision} under DeepSpeed needs a CUDA GPU; on CPU DeepSpeed "
+                          f"runs fp32 (allowed here: fp32)")
+    return precision
+
+
+def set_tf32(cfg: Config) -> None:
+    """TF32 matmuls and convolutions on Ampere and newer GPUs unless ``train.tf32`` is off (fp32 runs then
+    trade about 10 mantissa bits for tensor-core speed, as PyTorch recommends for training)."""
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:
+        mode = "tf32" if cfg.train.tf32 else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+
+
 def make_accelerator(cfg: Config, model: nn.Module) -> Accelerator:
     """The Accelerator for this launch (DeepSpeed when ``train.deepspeed`` or ``accelerate launch`` names a
     config; ``model`` sizes its "auto" buckets)."""
     cuda = torch.cuda.is_available()
-    precision = cfg.train.precision if cuda else "fp32"
+    precision = resolve_precision(cfg, cuda)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # On CPU accelerate must be told gloo, else it believes the world size is 1 (see shared/ENV.md).
     handlers = [InitProcessGroupKwargs(backend="gloo")] if world > 1 and not cuda else []
@@ -170,9 +224,15 @@ def make_accelerator(cfg: Config, model: nn.Module) -> Accelerator:
         os.environ.pop("ACCELERATE_DEEPSPEED_CONFIG_FILE", None)
         ds_config = deepspeed_config(cfg, ds_path, world, bucket_size(model))
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config)
+    mixed = {"fp32": "no"}.get(precision, precision)
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed:
+        # accelerate keeps its state per process: a later run in the same process (tests, notebooks) with
+        # another precision starts it afresh (the process group, in PartialState, is kept).
+        AcceleratorState._reset_state()
     # accelerate drops a DeepSpeed plugin without a word when told cpu=True; it runs on CPU regardless.
-    accelerator = Accelerator(cpu=not cuda and not ds_path, kwargs_handlers=handlers,
-                              mixed_precision={"fp32": "no"}.get(precision, precision), **kwargs)
+    accelerator = Accelerator(cpu=not cuda and not ds_path, kwargs_handlers=handlers, mixed_precision=mixed,
+                              **kwargs)
     if accelerator.num_processes != world:
         raise ConfigError(f"the launcher started {world} process(es) but accelerate sees "
                           f"{accelerator.num_processes}: check the launcher settings")
@@ -185,6 +245,7 @@ def make_accelerator(cfg: Config, model: nn.Module) -> Accelerator:
 
 def make_engine(cfg: Config, model: nn.Module) -> Engine:
     """The engine of this launch: DeepSpeed's when accelerate set up its plugin, else accelerate's."""
+    set_tf32(cfg)
     accelerator = make_accelerator(cfg, model)
     if accelerator.state.deepspeed_plugin is None:
         return AccelerateEngine(accelerator, cfg)

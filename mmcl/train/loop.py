@@ -92,18 +92,22 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
     expand_shards(cfg.data.train)  # fail on a bad shard spec before building anything
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    # Initial weights must not depend on the rank: build on the common seed, then reseed per rank.
+    # Initial weights must not depend on the rank: build on the common seed (rank 0 builds them, the other
+    # ranks only the architecture and receive rank 0's weights in prepare), then reseed per rank.
+    engine = make_engine(cfg, MultimodalModel(cfg.model, cfg.objective, device="meta", pretrained=False))
     seed_everything(cfg.train.seed)
-    model = MultimodalModel(cfg.model, cfg.objective)
-    engine = make_engine(cfg, model)
+    model = engine.build_model()
     world, main = engine.world, engine.is_main
     seed_everything(cfg.train.seed + engine.rank)
     lrs = apply_tower_controls(model, cfg.train.towers)
+    if cfg.train.compile:
+        model.compile_towers()
     loader = build_loader(
         cfg.data.train, model.processors, cfg.data.batch_size, train=True, workers=cfg.data.workers, world=world,
         shuffle_buffer=cfg.data.shuffle_buffer, shard_shuffle=cfg.data.shard_shuffle, resample=cfg.data.resample,
         seed=cfg.train.seed, on_missing=cfg.data.on_missing, cache=cfg.data.cache, clip=cfg.data.clip,
-        augment=cfg.data.augment, drop_last=cfg.data.drop_last)
+        augment=cfg.data.augment, drop_last=cfg.data.drop_last, pin_memory=engine.device.type == "cuda",
+        persistent_workers=cfg.data.persistent_workers, prefetch_factor=cfg.data.prefetch_factor)
     check_batch(cfg, loader.size, world)
     steps_total = total_steps(cfg, loader, world)
     optimizer = build_optimizer(model, cfg, lrs)
@@ -121,7 +125,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
         model.load_state_dict(weights)
 
     engine.prepare(model, optimizer)
-    forward_backward = ForwardBackward(engine)
+    # every rank's batches are full (resampled, or the partial ones dropped): no batch-size exchange per step
+    forward_backward = ForwardBackward(engine, full_batches=cfg.data.resample or cfg.data.drop_last)
     feature_cache = FeatureCache.for_run(cfg, engine.inner, out, engine.rank, engine.device, loader.size,
                                          getattr(engine, "stage", 0))
     resume_rng = None
@@ -182,11 +187,13 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
             loader.adjusted.clear()
             if step % cfg.train.log_every == 0 or cfg.train.log_keys or step == steps_total:
                 now = time.time()
-                scalars = engine.objective_logs()
-                rec = {"step": step, "epoch": position["epoch"], "loss": engine.mean(loss),
+                values = engine.log_values(loss)  # the step's one host read
+                scalars = [k for k in values if k != "loss"]
+                rec = {"step": step, "epoch": position["epoch"], "loss": values["loss"],
                        "lr": cfg.train.lr * scheduler.lr_lambdas[0](scheduler.last_epoch),
                        "lrs": group_lrs(optimizer), "samples": position["samples"],
-                       "samples_per_s": samples_window / max(now - t_window, 1e-9), **scalars}
+                       "samples_per_s": samples_window / max(now - t_window, 1e-9),
+                       **{k: values[k] for k in scalars}}
                 if skipped:
                     rec["skipped"] = dict(skipped)
                 if feature_cache is not None:

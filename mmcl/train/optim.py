@@ -116,9 +116,10 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 
 
 def build_optimizer(model: MultimodalModel, cfg: Config, lrs: dict[str, float]) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` with ``train.lr``, ``betas`` and ``eps``."""
+    """AdamW over :func:`param_groups` with ``train.lr``, ``betas`` and ``eps``; the fused kernel on CUDA (one
+    launch for all parameters; the model is on the GPU by the first step)."""
     return torch.optim.AdamW(param_groups(model, cfg, lrs), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                             eps=cfg.train.eps)
+                             eps=cfg.train.eps, fused=True if torch.cuda.is_available() else None)
 
 
 def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:

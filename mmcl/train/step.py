@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmcl.objectives.base import check_present
 from mmcl.train.engine import Engine
 
 
@@ -36,7 +37,19 @@ def micro_batches(loader: Iterable[dict[str, Any]], accum: int) -> Iterator[list
 
 
 def to_device(group: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
-    """The micro-batches with their tensors on the training device (the loader yields CPU tensors)."""
+    """The micro-batches with their tensors on the training device (the loader yields CPU tensors, pinned
+    on CUDA, so the copies are asynchronous). A modality's ``present`` masks are dropped when they are all
+    true in every micro-batch: decided here on the host copies, so the objective takes its no-mask path
+    without reading anything back from the device. A sample with fewer than two present modalities is a
+    ``ValueError`` here (the objective's own check, on the host)."""
+    for b in group:  # the objective's per-sample check, on the host copies (the step itself skips it)
+        if b["present"]:
+            names, n = list(b["inputs"]), len(b["keys"])
+            some = next(iter(b["present"].values()))
+            ones = torch.ones(n, dtype=torch.bool, device=some.device)
+            check_present(torch.stack([b["present"].get(m, ones) for m in names], 1), names, n)
+    incomplete = {m for b in group for m, p in b["present"].items() if not p.all()}
+    group = [{**b, "present": {m: p for m, p in b["present"].items() if m in incomplete}} for b in group]
     if device.type == "cpu":
         return group
     return [{**b, "inputs": {k: v.to(device, non_blocking=True) for k, v in b["inputs"].items()},
@@ -61,20 +74,28 @@ class ObjectiveGradScale:
 
 class ForwardBackward:
     """``step(group)``: the forward and backward passes of one optimizer step over ``group`` (micro-batches
-    on the engine's device; a batch's ``features``, where the frozen-feature cache gave them, go through the
-    heads in place of the towers) on a prepared engine; returns the (local, detached) loss of the whole group.
-    The update itself is ``engine.step()``."""
+    on the engine's device, :func:`to_device`; a batch's ``features``, where the frozen-feature cache gave them,
+    go through the heads in place of the towers) on a prepared engine; returns the (local, detached) loss of
+    the whole group. The update itself is ``engine.step()``. Nothing in it reads a device value back to the
+    host: the objective runs with ``check=False`` and, when ``full_batches`` (every rank's batches are full:
+    ``data.resample`` or ``data.drop_last``), with the ranks' batch sizes known instead of exchanged."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, full_batches: bool = False):
         self.engine = engine
         self.objective = engine.inner.objective
         self.scale = ObjectiveGradScale(self.objective)
+        self.full_batches = full_batches
+
+    def loss(self, emb: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> torch.Tensor:
+        n = next(iter(emb.values())).shape[0]
+        sizes = [n] * self.engine.world if self.full_batches and self.engine.world > 1 else None
+        return self.objective(emb, present, check=False, sizes=sizes)
 
     def __call__(self, group: list[dict[str, Any]]) -> torch.Tensor:
         engine, model = self.engine, self.engine.model
         self.scale.micro_batches = len(group)
         if len(group) == 1:
-            loss = self.objective(model(group[0]["inputs"], group[0].get("features")), group[0]["present"])
+            loss = self.loss(model(group[0]["inputs"], group[0].get("features")), group[0]["present"])
             engine.backward(loss, True)
             return loss.detach()
         present = _cat([b["present"] for b in group])
@@ -85,7 +106,7 @@ class ForwardBackward:
             with nullcontext() if last else engine.no_sync():
                 fresh = model(b["inputs"], b.get("features"))
                 emb = _cat([fresh if i == j else c for i, c in enumerate(cached)])
-                loss = self.objective(emb, present)
+                loss = self.loss(emb, present)
                 engine.backward(loss, last)
         return loss.detach()
 

@@ -92,6 +92,9 @@ class ZeroEngine(Engine):
         lift_scalar_parameters(model)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.inner = self.accelerator.unwrap_model(self.model)
+        if self.world > 1:  # DeepSpeed broadcasts rank 0's parameters, not its buffers (see build_model)
+            for buffer in self.inner.buffers():
+                torch.distributed.broadcast(buffer.data, src=0)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         # The boundary is set by hand: each of these losses is the whole group's loss (no division by the
@@ -125,13 +128,13 @@ class ZeroEngine(Engine):
             else:  # a collective; every rank computes the same clamp, so it runs everywhere
                 safe_set_full_fp32_param(p, a)
 
-    def objective_logs(self) -> dict[str, float]:
+    def objective_scalars(self) -> dict[str, torch.Tensor]:
         if self.stage != 3:
-            return super().objective_logs()
+            return super().objective_scalars()
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(self.inner.objective.parameters())):
-            return super().objective_logs()
+            return {k: v.clone() for k, v in super().objective_scalars().items()}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """From the optimizer's fp32 copy, gathered from every rank's partition."""
