@@ -337,7 +337,7 @@ def test_controls_lock_unlock_lr_checkpointing_under_bf16(dirs: dict[str, Path],
         "text": {"lock": True},
         "video": {"lock": True, "unlocked_blocks": 1, "lr": 1e-2, "grad_checkpointing": True}}}})
     lrs = apply_tower_controls(model, cfg.train.towers)
-    assert lrs == {"video": 1e-2}
+    assert lrs == {"towers.video": 1e-2}
     assert all(layer.space.gradient_checkpointing if temporal == "divided" else layer.gradient_checkpointing
                for layer in model.towers["video"].encoder.encoder.layers)
     opt = build_optimizer(model, cfg, lrs)
