@@ -44,7 +44,9 @@ def to_device(group: list[dict[str, Any]], device: torch.device) -> list[dict[st
     ``ValueError`` here (the objective's own check, on the host)."""
     for b in group:  # the objective's per-sample check, on the host copies (the step itself skips it)
         if b["present"]:
-            names, n = list(b["inputs"]), len(b["keys"])
+            # modalities the feature cache serves are in features, not inputs
+            names = [*b["inputs"], *(m for m in b.get("features", {}) if m not in b["inputs"])]
+            n = len(b["keys"])
             some = next(iter(b["present"].values()))
             ones = torch.ones(n, dtype=torch.bool, device=some.device)
             check_present(torch.stack([b["present"].get(m, ones) for m in names], 1), names, n)
