@@ -316,3 +316,27 @@ def test_training_logs_each_keys_window(shards: tuple[str, str], tmp_path: Path)
             want = draw_window(WindowConfig(seconds=2.0), durations[key], SampleContext(key, r["epoch"], 3, True))
             assert window == pytest.approx([want.start, want.end], abs=1e-6)
     assert summary["data"]["adjusted"] == {"short_source": sum(k == "short" for _, k in seen)}
+
+
+def test_frozen_feature_cache_keys_follow_the_window_and_augmentation(shards: tuple[str, str]) -> None:
+    """What the trainer's feature cache may reuse (``cache_windows``): never a random training window nor an
+    augmented input; a fixed window joins the key as its span; a modality without time is the sample's."""
+    from mmcl.data.augment import AugmentConfig, VideoAugment
+
+    def windows(train_mode: str, train: bool = True, augment: AugmentConfig | None = None) -> dict[str, dict]:
+        stream = ShardStream(list(shards), _processors(), 7, train=train, shuffle_buffer=0, seed=5,
+                             clip=WindowConfig(seconds=2.0, train=train_mode), split_by_node=False, augment=augment)
+        out = {}
+        for batch in stream:
+            for i, key in enumerate(batch["keys"]):
+                out[key] = {m: w[i] for m, w in batch["cache_windows"].items()}, batch["windows"][i]
+        return out
+
+    random_ = windows("random")
+    assert random_["short"][0] == {"video": "0.000000+2", "audio": "0.000000+2"}  # shorter than the window: fixed
+    assert all(w == {"video": None, "audio": None} for key, (w, _) in random_.items() if key != "short")
+    for mode, train in (("center", True), ("random", False)):
+        for key, (w, (start, _)) in windows(mode, train).items():
+            assert w == {"video": f"{start:.6f}+2", "audio": f"{start:.6f}+2"}, (mode, train, key)
+    augmented = windows("center", augment=AugmentConfig(video=VideoAugment()))
+    assert all(w["video"] is None and w["audio"] is not None for w, _ in augmented.values())
