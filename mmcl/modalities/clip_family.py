@@ -232,16 +232,30 @@ def _out_dim(encoder: nn.Module, projection: nn.Module | None) -> int:
 
 
 @dataclass(kw_only=True)
-class ClipVideoTowerConfig:
-    type: Literal["clip"] = "clip"
-    #: Local transformers directory of a CLIP / SigLIP model or its vision part, with its image processor.
+class ClipSourceFields:
+    """Where a ``clip`` video or text tower reads its half of the model: ``path``, a local transformers
+    directory (the whole model or its part, with its processor / tokenizer), or ``open_clip``, an open_clip
+    state-dict file with ``open_clip_config``, its model config JSON (``ViT-B-32.json``; see
+    :mod:`mmcl.modalities.open_clip`). ``strict``: refuse a checkpoint with missing or unexpected keys."""
+
     path: str = ""
-    #: open_clip instead: its state-dict file and the model config JSON (``ViT-B-32.json``), see
-    #: :mod:`mmcl.modalities.open_clip`.
     open_clip: str = ""
     open_clip_config: str = ""
-    #: Refuse a checkpoint with missing or unexpected keys.
     strict: bool = True
+
+    def validate(self, where: str) -> None:
+        if bool(self.path) == bool(self.open_clip):
+            raise ConfigError(f"{where}.path: give exactly one of path (a transformers directory) and open_clip "
+                              f"(an open_clip checkpoint file, with open_clip_config)")
+        if self.open_clip and not self.open_clip_config:
+            raise ConfigError(f"{where}.open_clip_config: required with open_clip (the model config JSON)")
+
+
+@dataclass(kw_only=True)
+class ClipVideoTowerConfig(ClipSourceFields):
+    """A CLIP / SigLIP vision part (with its image processor) per frame, then ``temporal``."""
+
+    type: Literal["clip"] = "clip"
     #: Over the frames' embeddings: their mean, a small transformer (learned time positions), or divided
     #: space-time attention inside the vision transformer (starts as the identity: the untrained tower equals
     #: ``mean``).
@@ -250,11 +264,7 @@ class ClipVideoTowerConfig:
     temporal_heads: int = 4
 
     def validate(self, where: str) -> None:
-        if bool(self.path) == bool(self.open_clip):
-            raise ConfigError(f"{where}.path: give exactly one of path (a transformers directory) and open_clip "
-                              f"(an open_clip checkpoint file, with open_clip_config)")
-        if self.open_clip and not self.open_clip_config:
-            raise ConfigError(f"{where}.open_clip_config: required with open_clip (the model config JSON)")
+        super().validate(where)
         if self.temporal_depth <= 0 or self.temporal_heads <= 0:
             raise ConfigError(f"{where}.temporal_depth/temporal_heads: must be > 0, got "
                               f"{self.temporal_depth}/{self.temporal_heads}")
@@ -399,23 +409,12 @@ def _video_tower(video: Video, pretrained: bool) -> Tower:
 
 
 @dataclass(kw_only=True)
-class ClipTextTowerConfig:
-    type: Literal["clip"] = "clip"
-    #: Local transformers directory of a CLIP / SigLIP / SigLIP2 / CLAP model or its text part, with its
-    #: tokenizer (``text.tokenizer`` may name another tokenizer directory).
-    path: str = ""
-    #: open_clip instead: its state-dict file and model config JSON; ``text.tokenizer`` then names a
-    #: transformers CLIP tokenizer directory (open_clip's own BPE is CLIP's).
-    open_clip: str = ""
-    open_clip_config: str = ""
-    strict: bool = True
+class ClipTextTowerConfig(ClipSourceFields):
+    """A CLIP / SigLIP / SigLIP2 / CLAP text part with its tokenizer (``text.tokenizer`` may name another
+    tokenizer directory; with ``open_clip`` it names a transformers CLIP tokenizer directory: open_clip's own
+    BPE is CLIP's)."""
 
-    def validate(self, where: str) -> None:
-        if bool(self.path) == bool(self.open_clip):
-            raise ConfigError(f"{where}.path: give exactly one of path (a transformers directory) and open_clip "
-                              f"(an open_clip checkpoint file, with open_clip_config)")
-        if self.open_clip and not self.open_clip_config:
-            raise ConfigError(f"{where}.open_clip_config: required with open_clip (the model config JSON)")
+    type: Literal["clip"] = "clip"
 
 
 class ClipTokenizer(HFTokenizer):
