@@ -658,8 +658,8 @@ class Loader:
 
     ``pin_memory``: batches in page-locked memory (training on CUDA: the copies to the GPU are then
     asynchronous); ``persistent``: workers live across epochs (always with ``stream.cache``, which lives in
-    them; seeded per epoch as fresh ones would be, :class:`WorkerSeed`); ``prefetch_factor``: batches each
-    worker prepares ahead."""
+    them); they are seeded per epoch as fresh ones would be (:class:`WorkerSeed`), or with the cache from
+    (seed, epoch, rank, worker) by the stream itself; ``prefetch_factor``: batches each worker prepares ahead."""
 
     def __init__(self, stream: ShardStream, workers: int = 0, *, pin_memory: bool = False, persistent: bool = True,
                  prefetch_factor: int = 4):
