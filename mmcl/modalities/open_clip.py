@@ -32,7 +32,7 @@ from torch import nn
 from mmcl.config import ConfigError
 from mmcl.modalities.base import Tower, copy_model_file
 from mmcl.modalities.clip_family import ClipTextTower, ClipVideoTower, JointSpace, check_temporal
-from mmcl.modalities.pretrained import check_keys, load_once, local_path, read_state_dict
+from mmcl.modalities.pretrained import check_keys, load_once, local_path, read_state_dict, shape_mismatches
 from mmcl.modalities.text import HFTokenizer, Text
 from mmcl.modalities.timm_towers import timm_blocks
 from mmcl.modalities.video import NormalizedFrames, Video
@@ -293,8 +293,7 @@ def open_clip_text_tower(text: Text, pretrained: bool) -> Tower:
         state = read_open_clip_state(path, where)
         mapped, used = text_state(state, cfg.num_hidden_layers)
         own = tower.state_dict()
-        wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in mapped.items()
-                 if k in own and own[k].shape != v.shape]
+        wrong = shape_mismatches(mapped, own)
         if wrong:
             raise ConfigError(f"{where}: checkpoint {path} does not fit {tok.config_path}: {len(wrong)} shape "
                               f"mismatches ({', '.join(wrong[:5])})")

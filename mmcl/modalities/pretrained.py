@@ -158,6 +158,12 @@ def read_state_dict(path: str | Path, where: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def shape_mismatches(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> list[str]:
+    """``"key (checkpoint shape) vs (module shape)"`` for each key of ``state`` that ``own`` has in another shape."""
+    return [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+            if k in own and own[k].shape != v.shape]
+
+
 def load_state_dict_checked(module: nn.Module, path: str | Path, where: str, strict: bool = True,
                             adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
     """Load a checkpoint file into ``module``, refusing (``strict``) missing/unexpected keys and always
@@ -167,8 +173,7 @@ def load_state_dict_checked(module: nn.Module, path: str | Path, where: str, str
     if adapt is not None:
         state = adapt(state)
     own = module.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-             if k in own and own[k].shape != v.shape]
+    wrong = shape_mismatches(state, own)
     if wrong:
         raise ConfigError(f"{where}: checkpoint {path} does not fit {type(module).__name__}: "
                           f"{len(wrong)} shape mismatches ({_keys(wrong)})")
