@@ -117,6 +117,81 @@ def test_audio_seconds_must_be_the_window() -> None:
         SampleDecoder({"audio": build_processor("audio", {"seconds": 3.0})}, clip=WindowConfig(seconds=2.0))
 
 
+#: 8 frames 1 / 4.8 s apart: a 1.67 s span, not the 2 s window's uniform 0.25 s spacing (and off the
+#: source's 0.1 s frame boundaries, where "the frame played at t" would hang on rounding).
+FPS_SAMPLED = 4.8
+
+
+def _check_dense_frames(frames: torch.Tensor, centre: float, name: str) -> None:
+    """The decoded frames are the ones played at ``FRAMES`` times ``1 / FPS_SAMPLED`` apart centred on
+    ``centre``: each started less than a frame period before its time (constant rate: it is exactly the
+    source frame at or before it)."""
+    seconds, kw = SOURCES[name]
+    wanted = centre + (np.arange(FRAMES) - (FRAMES - 1) / 2) / FPS_SAMPLED
+    shown = np.array([read_frame_time(f) for f in frames])
+    late = wanted - shown
+    assert late.min() >= -0.006 and late.max() < _max_gap(name) + 0.006, (centre, shown, wanted)
+    if not kw.get("variable"):
+        assert shown == pytest.approx(np.floor(wanted * FPS) / FPS, abs=0.006), (centre, shown, wanted)
+
+
+@pytest.mark.parametrize("decoder", ["torchcodec", "pyav"])
+@pytest.mark.parametrize("name", ["10s", "10s_vfr", "60s"])
+def test_fps_samples_a_dense_span_centred_in_the_window(media: dict[str, bytes], name: str, decoder: str) -> None:
+    """``fps``: the frames are those played ``1 / fps`` apart, their span centred in the window (random
+    training windows and every ``eval_clips`` view) or, without ``data.clip``, in the whole clip."""
+    data = media[name]
+    video = build_processor("video", {"frames": FRAMES, "fps": FPS_SAMPLED, "size": 64, "decoder": decoder})
+    duration = probe_duration(data)
+    windows = [draw_window(WindowConfig(seconds=2.0), duration, SampleContext(k, 1, 7, True)) for k in KEYS]
+    windows += [draw_window(WindowConfig(seconds=2.0, eval_clips=3), duration, SampleContext("e"), v)
+                for v in range(3)]
+    for window in windows:
+        frames = video.decode({"__key__": "k", "mp4": data}, SampleContext("k", 1, 7, True, window))
+        _check_dense_frames(frames, window.start + 1.0, name)
+    frames = video.decode({"__key__": "k", "mp4": data})  # no data.clip: the clip's centred span
+    _check_dense_frames(frames, duration / 2, name)
+
+
+@pytest.mark.parametrize("decoder", ["torchcodec", "pyav"])
+def test_fps_past_the_end_of_a_short_source_repeats_its_last_frame(decoder: str) -> None:
+    """A 1 s source, 4 frames at 2.4 fps (a 1.67 s span): in the padded 2 s window the times are 0.375 +
+    i / 2.4, in the whole clip (shorter than the span: from its start) 0.208 + i / 2.4; past 0.9 s the last
+    frame repeats."""
+    data = encode_timecoded(1.0, FPS)
+    video = build_processor("video", {"frames": 4, "fps": 2.4, "size": 64, "decoder": decoder})
+    window = draw_window(WindowConfig(seconds=2.0), probe_duration(data), SampleContext("s", 0, 0, True))
+    assert window.start == 0.0 and window.short
+    shown = [read_frame_time(f) for f in video.decode({"__key__": "s", "mp4": data},
+                                                      SampleContext("s", 0, 0, True, window))]
+    assert shown == pytest.approx([0.3, 0.7, 0.9, 0.9])
+    shown = [read_frame_time(f) for f in video.decode({"__key__": "s", "mp4": data})]
+    assert shown == pytest.approx([0.2, 0.6, 0.9, 0.9])
+
+
+def test_fps_span_must_fit_the_window() -> None:
+    with pytest.raises(ConfigError, match=r"^data\.clip\.seconds: 2 is shorter than model\.modalities\.video\.frames "
+                                          r"/ fps = 8 / 2 = 4 s \(the sampled frames must fit in the window\)$"):
+        SampleDecoder({"video": build_processor("video", {"frames": 8, "fps": 2.0})}, clip=WindowConfig(seconds=2.0))
+    SampleDecoder({"video": build_processor("video", {"frames": 8, "fps": 4.0})}, clip=WindowConfig(seconds=2.0))
+    with pytest.raises(ConfigError, match=r"^model\.modalities\.video\.fps: must be > 0 \(or null: frames spread "
+                                          r"over the window\), got 0\.0$"):
+        build_processor("video", {"fps": 0.0})
+
+
+def test_fps_is_saved_with_the_model(tmp_path: Path) -> None:
+    from mmcl.config import ModelConfig, from_dict
+
+    tower = {"width": 32, "depth": 1, "heads": 2, "patch": 16}
+    spec = {"embed_dim": 16, "modalities": {"video": {"frames": FRAMES, "fps": FPS_SAMPLED, "size": 32, "tower": tower},
+                                            "audio": {"n_mels": 32, "seconds": 2.0, "tower": tower}}}
+    MultimodalModel(from_dict(ModelConfig, spec, "model")).save_pretrained(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["model"]["modalities"]["video"]["fps"] == FPS_SAMPLED
+    assert MultimodalModel.from_pretrained(tmp_path / "m").processors["video"].cfg.fps == FPS_SAMPLED
+    assert _tiny_av_model().processors["video"].cfg.fps is None  # the default: spread over the window
+
+
 def _write_shard(path: Path, samples: dict[str, bytes], durations: dict[str, float] | None = None) -> str:
     with wds.TarWriter(str(path)) as sink:
         for key, mp4 in samples.items():

@@ -63,9 +63,21 @@ class Window:
     def short(self) -> bool:
         return self.duration < self.seconds
 
-    def times(self, n: int) -> list[float]:
-        """``n`` timestamps spread uniformly inside the window (centres of ``n`` equal segments)."""
-        return [self.start + (i + 0.5) * self.seconds / n for i in range(n)]
+    def span(self, n: int, fps: float | None = None) -> tuple[float, float]:
+        """``(start, period)`` of the ``n`` sampling times :meth:`times` places: the window's own, or with
+        ``fps`` the span ``n / fps`` centred in the window (a span longer than the window starts at its start)."""
+        if fps is None:
+            return self.start, self.seconds / n
+        return self.start + max(0.0, (self.seconds - n / fps) / 2), 1.0 / fps
+
+    def times(self, n: int, fps: float | None = None) -> list[float]:
+        """``n`` sampling times inside the window: spread uniformly (centres of ``n`` equal segments), or with
+        ``fps`` at a fixed rate, ``1 / fps`` apart, their span ``n / fps`` centred in the window (dense
+        sampling, as SlowFast / VideoMAE recipes do). ``fps = n / seconds`` is the uniform spread."""
+        if fps is None:
+            return [self.start + (i + 0.5) * self.seconds / n for i in range(n)]
+        start, period = self.span(n, fps)
+        return [start + (i + 0.5) * period for i in range(n)]
 
 
 def draw_window(cfg: WindowConfig, duration: float, ctx: SampleContext, view: int = 0) -> Window:

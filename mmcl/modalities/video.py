@@ -13,7 +13,9 @@ its tower type declares) and the registered tower types, picked by ``tower.type`
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +27,7 @@ from torch import nn
 from mmcl.config import ConfigError, TrunkFields
 from mmcl.data.augment import augment_frames
 from mmcl.data.context import SampleContext
-from mmcl.data.window import Window
+from mmcl.data.window import Window, sample_duration
 from mmcl.modalities.base import Processor, SampleError, Tower, register_processor, register_tower
 from mmcl.modalities.layers import PatchTokens, TokenTower, Trunk, patch_grid, tubelet_stem
 from mmcl.modalities.pretrained import load_hf_component, load_hf_model, local_path
@@ -62,6 +64,10 @@ class HFVideoTowerConfig:
 class VideoConfig:
     #: Frames sampled uniformly over the clip (with ``data.clip``: over the sample's window).
     frames: int = 8
+    #: Sample the ``frames`` at this fixed rate instead (``1 / fps`` s apart), their span ``frames / fps``
+    #: centred in the window (with ``data.clip``, which must be at least that long) or in the clip; None:
+    #: spread over it.
+    fps: float | None = None
     #: Square output size in pixels (frames are resized, shorter side, then centre-cropped; ``hf`` towers:
     #: the image processor's output size, which it must equal).
     size: int = 48
@@ -71,6 +77,8 @@ class VideoConfig:
     tower: Any = None
 
     def validate(self, where: str) -> None:
+        if self.fps is not None and not (self.fps > 0 and math.isfinite(self.fps)):
+            raise ConfigError(f"{where}.fps: must be > 0 (or null: frames spread over the window), got {self.fps}")
         if self.decoder not in ("torchcodec", "pyav"):
             raise ConfigError(f"{where}.decoder: {self.decoder!r} is not allowed (allowed: 'torchcodec', 'pyav')")
 
@@ -122,8 +130,8 @@ def _covers(pts: torch.Tensor, duration: torch.Tensor, times: list[float]) -> bo
     return bool(((pts <= t + 1e-6) & ((t < pts + duration + 1e-6) | (duration <= 0))).all())
 
 
-def _decode_torchcodec_window(data: bytes, t: int, window: Window) -> torch.Tensor:
-    """The ``t`` frames played at :meth:`Window.times` -> ``[t, 3, H, W]`` uint8. Seeks in approximate mode (no
+def _decode_torchcodec_window(data: bytes, times: list[float]) -> torch.Tensor:
+    """The frames played at ``times`` (seconds, ascending) -> ``[T, 3, H, W]`` uint8. Seeks in approximate mode (no
     scan of the file: the header's frame rate places the frames); when a returned frame is not the one played
     at its time (variable frame rate, a header that lies), again in exact mode (one demux scan)."""
     from torchcodec.decoders import VideoDecoder
@@ -137,40 +145,41 @@ def _decode_torchcodec_window(data: bytes, t: int, window: Window) -> torch.Tens
             if mode == "approximate":
                 continue
             raise SampleError("bad_video", "no frames")
-        times = _clamped(window.times(t), begin, end)
+        clamped = _clamped(times, begin, end)
         try:
-            batch = dec.get_frames_played_at(times)
+            batch = dec.get_frames_played_at(clamped)
         except (IndexError, RuntimeError):
             if mode == "approximate":
                 continue
             raise
-        if mode == "exact" or _covers(batch.pts_seconds, batch.duration_seconds, times):
+        if mode == "exact" or _covers(batch.pts_seconds, batch.duration_seconds, clamped):
             return batch.data
     raise AssertionError("unreachable")
 
 
-def _decode_pyav_window(data: bytes, t: int, window: Window) -> torch.Tensor:
-    """PyAV: seek to the keyframe before the window, decode forward to its last sampled time, keep the frame
-    played at each of :meth:`Window.times` (the first frame before the stream starts, the last after it
-    ends) -> ``[t, 3, H, W]`` uint8. Until :data:`PREROLL_MARGIN` s before the window the decoder skips the
-    frames no other frame refers to (``skip_frame NONREF``: B-frames), which nothing kept can need."""
+def _decode_pyav_window(data: bytes, times: list[float], start: float) -> torch.Tensor:
+    """PyAV: seek to the keyframe before ``start`` (the sampled span's start), decode forward to its last
+    sampled time, keep the frame played at each of ``times`` (seconds, ascending; the first frame before the
+    stream starts, the last after it ends) -> ``[T, 3, H, W]`` uint8. Until :data:`PREROLL_MARGIN` s before
+    ``start`` the decoder skips the frames no other frame refers to (``skip_frame NONREF``: B-frames), which
+    nothing kept can need."""
     import av
 
-    times = window.times(t)
+    t = len(times)
     picked: list[Any] = [None] * t
     with av.open(io.BytesIO(data)) as container:
         if not container.streams.video:
             raise SampleError("bad_video", "no video stream")
         stream = container.streams.video[0]
         codec = stream.codec_context
-        if window.start > 0 and stream.time_base:
-            container.seek(int(window.start / stream.time_base), stream=stream)
+        if start > 0 and stream.time_base:
+            container.seek(int(start / stream.time_base), stream=stream)
             codec.skip_frame = "NONREF"
         j, previous = 0, None
         for frame in container.decode(stream):
             if frame.time is None:
                 continue
-            if codec.skip_frame != "DEFAULT" and frame.time >= window.start - PREROLL_MARGIN:
+            if codec.skip_frame != "DEFAULT" and frame.time >= start - PREROLL_MARGIN:
                 codec.skip_frame = "DEFAULT"
             while j < t and times[j] < frame.time:
                 picked[j] = previous if previous is not None else frame
@@ -283,25 +292,31 @@ class Video(Processor):
     def decode(self, sample: dict, ctx: SampleContext | None = None) -> torch.Tensor:
         """-> ``[T, 3, size, size]`` uint8 (kept small: decoded clips may be cached in RAM); an input that
         resizes itself (an HF image processor): ``[T, 3, H, W]`` as decoded. With ``ctx.window``: the ``T``
-        frames played at the window's sampled times, only the window decoded; else spread over the clip."""
+        frames played at the window's sampled times (:meth:`Window.times` with ``fps``), only the window
+        decoded; else spread over the clip, or with ``fps`` those of the clip's centred span (its duration: the
+        ``json`` member's, else the container's)."""
         _, data = self.find_member(sample)
+        t, fps = self.cfg.frames, self.cfg.fps
         window = ctx.window if ctx is not None else None
-        if window is None:
-            torchcodec, pyav = _decode_torchcodec, _decode_pyav
-            arg: Any = ()
-        else:
-            torchcodec, pyav = _decode_torchcodec_window, _decode_pyav_window
-            arg = (window,)
         try:
+            if window is None and fps is not None:
+                duration = sample_duration(sample, [data])
+                window = Window(0.0, duration, duration)
+            if window is None:
+                torchcodec, pyav = partial(_decode_torchcodec, data, t), partial(_decode_pyav, data, t)
+            else:
+                times = window.times(t, fps)
+                torchcodec = partial(_decode_torchcodec_window, data, times)
+                pyav = partial(_decode_pyav_window, data, times, window.span(t, fps)[0])
             if self.cfg.decoder == "torchcodec":
                 try:
-                    frames = torchcodec(data, self.cfg.frames, *arg)
+                    frames = torchcodec()
                 except SampleError:
                     raise
                 except Exception:
-                    frames = pyav(data, self.cfg.frames, *arg)
+                    frames = pyav()
             else:
-                frames = pyav(data, self.cfg.frames, *arg)
+                frames = pyav()
         except SampleError:
             raise
         except Exception as e:
@@ -317,6 +332,12 @@ class Video(Processor):
         if train and ctx is not None and self.augment is not None:
             data = augment_frames(data, self.augment, ctx.generator("augment.video"))
         return self.input.transform(data)
+
+    def check_window(self, seconds: float, where: str) -> None:
+        if self.cfg.fps is not None and self.cfg.frames / self.cfg.fps > seconds + 1e-9:
+            raise ConfigError(f"{where}.seconds: {seconds:g} is shorter than {self.where}.frames / fps = "
+                              f"{self.cfg.frames} / {self.cfg.fps:g} = {self.cfg.frames / self.cfg.fps:g} s "
+                              f"(the sampled frames must fit in the window)")
 
     def cache_window(self, data: Any, train: bool, ctx: SampleContext | None = None) -> str:
         """No train-time randomness: the sample alone fixes its input."""
