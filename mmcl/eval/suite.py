@@ -31,6 +31,7 @@ from mmcl.eval.data import (
     scan_metadata,
     shards_from_manifest,
 )
+from mmcl.eval.input_cache import InputCache, entry_key
 from mmcl.eval.linear_probe import DEFAULT_WEIGHT_DECAYS, linear_probe
 from mmcl.eval.metrics import confusion_matrix, recall_curve, true_ranks
 from mmcl.eval.multilabel import multilabel_classification
@@ -407,15 +408,17 @@ def check_data(task: TaskConfig, spec: str, train_spec: str = "",
 
 @torch.no_grad()
 def encode_dataset(model, spec: str, modalities: list[str], batch_size: int, workers: int = 0,
-                   desc: str = "encode", progress: bool = True, clip: WindowConfig | None = None) -> dict[str, Any]:
+                   desc: str = "encode", progress: bool = True, clip: WindowConfig | None = None,
+                   inputs: InputCache | None = None) -> dict[str, Any]:
     """Encode every sample of ``spec`` -> ``{"emb": {m: [N, D]}, "present": {m: [N]}, "meta": [...],
     "keys": [...], "skipped": {...}}`` (embeddings float32 on the CPU).
 
     With ``clip`` the video and audio are read in the sample's evaluation window; with ``clip.eval_clips``
     K > 1 the time-based modalities are encoded once per window (K passes, each decoding only its windows)
     and a sample's embedding is the mean of its K embeddings, L2-normalised again (the multi-view protocol);
-    the other modalities are encoded once."""
-    data = _encode_view(model, spec, modalities, batch_size, workers, desc, progress, clip, 0)
+    the other modalities are encoded once. ``inputs``: each pass's decoded model inputs are read from (or, on
+    a miss, stored into) that cache instead of decoding the media (:mod:`mmcl.eval.input_cache`)."""
+    data = _encode_view(model, spec, modalities, batch_size, workers, desc, progress, clip, 0, inputs)
     views = clip.eval_clips if clip is not None else 1
     timed = [m for m in modalities if model.processors[m].timed]
     if views == 1 or not timed:
@@ -425,7 +428,7 @@ def encode_dataset(model, spec: str, modalities: list[str], batch_size: int, wor
     counts = {m: data["present"][m].float() for m in timed}
     for view in range(1, views):
         other = _encode_view(model, spec, timed, batch_size, workers, f"{desc} (window {view + 1}/{views})",
-                             progress, clip, view)
+                             progress, clip, view, inputs)
         rows = torch.tensor([index.get(k, -1) for k in other["keys"]])
         known = rows >= 0  # a sample unusable in this window only: its other windows still count
         for m in timed:
@@ -442,28 +445,48 @@ def encode_dataset(model, spec: str, modalities: list[str], batch_size: int, wor
 
 
 def _encode_view(model, spec: str, modalities: list[str], batch_size: int, workers: int, desc: str,
-                 progress: bool, clip: WindowConfig | None, view: int) -> dict[str, Any]:
-    """One pass of :func:`encode_dataset` (window ``view`` of ``clip``)."""
+                 progress: bool, clip: WindowConfig | None, view: int,
+                 inputs: InputCache | None = None) -> dict[str, Any]:
+    """One pass of :func:`encode_dataset` (window ``view`` of ``clip``), from the decoded-input cache
+    ``inputs`` when it holds the pass, else through the loader (stored into ``inputs`` on the way)."""
     processors = {m: model.processors[m] for m in modalities}
-    workers = min(workers, len(expand_shards(spec)))
-    loader = build_loader(spec, processors, batch_size, train=False, workers=workers, with_meta=True,
-                          on_missing="mask", clip=clip, view=view)
+    key = entry_key(spec, processors, clip, view) if inputs is not None else ""
+    stored = inputs.batches(key, batch_size) if inputs is not None else None
+    writer, loader = None, None
+    if stored is not None:
+        index, batches = stored
+        total = len(index["batch_sizes"])
+    else:
+        workers = min(workers, len(expand_shards(spec)))
+        loader = build_loader(spec, processors, batch_size, train=False, workers=workers, with_meta=True,
+                              on_missing="mask", clip=clip, view=view)
+        batches, total = loader, math.ceil(loader.size / batch_size) if loader.size else None
+        writer = inputs.writer(key, batch_size, loader.size) if inputs is not None else None
     device = model_device(model)
     emb: dict[str, list] = {m: [] for m in modalities}
     present: dict[str, list] = {m: [] for m in modalities}
     meta, keys = [], []
-    for batch in tqdm(loader, desc=desc, total=math.ceil(loader.size / batch_size) if loader.size else None,
-                      leave=False, dynamic_ncols=True, disable=not progress, unit="batch"):
+    for batch in tqdm(batches, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=not progress,
+                      unit="batch"):
         out = model.encode({m: x.to(device) for m, x in batch["inputs"].items()})
         for m in modalities:
             emb[m].append(out[m].float().cpu())
             present[m].append(batch["present"][m])
-        meta.extend(batch["meta"])
-        keys.extend(batch["keys"])
+        if writer is not None:
+            writer.add(batch["inputs"], batch["present"])
+        if loader is not None:
+            meta.extend(batch["meta"])
+            keys.extend(batch["keys"])
+    if stored is not None:
+        meta, keys, skipped = index["meta"], index["keys"], index["skipped"]
+    else:
+        skipped = dict(loader.skipped)
     if not keys:
-        raise EvalError(f"{spec}: no sample could be read (skipped: {dict(loader.skipped) or 'none'})")
+        raise EvalError(f"{spec}: no sample could be read (skipped: {skipped or 'none'})")
+    if writer is not None:
+        writer.close(keys, meta, skipped)
     return {"emb": {m: torch.cat(v) for m, v in emb.items()}, "present": {m: torch.cat(v) for m, v in present.items()},
-            "meta": meta, "keys": keys, "skipped": dict(loader.skipped)}
+            "meta": meta, "keys": keys, "skipped": dict(skipped)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -647,7 +670,7 @@ def _resolve_spec(spec: str, test_spec: str, task: TaskConfig, workers: int, pro
 def run_suite(model, suite: SuiteConfig, test_spec: str = "", workers: int = 0,
               out_dir: str | Path | None = None, model_name: str = "", *, cache: bool = True,
               cache_dir: str | Path | None = None, progress: bool = True,
-              clip: WindowConfig | None = None) -> dict[str, Any]:
+              clip: WindowConfig | None = None, input_cache_gb: float = 0.0) -> dict[str, Any]:
     """Check every task, encode each dataset once, run every task, and (with ``out_dir``) write the reports.
 
     ``clip`` (a training run's ``data.clip``) is the time window of the video and audio read; None: the
@@ -655,7 +678,9 @@ def run_suite(model, suite: SuiteConfig, test_spec: str = "", workers: int = 0,
 
     With ``cache``, encoded datasets are kept under ``cache_dir`` (default ``out_dir/cache``; none without
     either) and reused when the same weights encode the same files again: a re-run with other prompt
-    templates or class names encodes only the prompts.
+    templates or class names encodes only the prompts. ``input_cache_gb`` > 0 (the benchmarks') also keeps
+    each dataset's decoded model inputs there, up to that size (:mod:`mmcl.eval.input_cache`: reused by any
+    model with the same processing, e.g. the next checkpoint); 0: off.
 
     Returns ``{"zeroshot_classification": {task: metrics}, "retrieval": {task: metrics},
     ["linear_probe": {task: metrics},] "eval_data": {"skipped": {reason: count}}}``.
@@ -680,6 +705,8 @@ def run_suite(model, suite: SuiteConfig, test_spec: str = "", workers: int = 0,
     if cache_dir is None and out_dir is not None:
         cache_dir = Path(out_dir) / "cache"
     store = EmbeddingCache(Path(cache_dir) / "embeddings") if cache and cache_dir is not None else None
+    inputs = (InputCache(Path(cache_dir) / "inputs", input_cache_gb * 2**30)
+              if input_cache_gb > 0 and cache_dir is not None else None)
     was_training = model.training
     model.eval()
     try:
@@ -693,7 +720,7 @@ def run_suite(model, suite: SuiteConfig, test_spec: str = "", workers: int = 0,
                 names = entry["tasks"]
                 tasks = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
                 data = encode_dataset(model, spec, entry["mods"], suite.batch_size, workers,
-                                      desc=f"encode [{tasks}]", progress=progress, clip=clip)
+                                      desc=f"encode [{tasks}]", progress=progress, clip=clip, inputs=inputs)
                 if store is not None:
                     store.save(key, data)
             else:
