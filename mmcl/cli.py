@@ -55,8 +55,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--cache", help="where a benchmark's shards and embeddings are cached (default: beside the copy, "
                                    "COPY.mmcl-cache)")
     p.add_argument("--batch-size", type=int, default=64, help="benchmark encoding batch size (default: 64)")
-    p.add_argument("--workers", type=int, default=0, help="loader processes (default: 0); for a benchmark also the "
-                                                         "processes building its shards (at least 1)")
+    p.add_argument("--workers", type=int, default=0, help="loader processes (default: 0)")
+    p.add_argument("--build-workers", type=int, help="processes building a benchmark's shards (default: --workers, "
+                                                    "at least 1)")
     p.add_argument("--no-cache", dest="cache_embeddings", action="store_false", help="encode again even when cached")
     p.add_argument("--clip-seconds", type=float, help="the time window read of each clip, centred (0: whole clips); "
                                                       "default for a benchmark: the window the model was trained "
@@ -291,7 +292,7 @@ def cmd_benchmark(args) -> int:
         raise ConfigError(f"--input-cache-gb: must be >= 0 (0: off), got {args.input_cache_gb:g}")
     options = dict(cache_dir=args.cache, model_name=args.model, workers=args.workers, batch_size=args.batch_size,
                    cache_embeddings=args.cache_embeddings, progress=args.progress, clip_seconds=args.clip_seconds,
-                   eval_clips=args.eval_clips, input_cache_gb=args.input_cache_gb)
+                   eval_clips=args.eval_clips, input_cache_gb=args.input_cache_gb, build_workers=args.build_workers)
     if args.suite == "standard":
         data, protocols = _pairs(args.data, "--data"), _pairs(args.protocol, "--protocol")
         manifests = {name: read_copy(get_benchmark(name), path, protocols.get(name)) for name, path in data.items()}

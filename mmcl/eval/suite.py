@@ -339,8 +339,9 @@ def _check_classes(task: TaskConfig, names: list[str], spec: str, classnames: li
         names = [n for labels in names for n in labels]
     unknown = sorted(set(names) - set(classnames))
     if unknown:
-        raise EvalError(f"task {task.name}: label {unknown[0]!r} in {spec} is not among the class names "
-                        f"({', '.join(classnames)})")
+        shown = ", ".join(map(repr, classnames[:5])) + (", ..." if len(classnames) > 5 else "")
+        raise EvalError(f"task {task.name}: label {unknown[0]!r} in {spec} is not among the {len(classnames)} "
+                        f"class names ({shown})")
     empty = [c for c in classnames if c not in set(names)] if task.require_every_class else []
     if empty:
         raise EvalError(f"task {task.name}: class {empty[0]!r} has no samples in {spec}")
@@ -376,13 +377,13 @@ def _classnames(task: TaskConfig, metas: list[tuple[str, dict]], spec: str) -> l
 
 
 def check_data(task: TaskConfig, spec: str, train_spec: str = "",
-               scans: dict[str, list[tuple[str, dict]] | None] | None = None) -> None:
+               scans: dict[str, list[tuple[str, dict]] | None] | None = None, meta_cache: Path | None = None) -> None:
     """Labels, classes and captions of a task's (local) data, from the JSON alone (``scans``: metadata
-    already read, by spec; filled in)."""
+    already read, by spec; filled in; ``meta_cache``: where scans are kept, :func:`scan_metadata`)."""
     scans = {} if scans is None else scans
     for s in filter(None, (spec, train_spec)):
         if s not in scans:
-            scans[s] = scan_metadata(s)
+            scans[s] = scan_metadata(s, meta_cache)
     metas = scans[spec]
     if metas is None:
         return
@@ -555,10 +556,11 @@ def _classification_inputs(task: TaskConfig, data: dict[str, Any], spec: str,
     return query, torch.tensor([index[n] for n in names]), keys
 
 
-def _side(model, task: TaskConfig, mods: list[str], data: dict[str, Any],
-          idx: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _side(model, task: TaskConfig, mods: list[str], data: dict[str, Any], idx: torch.Tensor,
+          texts_memo: dict[tuple, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One side of a retrieval task: ``{modality: [rows, D]}`` and the clip (position in ``idx``) of each
-    row. With ``captions`` the text side has one row per caption, its other modalities repeated."""
+    row. With ``captions`` the text side has one row per caption, its other modalities repeated (captions
+    encoded once per suite run: ``texts_memo``, by text modality and captions)."""
     clip = torch.arange(idx.numel())
     if not (task.captions and task.text in mods):
         return {m: data["emb"][m][idx] for m in mods}, clip
@@ -569,7 +571,11 @@ def _side(model, task: TaskConfig, mods: list[str], data: dict[str, Any],
         owner += [pos] * len(caps)
     clip = torch.tensor(owner)
     side = {m: data["emb"][m][idx][clip] for m in mods if m != task.text}
-    side[task.text] = encode_texts(model, texts, task.text)
+    memo = {} if texts_memo is None else texts_memo
+    key = (task.text, tuple(texts))
+    if key not in memo:
+        memo[key] = encode_texts(model, texts, task.text)
+    side[task.text] = memo[key]
     return {m: side[m] for m in mods}, clip
 
 
@@ -588,10 +594,11 @@ def _row_names(task: TaskConfig, mods: list[str], data: dict[str, Any], idx: tor
     return rows
 
 
-def _retrieval(model, task: TaskConfig, data: dict[str, Any], spec: str) -> TaskOutput:
+def _retrieval(model, task: TaskConfig, data: dict[str, Any], spec: str,
+               texts_memo: dict[tuple, torch.Tensor] | None = None) -> TaskOutput:
     idx = _kept(task, data, task.encoded, spec)
-    query, q_clip = _side(model, task, task.query, data, idx)
-    candidates, c_clip = _side(model, task, task.candidates, data, idx)
+    query, q_clip = _side(model, task, task.query, data, idx, texts_memo)
+    candidates, c_clip = _side(model, task, task.candidates, data, idx, texts_memo)
     positives = q_clip[:, None] == c_clip[None, :]
     same = None
     if task.match_labels:
@@ -617,10 +624,10 @@ def dataset_name(task: TaskConfig, spec: str) -> str:
 
 
 def _run_task(model, task: TaskConfig, data: dict[str, Any], train: dict[str, Any] | None, spec: str,
-              train_spec: str) -> TaskOutput:
+              train_spec: str, texts_memo: dict[tuple, torch.Tensor] | None = None) -> TaskOutput:
     """One task on its encoded dataset (and, for a linear probe, its encoded training split)."""
     if task.type == "retrieval":
-        out = _retrieval(model, task, data, spec)
+        out = _retrieval(model, task, data, spec, texts_memo)
         out.dataset = dataset_name(task, spec)
         return out
     if task.type == "zeroshot_classification":
@@ -680,13 +687,18 @@ def run_suite(model, suite: SuiteConfig, test_spec: str = "", workers: int = 0,
     either) and reused when the same weights encode the same files again: a re-run with other prompt
     templates or class names encodes only the prompts. ``input_cache_gb`` > 0 (the benchmarks') also keeps
     each dataset's decoded model inputs there, up to that size (:mod:`mmcl.eval.input_cache`: reused by any
-    model with the same processing, e.g. the next checkpoint); 0: off.
+    model with the same processing, e.g. the next checkpoint), and the scan of their metadata; 0: off.
 
     Returns ``{"zeroshot_classification": {task: metrics}, "retrieval": {task: metrics},
     ["linear_probe": {task: metrics},] "eval_data": {"skipped": {reason: count}}}``.
     """
     check_suite(suite, model)
     clip = clip if clip is not None else suite.clip
+    if cache_dir is None and out_dir is not None:
+        cache_dir = Path(out_dir) / "cache"
+    inputs = (InputCache(Path(cache_dir) / "inputs", input_cache_gb * 2**30)
+              if input_cache_gb > 0 and cache_dir is not None else None)
+    meta_cache = Path(cache_dir) / "metadata" if inputs is not None else None
     built: dict[str, tuple[str, int]] = {}
     scans: dict[str, list[tuple[str, dict]] | None] = {}
     specs: dict[str, tuple[str, str]] = {}
@@ -695,18 +707,14 @@ def run_suite(model, suite: SuiteConfig, test_spec: str = "", workers: int = 0,
         spec = _resolve_spec(task.data, test_spec, task, workers, progress, built)
         train_spec = (_resolve_spec(task.train_data, test_spec, task, workers, progress, built)
                       if task.type == "linear_probe" else "")
-        check_data(task, spec, train_spec, scans)
+        check_data(task, spec, train_spec, scans, meta_cache)
         specs[task.name] = (spec, train_spec)
         for s in filter(None, (spec, train_spec)):
             entry = by_data.setdefault(s, {"mods": [], "tasks": []})
             entry["mods"] = sorted(set(entry["mods"]) | set(task.encoded))
             entry["tasks"].append(task.name)
 
-    if cache_dir is None and out_dir is not None:
-        cache_dir = Path(out_dir) / "cache"
     store = EmbeddingCache(Path(cache_dir) / "embeddings") if cache and cache_dir is not None else None
-    inputs = (InputCache(Path(cache_dir) / "inputs", input_cache_gb * 2**30)
-              if input_cache_gb > 0 and cache_dir is not None else None)
     was_training = model.training
     model.eval()
     try:
@@ -729,10 +737,11 @@ def run_suite(model, suite: SuiteConfig, test_spec: str = "", workers: int = 0,
 
         results: dict[str, Any] = {"zeroshot_classification": {}, "retrieval": {}}
         outputs: dict[str, TaskOutput] = {}
+        texts_memo: dict[tuple, torch.Tensor] = {}
         for task in tqdm(suite.tasks, desc="eval", leave=False, dynamic_ncols=True, disable=not progress,
                          unit="task"):
             spec, train_spec = specs[task.name]
-            out = _run_task(model, task, encoded[spec], encoded.get(train_spec), spec, train_spec)
+            out = _run_task(model, task, encoded[spec], encoded.get(train_spec), spec, train_spec, texts_memo)
             results.setdefault(task.type, {})[task.name] = defined_metrics(out.metrics)
             outputs[task.name] = out
     finally:

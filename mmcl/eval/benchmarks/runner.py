@@ -139,6 +139,11 @@ def build_benchmark_shards(bench: Benchmark, manifest: Manifest, cache: Path, wo
 
     options = options or EncodeOptions(window=0.0)
     out = _shard_dir(cache, bench, manifest, options, video)
+    done = out / f"{ShardOptions().prefix}-report.json"  # written last, by a finished build of this folder's inputs
+    if done.is_file():
+        report = json.loads(done.read_text())
+        if report["shards"]:
+            return report["location"], report
     items, seen = [], set()
     for i, c in enumerate(manifest.clips):
         key = sanitize_key(c.key)
@@ -197,13 +202,15 @@ def run_benchmark(model, name: str, root: str | Path, out_dir: str | Path, *, pr
                   cache_dir: str | Path | None = None, model_name: str = "", workers: int = 0,
                   batch_size: int = 64, cache_embeddings: bool = True, progress: bool = True,
                   options: Any = None, manifest: Manifest | None = None, clip_seconds: float | None = None,
-                  eval_clips: int | None = None, input_cache_gb: float = DEFAULT_MAX_GB) -> dict[str, Any]:
+                  eval_clips: int | None = None, input_cache_gb: float = DEFAULT_MAX_GB,
+                  build_workers: int | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on benchmark ``name`` from its copy at ``root`` and write the reports to ``out_dir``
     (``results.json``, one CLIP_benchmark-style JSON per task with ``language``, ``protocol``, ``window``, ``n``
     clips listed, ``missing`` and ``rejected`` counts, ``summary.md``, ``missing.txt``).
 
     The clips are read in the time window of :func:`benchmark_window` (``clip_seconds``, ``eval_clips``); the
-    shards keep whole clips, so one build serves every window. The decoded model inputs are kept in the cache
+    shards keep whole clips, so one build serves every window; ``build_workers`` ffmpeg processes build them
+    (default: ``workers``, at least 1). The decoded model inputs are kept in the cache
     too, up to ``input_cache_gb`` (0: off), keyed by the processing and the window, not the weights
     (:mod:`mmcl.eval.input_cache`); ``cache_embeddings``: the embeddings, keyed by the weights.
 
@@ -215,7 +222,8 @@ def run_benchmark(model, name: str, root: str | Path, out_dir: str | Path, *, pr
     manifest = manifest or read_copy(bench, root, protocol)
     cache = Path(cache_dir) if cache_dir is not None else default_cache(Path(root))
     video = any("video" in _task_kinds(t) for t in runnable_tasks(bench, manifest, mods))
-    spec, build = build_benchmark_shards(bench, manifest, cache, workers=max(1, workers), progress=progress,
+    build_workers = workers if build_workers is None else build_workers
+    spec, build = build_benchmark_shards(bench, manifest, cache, workers=max(1, build_workers), progress=progress,
                                          options=options, video=video)
     info = {"benchmark": bench.name, "language": bench.spec.get("language", "en"), "protocol": manifest.protocol,
             "protocol_description": bench.protocols[manifest.protocol]["description"],
