@@ -55,9 +55,17 @@ def _add_eval(sub) -> None:
     p.add_argument("--cache", help="where a benchmark's shards and embeddings are cached (default: beside the copy, "
                                    "COPY.mmcl-cache)")
     p.add_argument("--batch-size", type=int, default=64, help="benchmark encoding batch size (default: 64)")
-    p.add_argument("--workers", type=int, default=0, help="loader processes (default: 0); for a benchmark also the "
-                                                         "processes building its shards (at least 1)")
+    p.add_argument("--workers", type=int, default=0, help="loader processes (default: 0)")
+    p.add_argument("--build-workers", type=int, help="processes building a benchmark's shards (default: --workers, "
+                                                    "at least 1)")
     p.add_argument("--no-cache", dest="cache_embeddings", action="store_false", help="encode again even when cached")
+    p.add_argument("--clip-seconds", type=float, help="the time window read of each clip, centred (0: whole clips); "
+                                                      "default for a benchmark: the window the model was trained "
+                                                      "with, else its audio's seconds, else whole clips")
+    p.add_argument("--eval-clips", type=int, help="K evenly spaced windows per clip, their embeddings averaged")
+    p.add_argument("--input-cache-gb", type=float, default=8.0,
+                   help="a benchmark's decoded inputs are kept beside its shards up to this size, reused by every "
+                        "model with the same processing (default: 8; 0: off)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
@@ -280,8 +288,11 @@ def cmd_benchmark(args) -> int:
     from mmcl.eval.benchmarks import get_benchmark, run_benchmark, run_standard
     from mmcl.eval.benchmarks.runner import read_copy
 
+    if args.input_cache_gb < 0:
+        raise ConfigError(f"--input-cache-gb: must be >= 0 (0: off), got {args.input_cache_gb:g}")
     options = dict(cache_dir=args.cache, model_name=args.model, workers=args.workers, batch_size=args.batch_size,
-                   cache_embeddings=args.cache_embeddings, progress=args.progress)
+                   cache_embeddings=args.cache_embeddings, progress=args.progress, clip_seconds=args.clip_seconds,
+                   eval_clips=args.eval_clips, input_cache_gb=args.input_cache_gb, build_workers=args.build_workers)
     if args.suite == "standard":
         data, protocols = _pairs(args.data, "--data"), _pairs(args.protocol, "--protocol")
         manifests = {name: read_copy(get_benchmark(name), path, protocols.get(name)) for name, path in data.items()}
@@ -305,6 +316,7 @@ def cmd_benchmark(args) -> int:
 
 def cmd_eval(args) -> int:
     from mmcl.eval.benchmarks import benchmark_names
+    from mmcl.eval.benchmarks.runner import benchmark_window
     from mmcl.eval.suite import load_suite, run_suite
 
     if args.suite and not Path(args.suite).is_file() and args.suite in (*benchmark_names(), "standard"):
@@ -318,6 +330,9 @@ def cmd_eval(args) -> int:
         if not suite_name:
             raise ConfigError(f"eval.suite: {args.model} names no eval suite (give --suite FILE)")
     suite = load_suite(suite_name)
+    if args.clip_seconds is not None or args.eval_clips is not None:  # overrides the suite's own window
+        seconds = args.clip_seconds if args.clip_seconds is not None else suite.clip.seconds if suite.clip else None
+        suite.clip = benchmark_window(model, seconds, args.eval_clips)[0]
     results = run_suite(model, suite, data, workers=args.workers, out_dir=args.out, model_name=args.model,
                         cache=args.cache_embeddings, progress=args.progress)
     _print_results(results)

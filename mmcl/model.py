@@ -14,6 +14,7 @@ from torch import nn
 
 from mmcl.config import (FORMAT_VERSION, ClipConfig, Config, ConfigError, ModelConfig, ObjectiveConfig, from_dict,
                          to_dict, upgrade_config)
+from mmcl.data.window import WindowConfig
 from mmcl.errors import HubError
 from mmcl.hub import check_weights, eval_records, resolve_pretrained, write_model_card
 from mmcl.modalities import Processor, build_processor, build_tower
@@ -84,6 +85,9 @@ class MultimodalModel(nn.Module):
         super().__init__()
         self.model_cfg = model_cfg
         self.objective_cfg = objective_cfg or ClipConfig()
+        #: The training run's ``data.clip`` (saved as ``config.json`` ``data.clip``; None: not recorded), the
+        #: time window the benchmarks evaluate in by default.
+        self.data_clip: WindowConfig | None = None
         self.processors: dict[str, Processor] = {
             name: build_processor(name, spec, base_dir) for name, spec in model_cfg.modalities.items()
         }
@@ -166,7 +170,8 @@ class MultimodalModel(nn.Module):
 
     def save_pretrained(self, save_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None, *,
                         eval_results: list[dict[str, Any]] | dict[str, Any] | None = None,
-                        train_config: dict[str, Any] | None = None, model_name: str = "") -> Path:
+                        train_config: dict[str, Any] | None = None, model_name: str = "",
+                        data_clip: WindowConfig | None = None) -> Path:
         """Write ``config.json``, ``model.safetensors``, the processors' files and a ``README.md`` model card
         to ``save_dir`` (:mod:`mmcl.persistence`).
 
@@ -175,11 +180,16 @@ class MultimodalModel(nn.Module):
         saved config references them by relative name, so the directory is self-contained. ``state_dict``
         overrides the live weights (e.g. one gathered from ZeRO-3).
         ``eval_results`` (a suite's results, or per-task records as :func:`mmcl.hub.read_eval_dir` returns
-        them) go into the card as ``model-index`` metadata, ``train_config`` as a YAML block.
+        them) go into the card as ``model-index`` metadata, ``train_config`` as a YAML block. ``data_clip`` (default:
+        :attr:`data_clip`), the run's time window, is kept as ``config.json`` ``data.clip`` (absent when None;
+        earlier versions ignore it).
         """
         out = Path(save_dir)
         out.mkdir(parents=True, exist_ok=True)
         cfg = self.config_dict()
+        data_clip = data_clip if data_clip is not None else self.data_clip
+        if data_clip is not None:
+            cfg["data"] = {"clip": to_dict(data_clip)}
         for name, processor in self.processors.items():
             for dotted, value in processor.save(out).items():
                 *parents, last = dotted.split(".")
@@ -215,6 +225,8 @@ class MultimodalModel(nn.Module):
         cfg, state = read_model_dir(path, map_location)
         model = cls.from_config(cfg, base_dir=path, pretrained=False)
         model.load_state_dict(state)
+        clip = (cfg.get("data") or {}).get("clip")
+        model.data_clip = from_dict(WindowConfig, clip, "data.clip") if clip is not None else None
         return model
 
 

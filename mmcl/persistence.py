@@ -3,7 +3,8 @@
 and the towers made of a token embedder hold it under ``embed``, 3 since ``hf`` audio towers pool over real
 audio and fit Whisper to the window).
 
-``save_pretrained`` writes ``config.json`` (``{"mmcl_format", "model", "objective"}``), ``model.safetensors``,
+``save_pretrained`` writes ``config.json`` (``{"mmcl_format", "model", "objective"}``, and ``"data": {"clip"}``, the
+time window of the run that trained it, when known), ``model.safetensors``,
 the files the processors read (tokenizers; a transformers tower's config with its tokenizer, feature extractor
 or image processor in ``<modality>_hf/`` or ``<modality>_<dir>/``) and ``README.md``. Weights are never pickled.
 """

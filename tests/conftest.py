@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
+from mmcl.config import load_config
 from mmcl.data.synthetic import synth
+from mmcl.model import MultimodalModel
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +20,14 @@ def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synthetic")
     synth(out, train=64, test=32, per_shard=16, workers=2)
     return out
+
+
+@pytest.fixture(scope="module")
+def model(synthetic_data: Path) -> MultimodalModel:
+    """The untrained tiny model of ``test_distributed.tiny_config`` (seed 0) on the synthetic data's tokenizer,
+    in eval mode: one per test module."""
+    from test_distributed import tiny_config
+
+    cfg = load_config(base=tiny_config(synthetic_data))
+    torch.manual_seed(0)
+    return MultimodalModel(cfg.model, cfg.objective).eval()

@@ -24,8 +24,10 @@ from test_distributed import tiny_config
 
 from mmcl.cli import main as mmcl_main
 from mmcl.config import load_config
+from mmcl.data.window import WindowConfig
 from mmcl.errors import ConfigError, DataError, EvalError
 from mmcl.eval.benchmarks import benchmark_names, clean_name, get_benchmark, run_benchmark
+from mmcl.eval.benchmarks.runner import benchmark_window
 from mmcl.eval.metrics import average_precision, map_at_k, multilabel_metrics
 from mmcl.eval.suite import encode_dataset
 from mmcl.eval.zeroshot import encode_texts
@@ -316,13 +318,6 @@ MAKERS: dict[str, Callable[[Path, Media], dict[str, Any]]] = {
 
 
 @pytest.fixture(scope="module")
-def model(synthetic_data: Path) -> MultimodalModel:
-    cfg = load_config(base=tiny_config(synthetic_data))
-    torch.manual_seed(0)
-    return MultimodalModel(cfg.model, cfg.objective).eval()
-
-
-@pytest.fixture(scope="module")
 def media(tmp_path_factory: pytest.TempPathFactory) -> Media:
     return Media(tmp_path_factory.mktemp("media"))
 
@@ -337,8 +332,9 @@ def one_thread():
 
 def _independent_classification(model, spec: str, mod: str, classnames: list[str], templates: list[str],
                                 labels: Callable[[dict], Any]) -> tuple[torch.Tensor, list[Any]]:
-    """Cosine scores of the built clips against the mean prompt embeddings, computed here."""
-    enc = encode_dataset(model, spec, [mod], 8, progress=False)
+    """Cosine scores of the built clips (in the model's default window) against the mean prompt embeddings,
+    computed here."""
+    enc = encode_dataset(model, spec, [mod], 8, progress=False, clip=benchmark_window(model)[0])
     prompts = encode_texts(model, [t.format(c) for c in classnames for t in templates])
     classifier = F.normalize(prompts.view(len(classnames), len(templates), -1).mean(1), dim=-1)
     return enc["emb"][mod] @ classifier.T, [labels(m) for m in enc["meta"]]
@@ -399,7 +395,7 @@ def test_benchmark_from_a_mini_copy_in_its_released_layout(name: str, model: Mul
         assert metrics["mAP"] == pytest.approx(sum(aps) / 3, abs=1e-6)
         assert (metrics["n_classes"], metrics["n_classes_scored"]) == (4, 3)
     if name == "clotho":
-        enc = encode_dataset(model, spec, ["audio"], 8, progress=False)
+        enc = encode_dataset(model, spec, ["audio"], 8, progress=False, clip=benchmark_window(model)[0])
         caps = [c for m in enc["meta"] for c in m["extra"]["captions"]]
         assert len(caps) == 15 and caps[0] == "a dog barks, take 0"
         cos = encode_texts(model, caps) @ enc["emb"]["audio"].T
@@ -452,8 +448,8 @@ def test_cli_standard_suite_writes_one_table_and_the_model_index(model: Multimod
     assert mmcl_main(["eval", "--suite", "standard", "--data", f"esc50={esc}", "--data", f"clotho={clotho}",
                       "--protocol", "esc50=fold1", "--model", str(saved), "--out", str(out), "--no-progress"]) == 0
     table = (out / "summary.md").read_text()
-    assert "| esc50 | fold1 | audio |" in table and "| clotho | evaluation | text->audio |" in table
-    assert table.splitlines()[0].startswith("| benchmark | protocol | task | acc@1 |")
+    assert "| esc50 | fold1 | 3 s | audio |" in table and "| clotho | evaluation | 3 s | text->audio |" in table
+    assert table.splitlines()[0].startswith("| benchmark | protocol | window | task | acc@1 |")
     index = yaml.safe_load((out / "model-index.yaml").read_text())["model-index"][0]
     assert {r["task"]["name"] for r in index["results"]} == {
         "Zero-shot classification: esc50 audio", "Retrieval: clotho text->audio", "Retrieval: clotho audio->text"}
@@ -516,3 +512,174 @@ def test_audioset_display_names_given_twice_stay_distinct(tmp_path: Path):
                                                 'abc, 0.000, 10.000, "/m/b"\n')
     manifest = get_benchmark("audioset").read(tmp_path, "eval")
     assert manifest.classnames == ["Bird", "Bird (/m/b)"] and manifest.missing == ["abc"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Time windows and the decoded-input cache
+
+
+def make_stepped_esc50(root: Path) -> list[str]:
+    """An ESC-50 copy of three 4 s clips whose pitch steps every second (16 kHz, so the built FLAC keeps
+    every sample); returns their file names."""
+    (root / "audio").mkdir(parents=True)
+    (root / "meta").mkdir()
+    rows, names = [], []
+    for i, (target, cat) in enumerate([(0, "dog"), (1, "rooster"), (10, "rain")]):
+        name = f"1-2000{i}-A-{target}.wav"
+        expr = f"sin(2*PI*({200 + 90 * i}+350*floor(t))*t)"
+        ffmpeg("-f", "lavfi", "-i", f"aevalsrc='{expr}':s=16000:d=4", "-ac", "1", str(root / "audio" / name))
+        rows.append(f"{name},1,{target},{cat},False,2000{i},A")
+        names.append(name)
+    (root / "meta" / "esc50.csv").write_text(csv_text("filename,fold,target,category,esc10,src_file,take", rows))
+    return names
+
+
+@pytest.fixture(scope="module")
+def model_2s(synthetic_data: Path) -> MultimodalModel:
+    """The tiny model with a 2 s audio window (the stepped clips are 4 s long)."""
+    cfg = tiny_config(synthetic_data)
+    cfg["model"]["modalities"]["audio"]["seconds"] = 2.0
+    cfg = load_config(base=cfg)
+    torch.manual_seed(1)
+    return MultimodalModel(cfg.model, cfg.objective).eval()
+
+
+def _built_waveforms(spec: str) -> dict[str, torch.Tensor]:
+    """Each built sample's whole FLAC, decoded here with soundfile: ``{key: [S]}`` at 16 kHz."""
+    import io
+
+    import soundfile
+
+    out = {}
+    with tarfile.open(spec) as tar:
+        for m in tar:
+            if m.name.endswith(".flac"):
+                wav, sr = soundfile.read(io.BytesIO(tar.extractfile(m).read()), dtype="float32")
+                assert sr == 16000
+                out[m.name.rsplit(".", 1)[0]] = torch.from_numpy(wav)
+    return out
+
+
+def _by_hand(model: MultimodalModel, wav: torch.Tensor, start: float) -> torch.Tensor:
+    """The audio embedding of the 2 s span from ``start`` s of ``wav``, cut here."""
+    proc = model.processors["audio"]
+    span = wav[int(start * 16000):int(start * 16000) + 32000]
+    with torch.no_grad():
+        return model.encode({"audio": proc.transform(proc.input.features(span), False)[None]})["audio"][0]
+
+
+def _new_embeddings(cache: Path, seen: set[Path]) -> dict[str, torch.Tensor]:
+    """The one embedding-cache entry written since ``seen``: ``{key: audio embedding}``."""
+    from safetensors.torch import load_file
+
+    new = sorted(set((cache / "embeddings").glob("*.safetensors")) - seen)
+    assert len(new) == 1
+    seen.add(new[0])
+    keys = json.loads(new[0].with_suffix(".json").read_text())["keys"]
+    return dict(zip(keys, load_file(str(new[0]))["emb.audio"]))
+
+
+@needs_ffmpeg
+def test_benchmarks_read_the_window_of_the_model(model_2s: MultimodalModel, tmp_path: Path, one_thread):
+    root = tmp_path / "ESC-50-master"
+    make_stepped_esc50(root)
+    cache, seen = tmp_path / "cache", set()
+    # Default: the audio modality's 2 s, centred ([1, 3) of each 4 s clip).
+    r = run_benchmark(model_2s, "esc50", root, tmp_path / "centre", cache_dir=cache, progress=False)
+    assert r["benchmark"]["window"] == {"seconds": 2.0, "eval_clips": 1, "source": "audio.seconds"}
+    report = json.loads((tmp_path / "centre" / "zeroshot_classification_esc50_audio.json").read_text())
+    assert report["window"] == r["benchmark"]["window"] and report["protocol"] == "all"
+    assert "window 2 s (audio.seconds)" in (tmp_path / "centre" / "summary.md").read_text()
+    spec = r["benchmark"]["shards"]
+    waves = _built_waveforms(spec)
+    assert all(w.numel() == 64000 for w in waves.values())  # the shards keep the whole clip
+    centre = _new_embeddings(cache, seen)
+    for key, wav in waves.items():
+        assert torch.allclose(centre[key], _by_hand(model_2s, wav, 1.0), atol=1e-5), key
+        assert not torch.allclose(centre[key], _by_hand(model_2s, wav, 0.0), atol=1e-3)  # the window matters
+
+    # Three evenly spaced windows ([0, 2), [1, 3), [2, 4)): the mean of the three views, normalised.
+    r = run_benchmark(model_2s, "esc50", root, tmp_path / "three", cache_dir=cache, progress=False, eval_clips=3)
+    assert r["benchmark"]["window"]["eval_clips"] == 3
+    assert r["benchmark"]["shards"] == spec  # one build serves every window
+    three = _new_embeddings(cache, seen)
+    for key, wav in waves.items():
+        mean = torch.stack([_by_hand(model_2s, wav, s) for s in (0.0, 1.0, 2.0)]).mean(0)
+        assert torch.allclose(three[key], F.normalize(mean, dim=0), atol=1e-5), key
+
+    # A saved model that records its training window: the benchmarks default to it.
+    saved = tmp_path / "model"
+    model_2s.save_pretrained(saved, data_clip=WindowConfig(seconds=2.0, eval_clips=3))
+    loaded = MultimodalModel.from_pretrained(saved)
+    assert loaded.data_clip == WindowConfig(seconds=2.0, eval_clips=3)
+    assert benchmark_window(loaded) == (WindowConfig(seconds=2.0, eval_clips=3), "the model's data.clip")
+    loaded.save_pretrained(tmp_path / "again")  # kept by a re-save
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["data"]["clip"]["eval_clips"] == 3
+    # Whole clips on request; the one-line errors of the options.
+    assert benchmark_window(model_2s, 0.0) == (None, "whole clips")
+    for args, match in [((-1.0,), "--clip-seconds: must be >= 0"), ((None, 0), "--eval-clips: must be >= 1"),
+                        ((3.0,), "--clip-seconds 3 differs from model.modalities.audio.seconds 2"),
+                        ((0.0, 2), "--eval-clips: 2 windows need a window length")]:
+        with pytest.raises(ConfigError, match=match):
+            benchmark_window(model_2s, *args)
+
+
+@needs_ffmpeg
+def test_a_warm_run_reads_the_decoded_inputs_bit_identically(model_2s: MultimodalModel, synthetic_data: Path,
+                                                              tmp_path: Path, caplog, one_thread):
+    from safetensors.torch import load_file, save_file
+
+    from mmcl.eval.input_cache import InputCache
+
+    root = tmp_path / "ESC-50-master"
+    make_stepped_esc50(root)
+    cache = tmp_path / "cache"
+    common = dict(cache_dir=cache, cache_embeddings=False, progress=False, eval_clips=3, batch_size=2)
+    cold = run_benchmark(model_2s, "esc50", root, tmp_path / "cold", **common)
+    entries = sorted((cache / "inputs").iterdir())
+    assert len(entries) == 3 and all((e / "index.json").is_file() for e in entries)  # one per view
+    assert len(list((cache / "metadata").glob("*.json"))) == 1  # the shards' metadata scan, kept for warm runs
+    warm = run_benchmark(model_2s, "esc50", root, tmp_path / "warm", **common)
+    assert warm["zeroshot_classification"] == cold["zeroshot_classification"]
+    for name in ("results.json", "zeroshot_classification_esc50_audio_ranks.jsonl"):
+        assert (tmp_path / "warm" / name).read_text() == (tmp_path / "cold" / name).read_text()
+
+    # The embeddings equal decoding's bit for bit; another model with the same processing (other weights)
+    # reads the same entries; another window is another entry.
+    spec, clip = cold["benchmark"]["shards"], WindowConfig(seconds=2.0, eval_clips=3)
+    store = InputCache(cache / "inputs")
+    cfg = tiny_config(synthetic_data)
+    cfg["model"]["modalities"]["audio"]["seconds"] = 2.0
+    torch.manual_seed(5)
+    other = MultimodalModel(load_config(base=cfg).model, load_config(base=cfg).objective).eval()
+    for m in (model_2s, other):
+        decoded = encode_dataset(m, spec, ["audio"], 2, progress=False, clip=clip)
+        read = encode_dataset(m, spec, ["audio"], 2, progress=False, clip=clip, inputs=store)
+        assert torch.equal(decoded["emb"]["audio"], read["emb"]["audio"]) and decoded["keys"] == read["keys"]
+        assert read["meta"] == decoded["meta"]
+    assert len(list((cache / "inputs").iterdir())) == 3
+    encode_dataset(model_2s, spec, ["audio"], 2, progress=False, clip=WindowConfig(seconds=2.0), inputs=store)
+    assert len(list((cache / "inputs").iterdir())) == 4  # another window config: its own entry
+    # ... a warm pass reads the files: with one view's inputs zeroed, it feeds the model zeros.
+    index = json.loads((entries[0] / "index.json").read_text())
+    assert index["batch_sizes"] == [2, 1] and index["keys"] == decoded["keys"]
+    part = entries[0] / index["parts"][0]["file"]
+    tensors = load_file(str(part))
+    save_file({k: torch.zeros_like(v) if k.startswith("inputs.") else v for k, v in tensors.items()}, str(part))
+    batches = list(store.batches(entries[0].name, 2)[1])
+    assert [b["inputs"]["audio"].shape[0] for b in batches] == [2, 1]
+    assert all(b["inputs"]["audio"].abs().sum() == 0 and b["present"]["audio"].all() for b in batches)
+    assert [b["inputs"]["audio"].shape[0] for b in store.batches(entries[0].name, 3)[1]] == [3]  # re-sliced
+    zeroed = encode_dataset(model_2s, spec, ["audio"], 2, progress=False, clip=clip, inputs=store)
+    assert not torch.equal(zeroed["emb"]["audio"], decoded["emb"]["audio"])
+
+    # Over the size limit: not cached, one log line, the same results.
+    caplog.set_level("INFO", logger="mmcl.eval.input_cache")
+    small = run_benchmark(model_2s, "esc50", root, tmp_path / "small", **{**common, "cache_dir": tmp_path / "c2"},
+                          input_cache_gb=1e-9)
+    assert small["zeroshot_classification"] == cold["zeroshot_classification"]
+    assert not (tmp_path / "c2" / "inputs").exists() or not any((tmp_path / "c2" / "inputs").iterdir())
+    assert "over the 0.00 GB limit (--input-cache-gb); not cached" in caplog.text
+    off = run_benchmark(model_2s, "esc50", root, tmp_path / "off", **{**common, "cache_dir": tmp_path / "c3"},
+                        input_cache_gb=0)
+    assert off["zeroshot_classification"] == cold["zeroshot_classification"] and not (tmp_path / "c3" / "inputs").exists()

@@ -190,13 +190,6 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def model(synthetic_data: Path) -> MultimodalModel:
-    cfg = load_config(base=tiny_config(synthetic_data))
-    torch.manual_seed(0)
-    return MultimodalModel(cfg.model, cfg.objective).eval()
-
-
-@pytest.fixture(scope="module")
 def test_split(synthetic_data: Path) -> str:
     return str(synthetic_data / "test-{000000..000001}.tar")
 
@@ -371,7 +364,8 @@ def test_manifest_dataset(model, synthetic_data: Path, tmp_path: Path, monkeypat
 
 @pytest.mark.parametrize("task, message", [
     ({**COLOUR, "classnames": [*COLOUR["classnames"], "purple"]}, "class 'purple' has no samples"),
-    ({**COLOUR, "classnames": ["red", "green"]}, "is not among the class names"),
+    ({**COLOUR, "classnames": ["red", "green"]}, "is not among the 2 class names ('red', 'green')"),
+    ({**COLOUR, "classnames": ["red", *"abcdef"]}, "is not among the 7 class names ('red', 'a', 'b', 'c', 'd', ...)"),
     ({**COLOUR, "query": ["depth"]}, "model has no modality 'depth'"),
     ({**COLOUR, "label": "size"}, "has no label 'size' in its json (a zeroshot_classification task needs labelled"),
     ({"name": "t", "type": "retrieval", "query": ["text"], "candidates": ["video"], "captions": "refs"},

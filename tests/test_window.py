@@ -391,6 +391,10 @@ def test_training_logs_each_keys_window(shards: tuple[str, str], tmp_path: Path)
             want = draw_window(WindowConfig(seconds=2.0), durations[key], SampleContext(key, r["epoch"], 3, True))
             assert window == pytest.approx([want.start, want.end], abs=1e-6)
     assert summary["data"]["adjusted"] == {"short_source": sum(k == "short" for _, k in seen)}
+    # The saved model keeps the run's window: the benchmarks evaluate in it by default.
+    from mmcl.model import load_model
+
+    assert load_model(tmp_path / "final").data_clip == WindowConfig(seconds=2.0)
 
 
 def test_frozen_feature_cache_keys_follow_the_window_and_augmentation(shards: tuple[str, str]) -> None:

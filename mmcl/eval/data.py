@@ -61,15 +61,28 @@ def shards_from_manifest(manifest: str, cache_root: Path | None = None, workers:
     return report["location"], report["rejected"]
 
 
-def scan_metadata(spec: str) -> list[tuple[str, dict[str, Any]]] | None:
+def scan_metadata(spec: str, cache: Path | None = None) -> list[tuple[str, dict[str, Any]]] | None:
     """``(key, json metadata)`` of the samples of local shards the loader reads, in order, reading no media
     (the loader's tar reader skips over members other than ``json``). What the loader drops before decoding
     (a duplicated member, a sample a broken tar cut, a ``json`` that is not an object) is left out here too:
     the loader counts it. None when a shard is remote (it is not read twice; the checks run after encoding
-    instead)."""
+    instead). ``cache``: a folder keeping the scan by :func:`data_fingerprint` (read back by a warm run)."""
     urls = expand_shards(spec)
     if any(url.startswith("pipe:") or "://" in url.removeprefix("file:") for url in urls):
         return None
+    stored = Path(cache) / f"{data_fingerprint(spec)[:32]}.json" if cache is not None else None
+    if stored is not None and stored.is_file():
+        return [(k, m) for k, m in json.loads(stored.read_text())]
+    out = _scan(urls)
+    if stored is not None:
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        tmp = stored.with_name(f".{stored.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(out))
+        os.replace(tmp, stored)
+    return out
+
+
+def _scan(urls: list[str]) -> list[tuple[str, dict[str, Any]]]:
     out: list[tuple[str, dict[str, Any]]] = []
     for url in urls:
         for sample in read_samples(url, lambda reason, detail, key: None, read=lambda ext: ext == "json"):

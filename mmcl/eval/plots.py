@@ -50,14 +50,15 @@ def confusion_matrix_png(matrix: torch.Tensor, classnames: list[str], path: str 
     draw.text((8, 6), title, fill="black", font=font)
     draw.text((8, 6 + title_h // 2), "rows: true class, columns: predicted", fill=(90, 90, 90), font=small)
     rows = matrix.double()
-    totals = rows.sum(dim=1).clamp(min=1e-12)
+    fractions = (rows / rows.sum(dim=1, keepdim=True).clamp(min=1e-12)).tolist()  # Python floats: no tensor per cell
+    counts = rows.tolist()
     for i in range(n):
         for j in range(n):
-            frac = float(rows[i, j] / totals[i])
+            frac = fractions[i][j]
             x0, y0 = left + j * cell, top + i * cell
             draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=_shade(frac), outline=(220, 220, 220))
             if n <= 20:
-                value = float(rows[i, j])
+                value = counts[i][j]
                 text = f"{value:.0f}" if value == round(value) else f"{value:.1f}"
                 tw, th = _text_size(small, text)
                 draw.text((x0 + (cell - tw) / 2, y0 + (cell - th) / 2 - 1), text,

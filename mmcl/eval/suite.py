@@ -31,6 +31,7 @@ from mmcl.eval.data import (
     scan_metadata,
     shards_from_manifest,
 )
+from mmcl.eval.input_cache import InputCache, entry_key
 from mmcl.eval.linear_probe import DEFAULT_WEIGHT_DECAYS, linear_probe
 from mmcl.eval.metrics import confusion_matrix, recall_curve, true_ranks
 from mmcl.eval.multilabel import multilabel_classification
@@ -338,8 +339,9 @@ def _check_classes(task: TaskConfig, names: list[str], spec: str, classnames: li
         names = [n for labels in names for n in labels]
     unknown = sorted(set(names) - set(classnames))
     if unknown:
-        raise EvalError(f"task {task.name}: label {unknown[0]!r} in {spec} is not among the class names "
-                        f"({', '.join(classnames)})")
+        shown = ", ".join(map(repr, classnames[:5])) + (", ..." if len(classnames) > 5 else "")
+        raise EvalError(f"task {task.name}: label {unknown[0]!r} in {spec} is not among the {len(classnames)} "
+                        f"class names ({shown})")
     empty = [c for c in classnames if c not in set(names)] if task.require_every_class else []
     if empty:
         raise EvalError(f"task {task.name}: class {empty[0]!r} has no samples in {spec}")
@@ -375,13 +377,13 @@ def _classnames(task: TaskConfig, metas: list[tuple[str, dict]], spec: str) -> l
 
 
 def check_data(task: TaskConfig, spec: str, train_spec: str = "",
-               scans: dict[str, list[tuple[str, dict]] | None] | None = None) -> None:
+               scans: dict[str, list[tuple[str, dict]] | None] | None = None, meta_cache: Path | None = None) -> None:
     """Labels, classes and captions of a task's (local) data, from the JSON alone (``scans``: metadata
-    already read, by spec; filled in)."""
+    already read, by spec; filled in; ``meta_cache``: where scans are kept, :func:`scan_metadata`)."""
     scans = {} if scans is None else scans
     for s in filter(None, (spec, train_spec)):
         if s not in scans:
-            scans[s] = scan_metadata(s)
+            scans[s] = scan_metadata(s, meta_cache)
     metas = scans[spec]
     if metas is None:
         return
@@ -407,15 +409,17 @@ def check_data(task: TaskConfig, spec: str, train_spec: str = "",
 
 @torch.no_grad()
 def encode_dataset(model, spec: str, modalities: list[str], batch_size: int, workers: int = 0,
-                   desc: str = "encode", progress: bool = True, clip: WindowConfig | None = None) -> dict[str, Any]:
+                   desc: str = "encode", progress: bool = True, clip: WindowConfig | None = None,
+                   inputs: InputCache | None = None) -> dict[str, Any]:
     """Encode every sample of ``spec`` -> ``{"emb": {m: [N, D]}, "present": {m: [N]}, "meta": [...],
     "keys": [...], "skipped": {...}}`` (embeddings float32 on the CPU).
 
     With ``clip`` the video and audio are read in the sample's evaluation window; with ``clip.eval_clips``
     K > 1 the time-based modalities are encoded once per window (K passes, each decoding only its windows)
     and a sample's embedding is the mean of its K embeddings, L2-normalised again (the multi-view protocol);
-    the other modalities are encoded once."""
-    data = _encode_view(model, spec, modalities, batch_size, workers, desc, progress, clip, 0)
+    the other modalities are encoded once. ``inputs``: each pass's decoded model inputs are read from (or, on
+    a miss, stored into) that cache instead of decoding the media (:mod:`mmcl.eval.input_cache`)."""
+    data = _encode_view(model, spec, modalities, batch_size, workers, desc, progress, clip, 0, inputs)
     views = clip.eval_clips if clip is not None else 1
     timed = [m for m in modalities if model.processors[m].timed]
     if views == 1 or not timed:
@@ -425,7 +429,7 @@ def encode_dataset(model, spec: str, modalities: list[str], batch_size: int, wor
     counts = {m: data["present"][m].float() for m in timed}
     for view in range(1, views):
         other = _encode_view(model, spec, timed, batch_size, workers, f"{desc} (window {view + 1}/{views})",
-                             progress, clip, view)
+                             progress, clip, view, inputs)
         rows = torch.tensor([index.get(k, -1) for k in other["keys"]])
         known = rows >= 0  # a sample unusable in this window only: its other windows still count
         for m in timed:
@@ -442,28 +446,48 @@ def encode_dataset(model, spec: str, modalities: list[str], batch_size: int, wor
 
 
 def _encode_view(model, spec: str, modalities: list[str], batch_size: int, workers: int, desc: str,
-                 progress: bool, clip: WindowConfig | None, view: int) -> dict[str, Any]:
-    """One pass of :func:`encode_dataset` (window ``view`` of ``clip``)."""
+                 progress: bool, clip: WindowConfig | None, view: int,
+                 inputs: InputCache | None = None) -> dict[str, Any]:
+    """One pass of :func:`encode_dataset` (window ``view`` of ``clip``), from the decoded-input cache
+    ``inputs`` when it holds the pass, else through the loader (stored into ``inputs`` on the way)."""
     processors = {m: model.processors[m] for m in modalities}
-    workers = min(workers, len(expand_shards(spec)))
-    loader = build_loader(spec, processors, batch_size, train=False, workers=workers, with_meta=True,
-                          on_missing="mask", clip=clip, view=view)
+    key = entry_key(spec, processors, clip, view) if inputs is not None else ""
+    stored = inputs.batches(key, batch_size) if inputs is not None else None
+    writer, loader = None, None
+    if stored is not None:
+        index, batches = stored
+        total = len(index["batch_sizes"])
+    else:
+        workers = min(workers, len(expand_shards(spec)))
+        loader = build_loader(spec, processors, batch_size, train=False, workers=workers, with_meta=True,
+                              on_missing="mask", clip=clip, view=view)
+        batches, total = loader, math.ceil(loader.size / batch_size) if loader.size else None
+        writer = inputs.writer(key, batch_size, loader.size) if inputs is not None else None
     device = model_device(model)
     emb: dict[str, list] = {m: [] for m in modalities}
     present: dict[str, list] = {m: [] for m in modalities}
     meta, keys = [], []
-    for batch in tqdm(loader, desc=desc, total=math.ceil(loader.size / batch_size) if loader.size else None,
-                      leave=False, dynamic_ncols=True, disable=not progress, unit="batch"):
+    for batch in tqdm(batches, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=not progress,
+                      unit="batch"):
         out = model.encode({m: x.to(device) for m, x in batch["inputs"].items()})
         for m in modalities:
             emb[m].append(out[m].float().cpu())
             present[m].append(batch["present"][m])
-        meta.extend(batch["meta"])
-        keys.extend(batch["keys"])
+        if writer is not None:
+            writer.add(batch["inputs"], batch["present"])
+        if loader is not None:
+            meta.extend(batch["meta"])
+            keys.extend(batch["keys"])
+    if stored is not None:
+        meta, keys, skipped = index["meta"], index["keys"], index["skipped"]
+    else:
+        skipped = dict(loader.skipped)
     if not keys:
-        raise EvalError(f"{spec}: no sample could be read (skipped: {dict(loader.skipped) or 'none'})")
+        raise EvalError(f"{spec}: no sample could be read (skipped: {skipped or 'none'})")
+    if writer is not None:
+        writer.close(keys, meta, skipped)
     return {"emb": {m: torch.cat(v) for m, v in emb.items()}, "present": {m: torch.cat(v) for m, v in present.items()},
-            "meta": meta, "keys": keys, "skipped": dict(loader.skipped)}
+            "meta": meta, "keys": keys, "skipped": dict(skipped)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -532,10 +556,11 @@ def _classification_inputs(task: TaskConfig, data: dict[str, Any], spec: str,
     return query, torch.tensor([index[n] for n in names]), keys
 
 
-def _side(model, task: TaskConfig, mods: list[str], data: dict[str, Any],
-          idx: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _side(model, task: TaskConfig, mods: list[str], data: dict[str, Any], idx: torch.Tensor,
+          texts_memo: dict[tuple, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One side of a retrieval task: ``{modality: [rows, D]}`` and the clip (position in ``idx``) of each
-    row. With ``captions`` the text side has one row per caption, its other modalities repeated."""
+    row. With ``captions`` the text side has one row per caption, its other modalities repeated (captions
+    encoded once per suite run: ``texts_memo``, by text modality and captions)."""
     clip = torch.arange(idx.numel())
     if not (task.captions and task.text in mods):
         return {m: data["emb"][m][idx] for m in mods}, clip
@@ -546,7 +571,11 @@ def _side(model, task: TaskConfig, mods: list[str], data: dict[str, Any],
         owner += [pos] * len(caps)
     clip = torch.tensor(owner)
     side = {m: data["emb"][m][idx][clip] for m in mods if m != task.text}
-    side[task.text] = encode_texts(model, texts, task.text)
+    memo = {} if texts_memo is None else texts_memo
+    key = (task.text, tuple(texts))
+    if key not in memo:
+        memo[key] = encode_texts(model, texts, task.text)
+    side[task.text] = memo[key]
     return {m: side[m] for m in mods}, clip
 
 
@@ -565,10 +594,11 @@ def _row_names(task: TaskConfig, mods: list[str], data: dict[str, Any], idx: tor
     return rows
 
 
-def _retrieval(model, task: TaskConfig, data: dict[str, Any], spec: str) -> TaskOutput:
+def _retrieval(model, task: TaskConfig, data: dict[str, Any], spec: str,
+               texts_memo: dict[tuple, torch.Tensor] | None = None) -> TaskOutput:
     idx = _kept(task, data, task.encoded, spec)
-    query, q_clip = _side(model, task, task.query, data, idx)
-    candidates, c_clip = _side(model, task, task.candidates, data, idx)
+    query, q_clip = _side(model, task, task.query, data, idx, texts_memo)
+    candidates, c_clip = _side(model, task, task.candidates, data, idx, texts_memo)
     positives = q_clip[:, None] == c_clip[None, :]
     same = None
     if task.match_labels:
@@ -594,10 +624,10 @@ def dataset_name(task: TaskConfig, spec: str) -> str:
 
 
 def _run_task(model, task: TaskConfig, data: dict[str, Any], train: dict[str, Any] | None, spec: str,
-              train_spec: str) -> TaskOutput:
+              train_spec: str, texts_memo: dict[tuple, torch.Tensor] | None = None) -> TaskOutput:
     """One task on its encoded dataset (and, for a linear probe, its encoded training split)."""
     if task.type == "retrieval":
-        out = _retrieval(model, task, data, spec)
+        out = _retrieval(model, task, data, spec, texts_memo)
         out.dataset = dataset_name(task, spec)
         return out
     if task.type == "zeroshot_classification":
@@ -647,7 +677,7 @@ def _resolve_spec(spec: str, test_spec: str, task: TaskConfig, workers: int, pro
 def run_suite(model, suite: SuiteConfig, test_spec: str = "", workers: int = 0,
               out_dir: str | Path | None = None, model_name: str = "", *, cache: bool = True,
               cache_dir: str | Path | None = None, progress: bool = True,
-              clip: WindowConfig | None = None) -> dict[str, Any]:
+              clip: WindowConfig | None = None, input_cache_gb: float = 0.0) -> dict[str, Any]:
     """Check every task, encode each dataset once, run every task, and (with ``out_dir``) write the reports.
 
     ``clip`` (a training run's ``data.clip``) is the time window of the video and audio read; None: the
@@ -655,13 +685,20 @@ def run_suite(model, suite: SuiteConfig, test_spec: str = "", workers: int = 0,
 
     With ``cache``, encoded datasets are kept under ``cache_dir`` (default ``out_dir/cache``; none without
     either) and reused when the same weights encode the same files again: a re-run with other prompt
-    templates or class names encodes only the prompts.
+    templates or class names encodes only the prompts. ``input_cache_gb`` > 0 (the benchmarks') also keeps
+    each dataset's decoded model inputs there, up to that size (:mod:`mmcl.eval.input_cache`: reused by any
+    model with the same processing, e.g. the next checkpoint), and the scan of their metadata; 0: off.
 
     Returns ``{"zeroshot_classification": {task: metrics}, "retrieval": {task: metrics},
     ["linear_probe": {task: metrics},] "eval_data": {"skipped": {reason: count}}}``.
     """
     check_suite(suite, model)
     clip = clip if clip is not None else suite.clip
+    if cache_dir is None and out_dir is not None:
+        cache_dir = Path(out_dir) / "cache"
+    inputs = (InputCache(Path(cache_dir) / "inputs", input_cache_gb * 2**30)
+              if input_cache_gb > 0 and cache_dir is not None else None)
+    meta_cache = Path(cache_dir) / "metadata" if inputs is not None else None
     built: dict[str, tuple[str, int]] = {}
     scans: dict[str, list[tuple[str, dict]] | None] = {}
     specs: dict[str, tuple[str, str]] = {}
@@ -670,15 +707,13 @@ def run_suite(model, suite: SuiteConfig, test_spec: str = "", workers: int = 0,
         spec = _resolve_spec(task.data, test_spec, task, workers, progress, built)
         train_spec = (_resolve_spec(task.train_data, test_spec, task, workers, progress, built)
                       if task.type == "linear_probe" else "")
-        check_data(task, spec, train_spec, scans)
+        check_data(task, spec, train_spec, scans, meta_cache)
         specs[task.name] = (spec, train_spec)
         for s in filter(None, (spec, train_spec)):
             entry = by_data.setdefault(s, {"mods": [], "tasks": []})
             entry["mods"] = sorted(set(entry["mods"]) | set(task.encoded))
             entry["tasks"].append(task.name)
 
-    if cache_dir is None and out_dir is not None:
-        cache_dir = Path(out_dir) / "cache"
     store = EmbeddingCache(Path(cache_dir) / "embeddings") if cache and cache_dir is not None else None
     was_training = model.training
     model.eval()
@@ -693,7 +728,7 @@ def run_suite(model, suite: SuiteConfig, test_spec: str = "", workers: int = 0,
                 names = entry["tasks"]
                 tasks = ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
                 data = encode_dataset(model, spec, entry["mods"], suite.batch_size, workers,
-                                      desc=f"encode [{tasks}]", progress=progress, clip=clip)
+                                      desc=f"encode [{tasks}]", progress=progress, clip=clip, inputs=inputs)
                 if store is not None:
                     store.save(key, data)
             else:
@@ -702,10 +737,11 @@ def run_suite(model, suite: SuiteConfig, test_spec: str = "", workers: int = 0,
 
         results: dict[str, Any] = {"zeroshot_classification": {}, "retrieval": {}}
         outputs: dict[str, TaskOutput] = {}
+        texts_memo: dict[tuple, torch.Tensor] = {}
         for task in tqdm(suite.tasks, desc="eval", leave=False, dynamic_ncols=True, disable=not progress,
                          unit="task"):
             spec, train_spec = specs[task.name]
-            out = _run_task(model, task, encoded[spec], encoded.get(train_spec), spec, train_spec)
+            out = _run_task(model, task, encoded[spec], encoded.get(train_spec), spec, train_spec, texts_memo)
             results.setdefault(task.type, {})[task.name] = defined_metrics(out.metrics)
             outputs[task.name] = out
     finally:

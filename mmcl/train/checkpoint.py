@@ -148,7 +148,7 @@ def save_training_checkpoint(engine: Engine, scheduler: torch.optim.lr_scheduler
     engine_state = engine.save_state(tmp)
     weights = engine.full_state_dict()
     if engine.is_main:
-        engine.inner.save_pretrained(tmp, state_dict=weights)
+        engine.inner.save_pretrained(tmp, state_dict=weights, data_clip=cfg.data.clip)
         write_state(tmp, {"scheduler": scheduler.state_dict(), "rng": rngs, "config": to_dict(cfg),
                           "skipped": dict(skipped), **position, **engine_state})
     engine.wait()

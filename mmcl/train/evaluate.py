@@ -32,7 +32,7 @@ def periodic_eval(engine: Engine, cfg: Config, step: int, log: RunLog) -> None:
 def save_final(final: MultimodalModel, cfg: Config, out: Path) -> dict[str, Any]:
     """``out/final`` (save_pretrained), then the suite on it into ``out/eval`` and the model card; returns
     the suite's results (empty without ``eval.suite``). Main process only."""
-    final.save_pretrained(out / "final")
+    final.save_pretrained(out / "final", data_clip=cfg.data.clip)  # benchmarks default to its window
     if not cfg.eval.suite:
         return {}
     from mmcl.eval.suite import load_suite, run_suite

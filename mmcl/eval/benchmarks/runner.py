@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
-from mmcl.errors import DataError, EvalError
+from mmcl.data.window import WindowConfig
+from mmcl.errors import ConfigError, DataError, EvalError
 from mmcl.eval.benchmarks.base import Benchmark, Manifest, get_benchmark
+from mmcl.eval.input_cache import DEFAULT_MAX_GB
 from mmcl.eval.suite import SuiteConfig, TaskConfig, run_suite, task_file_stem
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,49 @@ def check_model(bench: Benchmark, model) -> dict[str, str]:
     return mods
 
 
+def benchmark_window(model, seconds: float | None = None, eval_clips: int | None = None) -> tuple[WindowConfig | None, str]:
+    """The time window a benchmark reads its clips in, and where it comes from: ``seconds`` (``--clip-seconds``;
+    0: whole clips), else the window the model was trained with (``model.data_clip``, saved with it), else
+    the centred ``seconds`` of the model's audio modality, else whole clips (None). ``eval_clips``
+    (``--eval-clips``) K evenly spaced windows, their embeddings averaged, replaces the source's own."""
+    if seconds is not None and not (seconds >= 0 and math.isfinite(seconds)):
+        raise ConfigError(f"--clip-seconds: must be >= 0 (0: whole clips), got {seconds:g}")
+    if eval_clips is not None and eval_clips < 1:
+        raise ConfigError(f"--eval-clips: must be >= 1, got {eval_clips}")
+    audio = next((p for p in model.processors.values() if getattr(p, "kind", "") == "audio"), None)
+    if seconds:
+        clip, source = WindowConfig(seconds=float(seconds)), "--clip-seconds"
+    elif seconds is None and getattr(model, "data_clip", None) is not None:
+        clip, source = dataclasses.replace(model.data_clip), "the model's data.clip"
+    elif seconds is None and audio is not None:
+        clip, source = WindowConfig(seconds=float(audio.cfg.seconds)), f"{audio.name}.seconds"
+    else:
+        if (eval_clips or 1) > 1:
+            raise ConfigError(f"--eval-clips: {eval_clips} windows need a window length (give --clip-seconds S > 0; "
+                              f"the model records none and has no audio modality)")
+        return None, "whole clips"
+    if eval_clips is not None:
+        clip.eval_clips = eval_clips
+    for proc in model.processors.values():
+        try:
+            proc.check_window(clip.seconds, "window")
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("window.seconds: ", "--clip-seconds ")) from None
+    return clip, source
+
+
+def window_info(clip: WindowConfig | None, source: str) -> dict[str, Any]:
+    """The window of a benchmark's results: ``{"seconds": S | None (whole clips), "eval_clips": K, "source"}``."""
+    return {"seconds": clip.seconds if clip else None, "eval_clips": clip.eval_clips if clip else 1, "source": source}
+
+
+def window_text(window: dict[str, Any]) -> str:
+    """``3 s`` / ``3 s x 4`` (K windows averaged) / ``whole``: the table's window column."""
+    if window["seconds"] is None:
+        return "whole"
+    return f"{window['seconds']:g} s" + (f" x {window['eval_clips']}" if window["eval_clips"] > 1 else "")
+
+
 def default_cache(root: Path) -> Path:
     """The cache beside a copy: ``<copy>.mmcl-cache`` next to its folder."""
     root = Path(root).resolve()
@@ -94,6 +139,11 @@ def build_benchmark_shards(bench: Benchmark, manifest: Manifest, cache: Path, wo
 
     options = options or EncodeOptions(window=0.0)
     out = _shard_dir(cache, bench, manifest, options, video)
+    done = out / f"{ShardOptions().prefix}-report.json"  # written last, by a finished build of this folder's inputs
+    if done.is_file():
+        report = json.loads(done.read_text())
+        if report["shards"]:
+            return report["location"], report
     items, seen = [], set()
     for i, c in enumerate(manifest.clips):
         key = sanitize_key(c.key)
@@ -119,7 +169,7 @@ def build_benchmark_shards(bench: Benchmark, manifest: Manifest, cache: Path, wo
 
 
 def benchmark_suite(bench: Benchmark, manifest: Manifest, mods: dict[str, str], spec: str,
-                    report: dict[str, Any], batch_size: int) -> SuiteConfig:
+                    report: dict[str, Any], batch_size: int, clip: WindowConfig | None = None) -> SuiteConfig:
     """The eval-suite tasks of a benchmark on its built shards (:func:`runnable_tasks`)."""
     tasks = []
     for t in runnable_tasks(bench, manifest, mods):
@@ -134,7 +184,7 @@ def benchmark_suite(bench: Benchmark, manifest: Manifest, mods: dict[str, str], 
                               multilabel=bool(t.get("multilabel", False)), require_every_class=False)
         task.validate(f"{bench.name}.tasks[{t['name']}]")
         tasks.append(task)
-    return SuiteConfig(tasks=tasks, batch_size=batch_size)
+    return SuiteConfig(tasks=tasks, batch_size=batch_size, clip=clip)
 
 
 def read_copy(bench: Benchmark, root: str | Path, protocol: str | None) -> Manifest:
@@ -151,30 +201,43 @@ def read_copy(bench: Benchmark, root: str | Path, protocol: str | None) -> Manif
 def run_benchmark(model, name: str, root: str | Path, out_dir: str | Path, *, protocol: str | None = None,
                   cache_dir: str | Path | None = None, model_name: str = "", workers: int = 0,
                   batch_size: int = 64, cache_embeddings: bool = True, progress: bool = True,
-                  options: Any = None, manifest: Manifest | None = None) -> dict[str, Any]:
+                  options: Any = None, manifest: Manifest | None = None, clip_seconds: float | None = None,
+                  eval_clips: int | None = None, input_cache_gb: float = DEFAULT_MAX_GB,
+                  build_workers: int | None = None) -> dict[str, Any]:
     """Evaluate ``model`` on benchmark ``name`` from its copy at ``root`` and write the reports to ``out_dir``
-    (``results.json``, one CLIP_benchmark-style JSON per task with ``language``, ``protocol``, ``n`` clips
-    listed, ``missing`` and ``rejected`` counts, ``summary.md``, ``missing.txt``).
+    (``results.json``, one CLIP_benchmark-style JSON per task with ``language``, ``protocol``, ``window``, ``n``
+    clips listed, ``missing`` and ``rejected`` counts, ``summary.md``, ``missing.txt``).
 
-    Returns ``run_suite``'s results plus ``"benchmark": {name, protocol, n, missing, rejected, shards}``.
+    The clips are read in the time window of :func:`benchmark_window` (``clip_seconds``, ``eval_clips``); the
+    shards keep whole clips, so one build serves every window; ``build_workers`` ffmpeg processes build them
+    (default: ``workers``, at least 1). The decoded model inputs are kept in the cache
+    too, up to ``input_cache_gb`` (0: off), keyed by the processing and the window, not the weights
+    (:mod:`mmcl.eval.input_cache`); ``cache_embeddings``: the embeddings, keyed by the weights.
+
+    Returns ``run_suite``'s results plus ``"benchmark": {name, protocol, window, n, missing, rejected, shards}``.
     """
     bench = get_benchmark(name)
     mods = check_model(bench, model)
+    clip, source = benchmark_window(model, clip_seconds, eval_clips)
     manifest = manifest or read_copy(bench, root, protocol)
     cache = Path(cache_dir) if cache_dir is not None else default_cache(Path(root))
     video = any("video" in _task_kinds(t) for t in runnable_tasks(bench, manifest, mods))
-    spec, build = build_benchmark_shards(bench, manifest, cache, workers=max(1, workers), progress=progress,
+    build_workers = workers if build_workers is None else build_workers
+    spec, build = build_benchmark_shards(bench, manifest, cache, workers=max(1, build_workers), progress=progress,
                                          options=options, video=video)
     info = {"benchmark": bench.name, "language": bench.spec.get("language", "en"), "protocol": manifest.protocol,
-            "protocol_description": bench.protocols[manifest.protocol]["description"], "n": manifest.listed,
-            "missing": len(manifest.missing), "rejected": build["rejected"]}
-    suite = benchmark_suite(bench, manifest, mods, spec, info, batch_size)
+            "protocol_description": bench.protocols[manifest.protocol]["description"],
+            "window": window_info(clip, source), "n": manifest.listed, "missing": len(manifest.missing),
+            "rejected": build["rejected"]}
+    suite = benchmark_suite(bench, manifest, mods, spec, info, batch_size, clip)
     out = Path(out_dir)
     results = run_suite(model, suite, out_dir=out, model_name=model_name, workers=workers, cache=cache_embeddings,
-                        cache_dir=cache, progress=progress)
+                        cache_dir=cache, progress=progress, input_cache_gb=input_cache_gb)
     lines = [f"{m}\tmissing" for m in manifest.missing]
     lines += [f"{r['source']}\t{r['reason']}: {r['detail']}" for r in build["rejections"]]
     (out / "missing.txt").write_text("".join(f"{ln}\n" for ln in lines))
+    with open(out / "summary.md", "a") as f:
+        f.write(f"\n{bench.title}, protocol {manifest.protocol}, window {window_text(info['window'])} ({source})\n")
     results["benchmark"] = {**info, "shards": spec, "tasks": {t.name: task_file_stem(t) for t in suite.tasks}}
     if manifest.missing or build["rejected"]:
         log.warning("%s: %d of %d listed clips missing from the copy, %d unreadable (see %s)", bench.name,
@@ -190,14 +253,15 @@ def _cell(v: Any) -> str:
 
 def standard_table(runs: dict[str, dict[str, Any]]) -> str:
     """One markdown table across benchmarks: a row per task, the metrics the field reports ("—" where a
-    metric does not apply), the protocol, the queries scored and the clips missing from the copy."""
-    head = ["benchmark", "protocol", "task", *(h for h, _ in TABLE_COLUMNS), "n", "missing"]
+    metric does not apply), the protocol, the window (:func:`window_text`), the queries scored and the clips
+    missing from the copy."""
+    head = ["benchmark", "protocol", "window", "task", *(h for h, _ in TABLE_COLUMNS), "n", "missing"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, results in runs.items():
         info = results["benchmark"]
         for kind in ("zeroshot_classification", "retrieval"):
             for task, m in results.get(kind, {}).items():
-                cells = [name, info["protocol"], task.removeprefix(f"{name} "),
+                cells = [name, info["protocol"], window_text(info["window"]), task.removeprefix(f"{name} "),
                          *(_cell(m.get(k)) for _, k in TABLE_COLUMNS), str(m["n"]),
                          f"{info['missing']} of {info['n']}"]
                 lines.append("| " + " | ".join(cells) + " |")
