@@ -25,6 +25,17 @@ from mmcl.persistence import CONFIG_NAME, read_config, read_model_dir, weights_f
 from mmcl.shared import build_shared_towers, encode_shared
 
 
+def param_numel(p: torch.Tensor) -> int:
+    """Elements of a parameter, also of one that DeepSpeed ZeRO-3 partitions (``.data`` is then an empty
+    placeholder and ``ds_numel`` the full count)."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+def param_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's full shape, also under ZeRO-3 partitioning (``ds_shape``)."""
+    return getattr(p, "ds_shape", None) or p.shape
+
+
 def make_head(name: str, width: int, model_cfg: ModelConfig) -> nn.Linear:
     """The bias-free ``[width] -> [embed_dim]`` projection of modality ``name``: random (``linear``) or the
     identity matrix (``identity``: the tower's width must be ``embed_dim``)."""
@@ -124,10 +135,10 @@ class MultimodalModel(nn.Module):
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part: ``{tower name: n, ..., "heads": n, "objective": n, "total": n}`` (the tower
         names are the modalities, plus ``trunk`` with a shared trunk)."""
-        counts = {name: sum(p.numel() for p in tower.parameters()) for name, tower in self.towers.items()}
-        counts["heads"] = sum(p.numel() for p in self.heads.parameters())
-        counts["objective"] = sum(p.numel() for p in self.objective.parameters())
-        counts["total"] = sum(p.numel() for p in self.parameters())
+        counts = {name: sum(map(param_numel, tower.parameters())) for name, tower in self.towers.items()}
+        counts["heads"] = sum(map(param_numel, self.heads.parameters()))
+        counts["objective"] = sum(map(param_numel, self.objective.parameters()))
+        counts["total"] = sum(map(param_numel, self.parameters()))
         return counts
 
     def compile_towers(self, **options: Any) -> None:

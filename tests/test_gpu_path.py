@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 from test_distributed import read_log, tiny_config
 
 from mmcl.config import ConfigError, ObjectiveConfig, from_dict, load_config
@@ -28,6 +29,7 @@ from mmcl.train.engine import make_engine
 from mmcl.train.loop import seed_everything, train
 from mmcl.train.optim import build_optimizer, build_scheduler
 from mmcl.train.step import ForwardBackward, to_device
+from mmcl.train.zero import without_transformers_zero3
 
 OBJECTIVES = [{"name": "clip"}, {"name": "siglip"}, {"name": "symile", "negatives": "n"},
               {"name": "symile", "negatives": "n_squared"}, {"name": "gram"}]
@@ -361,11 +363,13 @@ def test_cuda_step_does_not_sync(objective: dict[str, Any], synthetic_data: Path
     assert torch.isfinite(loss).item()
 
 
-def _rank_build_worker(rank: int, data: str, port: int, mode: str, out: str) -> None:
+def _rank_build_worker(rank: int, data: str, port: int, mode: str, out: str, bert: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     base = run_config(Path(data), {"name": "clip"})
+    if bert:
+        base["model"]["modalities"]["text"] = {"max_len": 24, "tower": {"type": "hf", "path": bert}}
     if mode != "ddp":
         base["train"]["deepspeed"] = str(Path(__file__).parents[1] / "configs" / "deepspeed" / f"{mode}.json")
     cfg = load_config(base=base)
@@ -373,11 +377,24 @@ def _rank_build_worker(rank: int, data: str, port: int, mode: str, out: str) -> 
     assert engine.world == 2
     seed_everything(cfg.train.seed)
     model = engine.build_model()
+    params = list(model.parameters())
+    storage = {}
+    if mode == "zero3":  # partitioned while built: this rank's slices, empty placeholders, nothing in full
+        storage = {"partitioned": all(hasattr(p, "ds_id") for p in params),
+                   "largest_data": max(p.data.numel() for p in params),
+                   "local": sum(p.ds_tensor.numel() for p in params),
+                   "half": sum(-(-p.ds_numel // 2) for p in params), "total": sum(p.ds_numel for p in params)}
     engine.prepare(model, build_optimizer(model, cfg, {}))
     got = engine.full_state_dict()
     seed_everything(cfg.train.seed)
-    today = MultimodalModel(cfg.model, cfg.objective).state_dict()  # the construction every rank ran before
-    torch.save(sorted(k for k, v in today.items() if not torch.equal(got[k], v.float())), f"{out}/{rank}.pt")
+    with without_transformers_zero3():  # the construction every rank ran before, not partitioned
+        today = MultimodalModel(cfg.model, cfg.objective).state_dict()
+    if bert:  # the checkpoint's weights, not a fresh initialisation
+        embeddings = load_file(os.path.join(bert, "model.safetensors"))["embeddings.word_embeddings.weight"]
+        storage["checkpoint"] = [torch.equal(v, embeddings) for k, v in got.items()
+                                 if k.endswith("word_embeddings.weight")]
+    diffs = sorted(k for k, v in today.items() if not torch.equal(got[k], v.float()))
+    torch.save({"diffs": diffs, "storage": storage}, f"{out}/{rank}.pt")
     engine.wait()
     engine.end()
     if dist.is_initialized():
@@ -386,16 +403,35 @@ def _rank_build_worker(rank: int, data: str, port: int, mode: str, out: str) -> 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("mode", ["ddp", "zero3"])
-def test_other_ranks_build_only_the_architecture_and_get_the_seeded_weights(mode: str, synthetic_data: Path,
+@pytest.mark.parametrize("mode, pretrained", [("ddp", False), ("zero3", False), ("zero3", True)],
+                         ids=["ddp", "zero3", "zero3-pretrained-bert"])
+def test_other_ranks_build_only_the_architecture_and_get_the_seeded_weights(mode: str, pretrained: bool,
+                                                                            synthetic_data: Path,
                                                                             tmp_path: Path) -> None:
     """2 gloo ranks: rank 1 builds the model with uninitialised parameters (``Engine.build_model``); after
-    ``prepare`` (DDP, DeepSpeed ZeRO-3) every rank holds exactly the weights of today's seeded construction."""
+    ``prepare`` (DDP, DeepSpeed ZeRO-3) every rank holds exactly the weights of today's seeded construction.
+    Under ZeRO-3 the build partitions the parameters (``partition_model``): right after it each rank stores
+    its half of every parameter and no parameter in full; with a pretrained BERT text tower (read by rank 0
+    alone) the weights are the checkpoint's."""
     import socket
 
+    bert = ""
+    if pretrained:
+        from test_pretrained_towers import bert_tokenizer, save_bert
+
+        tok = bert_tokenizer()
+        bert = os.fspath(save_bert(tmp_path / "bert", len(tok)))
+        tok.save_pretrained(bert)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_rank_build_worker, args=(os.fspath(synthetic_data), port, mode, os.fspath(tmp_path)), nprocs=2,
+    mp.spawn(_rank_build_worker, args=(os.fspath(synthetic_data), port, mode, os.fspath(tmp_path), bert), nprocs=2,
              join=True)
-    assert [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)] == [[], []]
+    results = [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)]
+    assert [r["diffs"] for r in results] == [[], []]
+    for r in results if mode == "zero3" else []:
+        st = r["storage"]
+        assert st["partitioned"] and st["largest_data"] == 0
+        assert st["local"] == st["half"] and st["local"] <= st["total"] / 2 + 1000
+        if pretrained:
+            assert st["checkpoint"] == [True]

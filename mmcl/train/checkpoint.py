@@ -125,7 +125,7 @@ def check_resume(path: Path, weights: dict[str, torch.Tensor], state: dict[str, 
                  engine: Engine) -> None:
     """One-line errors for a checkpoint this run cannot continue from, before anything is trained."""
     theirs = {k: tuple(v.shape) for k, v in weights.items()}
-    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    ours = {k: tuple(engine.shapes.get(k, v.shape)) for k, v in model.state_dict().items()}
     if theirs != ours:
         diff = sorted(set(theirs) ^ set(ours)) or sorted(k for k in ours if theirs[k] != ours[k])
         raise ConfigError(f"--resume {path}: the checkpoint holds another model (first difference: {diff[0]})")

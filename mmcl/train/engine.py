@@ -55,12 +55,21 @@ class Engine:
         :meth:`prepare` gives every rank rank 0's weights (DDP and DeepSpeed broadcast the parameters)."""
         if self.world == 1 or self.rank == 0:
             return MultimodalModel(self.cfg.model, self.cfg.objective)
+        model = self.architecture()
+        materialize_parameters(model)
+        return model
+
+    def architecture(self) -> MultimodalModel:
+        """The model's architecture alone: parameters on the meta device (no memory, no initialisation, no
+        checkpoint read), buffers as constructed."""
         from accelerate import init_empty_weights
 
         with init_empty_weights(include_buffers=False):
-            model = MultimodalModel(self.cfg.model, self.cfg.objective, pretrained=False)
-        materialize_parameters(model)
-        return model
+            return MultimodalModel(self.cfg.model, self.cfg.objective, pretrained=False)
+
+    def load_weights(self, model: MultimodalModel, weights: dict[str, torch.Tensor]) -> None:
+        """A checkpoint's weights into the model :meth:`build_model` made (resume, before :meth:`prepare`)."""
+        model.load_state_dict(weights)
 
     def prepare(self, model: MultimodalModel, optimizer: torch.optim.Optimizer) -> None:
         """Wrap ``model`` and ``optimizer`` (built on ``model``'s parameters) for this launch."""

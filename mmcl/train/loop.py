@@ -93,7 +93,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     # Initial weights must not depend on the rank: build on the common seed (rank 0 builds them, the other
-    # ranks only the architecture and receive rank 0's weights in prepare), then reseed per rank.
+    # ranks only the architecture and receive rank 0's weights in prepare, or in the build under ZeRO-3),
+    # then reseed per rank.
     engine = make_engine(cfg, MultimodalModel(cfg.model, cfg.objective, device="meta", pretrained=False))
     seed_everything(cfg.train.seed)
     model = engine.build_model()
@@ -122,7 +123,7 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict[s
     if resume_path is not None:
         weights, resume_state = load_checkpoint(resume_path)
         check_resume(resume_path, weights, resume_state, model, engine)
-        model.load_state_dict(weights)
+        engine.load_weights(model, weights)
 
     engine.prepare(model, optimizer)
     # every rank's batches are full (resampled, or the partial ones dropped): no batch-size exchange per step

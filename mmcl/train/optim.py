@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mmcl.config import Config, ConfigError, TowerControl, from_dict
-from mmcl.model import MultimodalModel
+from mmcl.model import MultimodalModel, param_numel, param_shape
 from mmcl.shared import TRUNK
 
 
@@ -100,7 +100,7 @@ def param_groups(model: MultimodalModel, cfg: Config, lrs: dict[str, float]) -> 
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = not (p.ndim < 2 or name in no_decay)
+        decay = not (len(param_shape(p)) < 2 or name in no_decay)
         group = group_name(name, decay)
         part = group.removesuffix(".no_decay")
         if group not in groups:
@@ -148,7 +148,7 @@ def parameter_report(model: MultimodalModel) -> str:
     parts.update({f"head:{n}": model.heads[n] for n in model.heads})
     parts["objective"] = model.objective
     for name, mod in parts.items():
-        tr = sum(p.numel() for p in mod.parameters() if p.requires_grad)
-        fr = sum(p.numel() for p in mod.parameters() if not p.requires_grad)
+        tr = sum(param_numel(p) for p in mod.parameters() if p.requires_grad)
+        fr = sum(param_numel(p) for p in mod.parameters() if not p.requires_grad)
         lines.append(f"{name:<14} {tr:>12,} {fr:>12,}")
     return "\n".join(lines)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,73 @@ def lift_scalar_parameters(model: nn.Module) -> None:
             p.data = p.data.reshape(1)
 
 
+def partition_model(model: nn.Module, ds_config: dict[str, Any]) -> None:
+    """Partition every parameter of ``model`` as ZeRO-3 keeps it, module by module, children before their
+    parents: a module's parameters (meta ones given storage of their full size first) go through
+    ``deepspeed.zero.Init``'s conversion, which broadcasts rank 0's values, keeps this rank's ``1/world`` slice
+    in ``p.ds_tensor`` (on the device, or where the config's ``offload_param`` puts it, pinned if it says so) and
+    leaves an empty placeholder in ``p.data``; then the next module. No rank holds more than one module's
+    parameters in full beyond what it was handed (rank 0: its own build). Floating parameters take the dtype
+    DeepSpeed computes in (bf16 / fp16 when the config enables it), as it would cast them in ``prepare``."""
+    import deepspeed
+
+    dtype = next((d for key, d in (("bf16", torch.bfloat16), ("fp16", torch.float16))
+                  if ds_config.get(key, {}).get("enabled") is True), torch.float32)
+    anchor: nn.Parameter | None = None
+    done: dict[int, nn.Parameter] = {}
+    for module in reversed(list(model.modules())):  # every module after all of its descendants
+        fresh = []
+        for name, p in list(module._parameters.items()):
+            if p is None or id(p) in done:
+                if p is not None:
+                    module._parameters[name] = done[id(p)]  # shared with a module converted before
+                continue
+            q = (nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad) if p.is_meta
+                 else p)
+            if q.is_floating_point():
+                q.data = q.data.to(dtype)
+            done[id(p)] = module._parameters[name] = q
+            fresh.append(q)
+        if not fresh:
+            continue
+        if anchor is None:  # its descendants hold no parameters: the conversion takes exactly ``fresh``
+            deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)
+            anchor = fresh[0]
+        else:
+            anchor.convert_to_zero_parameters(param_list=fresh)
+
+
+@contextmanager
+def without_transformers_zero3() -> Iterator[None]:
+    """Models built inside it are plain ones: accelerate's ZeRO-3 plugin makes transformers construct its
+    models under a ``zero.Init`` of its own (a collective: a build on rank 0 alone hangs, one on the meta device
+    fails); :func:`partition_model` partitions them after the build instead."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = ref
+
+
+def load_partitioned(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``state`` (the model's own shapes) into a model partitioned by :func:`partition_model`, one module's
+    parameters gathered at a time and written from rank 0's copy; buffers (never partitioned) directly."""
+    import deepspeed
+
+    for prefix, module in model.named_modules():
+        params = {n: p for n, p in module.named_parameters(prefix=prefix, recurse=False) if n in state}
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+            if torch.distributed.get_rank() == 0:
+                with torch.no_grad():
+                    for n, p in params.items():
+                        p.data.copy_(state[n].reshape(p.shape))
+    buffers = {n for n, _ in model.named_buffers()}
+    model.load_state_dict({k: v for k, v in state.items() if k in buffers}, strict=False)
+
+
 class ZeroEngine(Engine):
     """DeepSpeed's engine clips, steps and zeroes; its optimizer keeps the fp32 master weights, partitioned
     from ZeRO-1 on (ZeRO-3 partitions the module's parameters too)."""
@@ -87,8 +155,28 @@ class ZeroEngine(Engine):
     def describe(self) -> str:
         return f"DeepSpeed ZeRO stage {self.stage}"
 
-    def prepare(self, model: MultimodalModel, optimizer: torch.optim.Optimizer) -> None:
+    def build_model(self) -> MultimodalModel:
+        """Under ZeRO-3 partitioned as it is built (:func:`partition_model`): rank 0 builds the seeded model as
+        ever (reading checkpoints), the other ranks the architecture on the meta device; every rank ends with
+        its ``1/world`` of each parameter, rank 0's weights. ZeRO-1/2: :meth:`Engine.build_model`."""
+        if self.stage != 3:
+            return super().build_model()
+        with without_transformers_zero3():
+            model = MultimodalModel(self.cfg.model, self.cfg.objective) if self.rank == 0 else self.architecture()
         self.shapes = {k: v.shape for k, v in model.state_dict().items()}
+        lift_scalar_parameters(model)
+        partition_model(model, self.accelerator.state.deepspeed_plugin.deepspeed_config)
+        return model
+
+    def load_weights(self, model: MultimodalModel, weights: dict[str, torch.Tensor]) -> None:
+        if any(hasattr(p, "ds_id") for p in model.parameters()):
+            load_partitioned(model, weights)
+        else:
+            super().load_weights(model, weights)
+
+    def prepare(self, model: MultimodalModel, optimizer: torch.optim.Optimizer) -> None:
+        if not any(hasattr(p, "ds_id") for p in model.parameters()):  # else build_model took them
+            self.shapes = {k: v.shape for k, v in model.state_dict().items()}
         lift_scalar_parameters(model)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.inner = self.accelerator.unwrap_model(self.model)
@@ -153,7 +241,8 @@ class ZeroEngine(Engine):
         return out
 
     def export(self) -> MultimodalModel:
-        fresh = MultimodalModel(self.cfg.model, self.cfg.objective)
+        with without_transformers_zero3() if self.stage == 3 else nullcontext():
+            fresh = MultimodalModel(self.cfg.model, self.cfg.objective)
         fresh.load_state_dict(self.full_state_dict())
         return fresh
 
