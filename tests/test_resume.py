@@ -1,5 +1,5 @@
 """Exact mid-epoch resume after a real SIGKILL of a real training process (tree), single-process and
-2-rank ZeRO-2, and with the RAM cache (``data.cache``) killed in a cached epoch, 1 process (with and without a
+2-rank ZeRO-2 and ZeRO-3, and with the RAM cache (``data.cache``) killed in a cached epoch, 1 process (with and without a
 loader worker) and 2 DDP ranks: the logged sample keys equal the uninterrupted run's (no sample repeated or skipped within
 an epoch) and the final weights are equal. A SIGKILL in the middle of a checkpoint write leaves the previous
 checkpoint loadable and ``--resume latest`` picks it."""
@@ -162,16 +162,19 @@ def test_sigkill_and_resume_single_process(runs: Runs, tmp_path: Path) -> None: 
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_two_ranks_zero2(runs: Runs, tmp_path: Path) -> None:  # noqa: F811
-    reference = runs.get("torchrun", "zero2")
+@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+def test_sigkill_and_resume_two_ranks_zero(runs: Runs, tmp_path: Path, mode: str) -> None:  # noqa: F811
+    """ZeRO-3 too: its model is partitioned while built, and the resumed run's weights come back from the
+    DeepSpeed checkpoint into the partitions."""
+    reference = runs.get("torchrun", mode)
     out = tmp_path / "run"
     kill_step = random.randint(CHECKPOINT_EVERY + 1, STEPS - 1)
-    cmd, env = launch_command("torchrun", "zero2", runs.config, out)
+    cmd, env = launch_command("torchrun", mode, runs.config, out)
     kill_at_step(start(cmd, env, out), out, kill_step)
     latest = resolve_resume("latest", out / "checkpoints")
     assert latest is not None and (latest / "deepspeed").is_dir(), kill_step
 
-    cmd, env = launch_command("torchrun", "zero2", runs.config, out, "--resume", "latest")
+    cmd, env = launch_command("torchrun", mode, runs.config, out, "--resume", "latest")
     r = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT)
     check_run(r, f"resume after a kill at step {kill_step}")
     assert world_size(out) == WORLD
