@@ -34,8 +34,8 @@ import yaml
 
 from mmcl.config import load_config
 from mmcl.data.shards import build_loader
-from mmcl.eval.benchmarks import get_benchmark, run_benchmark
 from mmcl.data.window import WindowConfig
+from mmcl.eval.benchmarks import get_benchmark, run_benchmark
 from mmcl.eval.benchmarks.runner import benchmark_suite, benchmark_window, modality_names, read_copy
 from mmcl.eval.input_cache import InputCache
 from mmcl.eval.suite import encode_dataset
