@@ -144,6 +144,11 @@ def load_partitioned(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     model.load_state_dict({k: v for k, v in state.items() if k in buffers}, strict=False)
 
 
+def partitioned(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are ZeRO-3 partitions (:func:`partition_model` ran on it)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 class ZeroEngine(Engine):
     """DeepSpeed's engine clips, steps and zeroes; its optimizer keeps the fp32 master weights, partitioned
     from ZeRO-1 on (ZeRO-3 partitions the module's parameters too)."""
@@ -169,13 +174,13 @@ class ZeroEngine(Engine):
         return model
 
     def load_weights(self, model: MultimodalModel, weights: dict[str, torch.Tensor]) -> None:
-        if any(hasattr(p, "ds_id") for p in model.parameters()):
+        if partitioned(model):
             load_partitioned(model, weights)
         else:
             super().load_weights(model, weights)
 
     def prepare(self, model: MultimodalModel, optimizer: torch.optim.Optimizer) -> None:
-        if not any(hasattr(p, "ds_id") for p in model.parameters()):  # else build_model took them
+        if not partitioned(model):  # else build_model took them
             self.shapes = {k: v.shape for k, v in model.state_dict().items()}
         lift_scalar_parameters(model)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
