@@ -41,10 +41,10 @@ def make_source(path: Path, seconds: int, gop: int) -> bytes:
     return path.read_bytes()
 
 
-def clips_per_s(decoder: SampleDecoder, data: bytes, clips: int, train: bool) -> float:
+def clips_per_s(decoder: SampleDecoder, sample: dict[str, bytes], clips: int, train: bool) -> float:
     t = time.perf_counter()
     for i in range(clips):
-        decoder.decode({"__key__": f"clip{i}", "mp4": data}, SampleContext(f"clip{i}", 0, 0, train))
+        decoder.decode({**sample, "__key__": f"clip{i}"}, SampleContext(f"clip{i}", 0, 0, train))
     return clips / (time.perf_counter() - t)
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     p.add_argument("--clips", type=int, default=20)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--gop", type=int, default=250, help="keyframe interval in frames (libx264's default: 250)")
-    p.add_argument("--decoder", default="torchcodec", choices=["torchcodec", "pyav"])
+    p.add_argument("--decoder", default="auto", choices=["auto", "torchcodec", "pyav"])
     args = p.parse_args()
     torch.set_num_threads(1)  # as in a loader worker
     procs = {"video": build_processor("video", {"frames": 8, "size": 64, "decoder": args.decoder}),
@@ -62,15 +62,17 @@ def main() -> None:
     window = SampleDecoder(procs, clip=WindowConfig(seconds=2.0))
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        sources = {f"{s}s": make_source(Path(tmp) / f"{s}.mp4", s, args.gop) for s in (10, 60)}
-        for data in sources.values():  # warm-up: the decoders' libraries load on first use
-            full.decode({"__key__": "w", "mp4": data})
-            window.decode({"__key__": "w", "mp4": data})
+        # each sample with the json duration `mmcl shards build` writes (the window is drawn from it)
+        sources = {f"{s}s": {"mp4": make_source(Path(tmp) / f"{s}.mp4", s, args.gop),
+                             "json": json.dumps({"duration": float(s)}).encode()} for s in (10, 60)}
+        for sample in sources.values():  # warm-up: the decoders' libraries load on first use
+            full.decode({**sample, "__key__": "w"})
+            window.decode({**sample, "__key__": "w"})
         best: dict[tuple[str, str], float] = {}
         for _ in range(args.repeat):
-            for name, data in sources.items():
+            for name, sample in sources.items():
                 for mode, decoder in (("full", full), ("window", window)):
-                    rate = clips_per_s(decoder, data, args.clips, train=True)
+                    rate = clips_per_s(decoder, sample, args.clips, train=True)
                     best[name, mode] = max(best.get((name, mode), 0.0), rate)
         for name in sources:
             f, w = best[name, "full"], best[name, "window"]

@@ -169,6 +169,48 @@ def test_fps_past_the_end_of_a_short_source_repeats_its_last_frame(decoder: str)
     assert shown == pytest.approx([0.2, 0.6, 0.9, 0.9])
 
 
+@pytest.mark.parametrize("name", [*SOURCES, "10s_b_frames", "20s_one_keyframe", "20s_vfr_one_keyframe", "1s"])
+def test_both_decoders_return_the_same_frames(media: dict[str, bytes], name: str) -> None:
+    """PyAV's window decode drops the frames no sampled time needs (``skip_frame NONREF`` on the way from the
+    keyframe), torchcodec's decodes them all: frame for frame the same pixels, for random and eval windows,
+    ``fps`` spans and whole clips, on long groups of pictures and sources shorter than the window. So
+    ``auto`` (the default: PyAV for windows, torchcodec for whole clips) changes no input."""
+    extra = {"10s_b_frames": (10.0, {"bframes": 3}), "20s_one_keyframe": (20.0, {"gop": 200, "bframes": 3}),
+             "20s_vfr_one_keyframe": (20.0, {"gop": 200, "bframes": 3, "variable": True}),
+             "1s": (1.0, {"bframes": 3})}
+    data = media[name] if name in media else encode_timecoded(extra[name][0], FPS, **extra[name][1])
+    duration = probe_duration(data)
+    windows = [draw_window(WindowConfig(seconds=2.0), duration, SampleContext(k, 2, 11, True)) for k in KEYS]
+    windows += [draw_window(WindowConfig(seconds=2.0, eval_clips=3), duration, SampleContext("e"), v)
+                for v in range(3)]
+    assert build_processor("video", {}).cfg.decoder == "auto"
+    for fps in (None, FPS_SAMPLED):
+        # size 64: the sources' own, so the frames are compared as decoded (no resize)
+        decoders = {d: build_processor("video", {"frames": FRAMES, "fps": fps, "size": 64, "decoder": d})
+                    for d in ("torchcodec", "pyav", "auto")}
+        for window in [*windows, None]:
+            ctx = SampleContext("k", 2, 11, True, window)
+            out = {d: video.decode({"__key__": "k", "mp4": data}, ctx) for d, video in decoders.items()}
+            assert torch.equal(out["torchcodec"], out["pyav"]), (name, fps, window)
+            assert torch.equal(out["auto"], out["pyav"]), (name, fps, window)
+
+
+def test_a_clip_shorter_than_the_fps_span_is_counted(tmp_path: Path) -> None:
+    """Without ``data.clip``, a clip shorter than ``frames / fps`` repeats its last frame and is counted under
+    ``short_source``, once in each epoch that reads it, from the RAM cache too."""
+    shard = _write_shard(tmp_path / "s-000000.tar", {"short": encode_timecoded(1.0, FPS),
+                                                     "long": encode_timecoded(3.0, FPS)})
+    (tmp_path / "sizes.json").write_text(json.dumps({"s-000000.tar": 2}))
+    processors = {"video": build_processor("video", {"frames": 4, "fps": 2.4, "size": 64})}
+    for cache in (False, True):
+        stream = ShardStream([shard], processors, 2, train=True, shuffle_buffer=0, cache=cache, split_by_node=False)
+        for epoch in range(3):
+            stream.set_epoch(epoch)
+            batches = list(stream)
+            assert sorted(k for b in batches for k in b["keys"]) == ["long", "short"]
+            assert sum(b["adjusted"].get("short_source", 0) for b in batches) == 1, (cache, epoch)
+
+
 def test_fps_span_must_fit_the_window() -> None:
     with pytest.raises(ConfigError, match=r"^data\.clip\.seconds: 2 is shorter than model\.modalities\.video\.frames "
                                           r"/ fps = 8 / 2 = 4 s \(the sampled frames must fit in the window\)$"):

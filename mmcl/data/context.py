@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,13 +24,16 @@ class SampleContext:
     """One sample's identity in the loader: its ``key``, the ``epoch`` it is read in, the run's ``seed`` and
     whether it is read for training (random windows and augmentation) or for evaluation (fixed ones).
     ``window``: the sample's time window (``data.clip``, :mod:`mmcl.data.window`) that every time-based
-    modality decodes; None without one (the whole clip, as before ``data.clip`` existed)."""
+    modality decodes; None without one (the whole clip, as before ``data.clip`` existed). ``adjusted``: the
+    reasons the sample was changed to fit while decoding (``short_source``: a source shorter than its window or
+    its ``fps`` span, padded), appended by whoever changed it and counted by the loader."""
 
     key: str
     epoch: int = 0
     seed: int = 0
     train: bool = False
     window: Window | None = None
+    adjusted: list[str] = field(default_factory=list, compare=False)
 
     def seed_for(self, purpose: str) -> int:
         """A 63-bit seed for ``purpose`` (e.g. ``"window"``, ``"augment.video"``): blake2b of the fields, so it is

@@ -280,10 +280,13 @@ class SampleDecoder:
         handed to every processor (None outside the loader)."""
         decoded: dict[str, Any] = {}
         present: dict[str, bool] = {}
+        ctx = ctx or SampleContext(raw["__key__"])
         window = self.window(raw, ctx) if self.clip is not None else None
         if window is not None:
-            ctx = replace(ctx or SampleContext(raw["__key__"]), window=window)
+            ctx = replace(ctx, window=window)
             decoded["__window__"] = window
+            if window.short:
+                ctx.adjusted.append("short_source")
         for name, proc in self.processors.items():
             try:
                 decoded[name] = proc.decode(raw, ctx)
@@ -298,6 +301,8 @@ class SampleDecoder:
                 raise SampleError(f"error_{name}", f"{type(e).__name__}: {e}") from None
         if not any(present.values()):
             raise SampleError("no_modality", "none of: " + ", ".join(self.processors))
+        if ctx.adjusted:
+            decoded["__adjusted__"] = sorted(set(ctx.adjusted))
         if self.with_meta:
             decoded["__meta__"] = parse_meta(raw)
         return decoded, present
@@ -491,7 +496,7 @@ class ShardStream(IterableDataset):
 
     def _decode(self, sample: dict, epoch: int, skips: list[str] | None = None) -> tuple[dict, dict] | None:
         """(decoded, presence) of a raw sample read in ``epoch``, or None when it is skipped (counted, and its
-        reason added to ``skips``). A source shorter than its window is counted in ``adjusted``."""
+        reason added to ``skips``)."""
         key = sample["__key__"]
         try:
             out = self.decoder.decode(sample, SampleContext(key, epoch, self.seed, self.train))
@@ -500,9 +505,6 @@ class ShardStream(IterableDataset):
             if skips is not None:
                 skips.append(e.reason)
             return None
-        window = out[0].get("__window__")
-        if window is not None and window.short:
-            self._adjusted["short_source"] += 1
         return out
 
     def _fill_cache(self) -> None:
@@ -524,7 +526,8 @@ class ShardStream(IterableDataset):
         later epoch is a permutation of the sorted cached keys drawn from (seed, epoch, rank, worker) alone,
         whether the cache was filled by epoch 0 of this process or, after a resume into a later epoch, is
         filled first (:meth:`_fill_cache`), so a resumed run reads the uninterrupted run's order. The
-        samples epoch 0 skipped are counted again each cached epoch, as a pass over the shards counts them.
+        samples epoch 0 skipped are counted again each cached epoch, as a pass over the shards counts them, and
+        every sample read is counted under its ``__adjusted__`` reasons in the epoch that reads it.
         """
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
         rng = random.Random(hash((self.seed, epoch, rank, worker)))
@@ -540,6 +543,7 @@ class ShardStream(IterableDataset):
             for k in keys:
                 out = self._decode(self._cache[k], epoch) if self._cache_raw else self._cache[k]
                 if out is not None:
+                    self._adjusted.update(out[0].get("__adjusted__", ()))
                     yield (k, *out)
             return
         skips: list[str] | None = [] if cached else None
@@ -552,6 +556,7 @@ class ShardStream(IterableDataset):
                 continue
             if self.cache:
                 self._cache[sample["__key__"]] = sample if self._cache_raw else out
+            self._adjusted.update(out[0].get("__adjusted__", ()))
             yield (sample["__key__"], *out)
         if cached:
             self._cache_skips, self._cache_complete = skips, True

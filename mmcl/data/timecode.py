@@ -76,11 +76,12 @@ def tone(t: np.ndarray) -> np.ndarray:
 
 
 def encode_timecoded(seconds: float, fps: float = 10.0, *, size: int = 64, variable: bool = False,
-                     audio_start: float = 0.0, sample_rate: int = 48000, gop: int = 10) -> bytes:
+                     audio_start: float = 0.0, sample_rate: int = 48000, gop: int = 10, bframes: int = 0) -> bytes:
     """An mp4 of ``seconds`` s: H.264 frames made by :func:`code_frame` at :func:`frame_times`, and an AAC
     track of :func:`tone` from ``audio_start`` s to the end (it starts ``audio_start`` s after the video,
     the audio's own samples counted from there; the tone still follows the shared timeline). Keyframe every
-    ``gop`` frames."""
+    ``gop`` frames; up to ``bframes`` B-frames between references (libx264's pyramid: some of them referenced,
+    the others not)."""
     buffer = io.BytesIO()
     times = frame_times(seconds, fps, variable)
     with av.open(buffer, mode="w", format="mp4") as container:
@@ -89,7 +90,7 @@ def encode_timecoded(seconds: float, fps: float = 10.0, *, size: int = 64, varia
         video.pix_fmt = "yuv420p"
         video.time_base = Fraction(1, 1000)
         video.codec_context.time_base = Fraction(1, 1000)
-        video.codec_context.options = {"crf": "18", "preset": "veryfast", "g": str(gop), "bf": "0"}
+        video.codec_context.options = {"crf": "18", "preset": "veryfast", "g": str(gop), "bf": str(bframes)}
         video.codec_context.thread_count = 1
         audio = container.add_stream("aac", rate=sample_rate)
         audio.layout = "mono"

@@ -12,6 +12,7 @@ its tower type declares) and the registered tower types, picked by ``tower.type`
 
 from __future__ import annotations
 
+import bisect
 import io
 import math
 from dataclasses import dataclass
@@ -71,16 +72,20 @@ class VideoConfig:
     #: Square output size in pixels (frames are resized, shorter side, then centre-cropped; ``hf`` towers:
     #: the image processor's output size, which it must equal).
     size: int = 48
-    #: Decoder: torchcodec, or PyAV (also used automatically when torchcodec cannot open a clip).
-    decoder: str = "torchcodec"
+    #: Decoder: ``auto`` (windows and ``fps`` spans with PyAV, which drops the frames no sampled time needs on
+    #: the way from the keyframe; whole-clip spreads with torchcodec: the faster of the two for each, frame for
+    #: frame the same; each falls back to the other when it cannot open a clip), ``torchcodec`` (PyAV when it
+    #: cannot open a clip) or ``pyav`` alone.
+    decoder: str = "auto"
     #: The tower's config: a registered video tower type (``tubelet``, ``timm``, ``hf``), picked by ``type``.
     tower: Any = None
 
     def validate(self, where: str) -> None:
         if self.fps is not None and not (self.fps > 0 and math.isfinite(self.fps)):
             raise ConfigError(f"{where}.fps: must be > 0 (or null: frames spread over the window), got {self.fps}")
-        if self.decoder not in ("torchcodec", "pyav"):
-            raise ConfigError(f"{where}.decoder: {self.decoder!r} is not allowed (allowed: 'torchcodec', 'pyav')")
+        if self.decoder not in ("auto", "torchcodec", "pyav"):
+            raise ConfigError(f"{where}.decoder: {self.decoder!r} is not allowed (allowed: 'auto', 'torchcodec', "
+                              f"'pyav')")
 
 
 def uniform_indices(n_frames: int, t: int) -> list[int]:
@@ -109,11 +114,6 @@ def _decode_pyav(data: bytes, t: int) -> torch.Tensor:
         raise SampleError("bad_video", "no frames")
     picked = np.stack([frames[i] for i in uniform_indices(len(frames), t)])
     return torch.from_numpy(picked).permute(0, 3, 1, 2)
-
-
-#: Seconds before a window from which the PyAV fallback decodes every frame again (more than the decoder's
-#: frame reordering delay, a few frames).
-PREROLL_MARGIN = 1.0
 
 
 def _clamped(times: list[float], begin: float, end: float) -> list[float]:
@@ -157,41 +157,58 @@ def _decode_torchcodec_window(data: bytes, times: list[float]) -> torch.Tensor:
     raise AssertionError("unreachable")
 
 
-def _decode_pyav_window(data: bytes, times: list[float], start: float) -> torch.Tensor:
-    """PyAV: seek to the keyframe before ``start`` (the sampled span's start), decode forward to its last
-    sampled time, keep the frame played at each of ``times`` (seconds, ascending; the first frame before the
-    stream starts, the last after it ends) -> ``[T, 3, H, W]`` uint8. Until :data:`PREROLL_MARGIN` s before
-    ``start`` the decoder skips the frames no other frame refers to (``skip_frame NONREF``: B-frames), which
-    nothing kept can need."""
-    import av
+def _played(container: Any, stream: Any, times: list[float], start: float) -> list[Any]:
+    """Decode ``stream`` from the keyframe before ``start`` and keep the frame played at each of ``times``
+    (seconds, ascending): the one of the greatest display time at or before it (the first frame before the
+    stream starts, the last after it ends).
 
-    t = len(times)
-    picked: list[Any] = [None] * t
-    with av.open(io.BytesIO(data)) as container:
-        if not container.streams.video:
-            raise SampleError("bad_video", "no video stream")
-        stream = container.streams.video[0]
-        codec = stream.codec_context
-        if start > 0 and stream.time_base:
-            container.seek(int(start / stream.time_base), stream=stream)
-            codec.skip_frame = "NONREF"
-        j, previous = 0, None
-        for frame in container.decode(stream):
+    A packet that cannot be any of those is decoded with ``skip_frame NONREF``, so the codec drops it when
+    no other frame refers to it (most B-frames): its display time ``p`` is followed by another seen one ``q``
+    (packets come in decode order: a B-frame's later reference is already demuxed) with no sampled time in
+    ``[p, q)``, and it is not the earliest frame. Frame for frame what a full decode keeps: the frame played at
+    a time ``x`` has no display time in ``(p, x]`` after its own, so it never qualifies."""
+    codec, base = stream.codec_context, float(stream.time_base or 0)  # float: Fractions cost ms per clip
+    if start > 0 and base:
+        container.seek(int(start / base), stream=stream)
+    t, j, picked, previous = len(times), 0, [None] * len(times), None
+    seen: list[float] = []  # display times of the packets demuxed, sorted
+    for packet in container.demux(stream):
+        unneeded = False
+        if packet.pts is not None and base:
+            p = packet.pts * base
+            k = bisect.bisect_right(seen, p)
+            seen.insert(k, p)
+            i = bisect.bisect_left(times, p - 1e-6)
+            unneeded = k > 0 and k + 1 < len(seen) and (i == t or times[i] >= seen[k + 1] + 1e-6)
+        codec.skip_frame = "NONREF" if unneeded else "DEFAULT"
+        for frame in codec.decode(packet):
             if frame.time is None:
                 continue
-            if codec.skip_frame != "DEFAULT" and frame.time >= start - PREROLL_MARGIN:
-                codec.skip_frame = "DEFAULT"
             while j < t and times[j] < frame.time:
                 picked[j] = previous if previous is not None else frame
                 j += 1
             previous = frame
             if j == t:
-                break
-        if previous is None:
-            raise SampleError("bad_video", "no frames")
-        while j < t:
-            picked[j] = previous
-            j += 1
+                return picked
+    if previous is None:
+        raise SampleError("bad_video", "no frames")
+    while j < t:
+        picked[j] = previous
+        j += 1
+    return picked
+
+
+def _decode_pyav_window(data: bytes, times: list[float], start: float) -> torch.Tensor:
+    """PyAV: the frames played at ``times`` (seconds, ascending), decoded from the keyframe before ``start``
+    (the sampled span's start) to the last sampled time, the frames no sampled time needs dropped where the
+    codec allows (:func:`_played`) -> ``[T, 3, H, W]`` uint8. Frame for frame what torchcodec returns, and
+    faster on long groups of pictures: torchcodec cannot drop frames it decodes on the way to a seek target."""
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        if not container.streams.video:
+            raise SampleError("bad_video", "no video stream")
+        picked = _played(container, container.streams.video[0], times, start)
         arrays: dict[int, np.ndarray] = {}
         for f in picked:
             arrays.setdefault(id(f), f.to_ndarray(format="rgb24"))
@@ -294,7 +311,8 @@ class Video(Processor):
         resizes itself (an HF image processor): ``[T, 3, H, W]`` as decoded. With ``ctx.window``: the ``T``
         frames played at the window's sampled times (:meth:`Window.times` with ``fps``), only the window
         decoded; else spread over the clip, or with ``fps`` those of the clip's centred span (its duration: the
-        ``json`` member's, else the container's)."""
+        ``json`` member's, else the container's; a clip shorter than the span adds ``short_source`` to
+        ``ctx.adjusted``)."""
         _, data = self.find_member(sample)
         t, fps = self.cfg.frames, self.cfg.fps
         window = ctx.window if ctx is not None else None
@@ -302,21 +320,24 @@ class Video(Processor):
             if window is None and fps is not None:
                 duration = sample_duration(sample, [data])
                 window = Window(0.0, duration, duration)
+                if duration < t / fps and ctx is not None:  # the span runs past the end: its last frame repeats
+                    ctx.adjusted.append("short_source")
             if window is None:
                 torchcodec, pyav = partial(_decode_torchcodec, data, t), partial(_decode_pyav, data, t)
             else:
                 times = window.times(t, fps)
                 torchcodec = partial(_decode_torchcodec_window, data, times)
                 pyav = partial(_decode_pyav_window, data, times, window.span(t, fps)[0])
-            if self.cfg.decoder == "torchcodec":
-                try:
-                    frames = torchcodec()
-                except SampleError:
+            order = {"torchcodec": (torchcodec, pyav), "pyav": (pyav,),
+                     "auto": (torchcodec, pyav) if window is None else (pyav, torchcodec)}[self.cfg.decoder]
+            try:
+                frames = order[0]()
+            except SampleError:
+                raise
+            except Exception:
+                if len(order) == 1:
                     raise
-                except Exception:
-                    frames = pyav()
-            else:
-                frames = pyav()
+                frames = order[1]()
         except SampleError:
             raise
         except Exception as e:
