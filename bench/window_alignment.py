@@ -4,7 +4,7 @@ window asked for, on time-coded sources (:mod:`mmcl.data.timecode`), with torchc
     python bench/window_alignment.py [--windows 20]
 
 For each source (10 s and 60 s at 10 fps, constant and variable frame rate, audio starting 0.5 s after the
-video) and decoder, ``--windows`` random training windows of 2 s: the video's error is how long before its
+video; a keyframe every 10 frames, or every 250 with B-frames) and decoder, ``--windows`` random training windows of 2 s: the video's error is how long before its
 sampled time each returned frame started (read from the frame's code; 0 <= error < one frame period is
 exact: the frame played at that time), the audio's is the lag of the decoded span against the exact tone
 (cross-correlation). Printed as one JSON object: the worst of each over all windows.
@@ -25,7 +25,9 @@ from mmcl.modalities import audio as audio_mod
 from mmcl.modalities import build_processor
 
 SOURCES = {"10s": (10.0, {}), "10s_vfr": (10.0, {"variable": True}), "10s_audio_late": (10.0, {"audio_start": 0.5}),
-           "60s": (60.0, {}), "60s_vfr": (60.0, {"variable": True})}
+           "60s": (60.0, {}), "60s_vfr": (60.0, {"variable": True}),
+           "10s_vfr_bframes_one_keyframe": (10.0, {"variable": True, "bframes": 3, "gop": 250}),
+           "60s_bframes_gop250": (60.0, {"bframes": 3, "gop": 250})}
 FPS, SR, FRAMES = 10.0, 16000, 8
 
 
