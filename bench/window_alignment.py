@@ -4,10 +4,11 @@ window asked for, on time-coded sources (:mod:`mmcl.data.timecode`), with torchc
     python bench/window_alignment.py [--windows 20]
 
 For each source (10 s and 60 s at 10 fps, constant and variable frame rate, audio starting 0.5 s after the
-video; a keyframe every 10 frames, or every 250 with B-frames) and decoder, ``--windows`` random training windows of 2 s: the video's error is how long before its
-sampled time each returned frame started (read from the frame's code; 0 <= error < one frame period is
-exact: the frame played at that time), the audio's is the lag of the decoded span against the exact tone
-(cross-correlation). Printed as one JSON object: the worst of each over all windows.
+video; a keyframe every 10 frames, or every 250 with B-frames) and decoder, ``--windows`` random training
+windows of 2 s: the video's error is how long before its sampled time each returned frame started (read
+from the frame's code; 0 <= error < one frame period is exact: the frame played at that time), the audio's
+is the lag of the decoded span against the exact tone (cross-correlation). Printed as one JSON object: the
+worst of each over all windows.
 """
 
 from __future__ import annotations

@@ -276,8 +276,9 @@ class SampleDecoder:
         self.empty = {name: proc.empty() for name, proc in processors.items()}
 
     def decode(self, raw: dict[str, Any], ctx: SampleContext | None = None) -> tuple[dict[str, Any], dict[str, bool]]:
-        """-> (decoded data by modality, plus ``__meta__`` with ``with_meta``; presence by modality). ``ctx`` is
-        handed to every processor (None outside the loader)."""
+        """-> (decoded data by modality, plus ``__meta__`` with ``with_meta`` and ``__adjusted__``: the sorted
+        reasons it was changed to fit, when it was; presence by modality). ``ctx`` is handed to every processor
+        (outside the loader: a fresh one of the sample's key)."""
         decoded: dict[str, Any] = {}
         present: dict[str, bool] = {}
         ctx = ctx or SampleContext(raw["__key__"])
