@@ -8,8 +8,11 @@ with the exact tone.
 
 from __future__ import annotations
 
+import bisect
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -193,6 +196,45 @@ def test_both_decoders_return_the_same_frames(media: dict[str, bytes], name: str
             out = {d: video.decode({"__key__": "k", "mp4": data}, ctx) for d, video in decoders.items()}
             assert torch.equal(out["torchcodec"], out["pyav"]), (name, fps, window)
             assert torch.equal(out["auto"], out["pyav"]), (name, fps, window)
+
+
+#: Other codecs and containers, made by ffmpeg: (file name, its encoder options); 12 s at 25 fps, 160x120,
+#: one keyframe in 300 frames.
+OTHER_CODECS = {
+    "vp9.webm": ["-c:v", "libvpx-vp9", "-b:v", "200k", "-deadline", "realtime", "-cpu-used", "8"],
+    "mpeg4_b_frames.avi": ["-c:v", "mpeg4", "-bf", "2"],
+    "h264_open_gop.mkv": ["-c:v", "libx264", "-bf", "3", "-x264-params", "open-gop=1"],
+}
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg makes the test media")
+@pytest.mark.parametrize("name", list(OTHER_CODECS))
+def test_pyav_windows_equal_a_full_decode_in_other_containers(tmp_path: Path, name: str) -> None:
+    """PyAV's window decode (the default for windows), which skips the frames no sampled time needs, keeps at
+    each sampled time the frame a full decode shows there (the one of the greatest display time at or before
+    it), on VP9 / webm, MPEG-4 with B-frames / avi and open-GOP H.264 / mkv, for random windows and ``fps``
+    spans."""
+    import av
+
+    path = tmp_path / name
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25:duration=12",
+                    *OTHER_CODECS[name], "-g", "300", str(path)], check=True)
+    data = path.read_bytes()
+    with av.open(io.BytesIO(data)) as container:
+        shown = sorted(((f.time, f.to_ndarray(format="rgb24")) for f in container.decode(video=0)),
+                       key=lambda x: x[0])
+    times = [t for t, _ in shown]
+    duration = probe_duration(data)
+    for fps in (None, FPS_SAMPLED):
+        video = build_processor("video", {"frames": FRAMES, "fps": fps, "size": 120, "decoder": "auto"})
+        for key in [f"k{i}" for i in range(8)]:
+            window = draw_window(WindowConfig(seconds=2.0), duration, SampleContext(key, 0, 3, True))
+            sample = {"__key__": key, name.rsplit(".", 1)[1]: data}
+            frames = video.decode(sample, SampleContext(key, 0, 3, True, window))
+            for frame, t in zip(frames, window.times(FRAMES, fps)):
+                want = shown[max(0, bisect.bisect_right(times, t) - 1)][1]
+                # size 120 = the height: a centre crop of the width, no resampling
+                assert np.array_equal(frame.permute(1, 2, 0).numpy(), want[:, 20:140]), (name, fps, key, t)
 
 
 def test_a_clip_shorter_than_the_fps_span_is_counted(tmp_path: Path) -> None:
