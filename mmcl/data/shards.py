@@ -527,8 +527,7 @@ class ShardStream(IterableDataset):
         later epoch is a permutation of the sorted cached keys drawn from (seed, epoch, rank, worker) alone,
         whether the cache was filled by epoch 0 of this process or, after a resume into a later epoch, is
         filled first (:meth:`_fill_cache`), so a resumed run reads the uninterrupted run's order. The
-        samples epoch 0 skipped are counted again each cached epoch, as a pass over the shards counts them, and
-        every sample read is counted under its ``__adjusted__`` reasons in the epoch that reads it.
+        samples epoch 0 skipped are counted again each cached epoch, as a pass over the shards counts them.
         """
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
         rng = random.Random(hash((self.seed, epoch, rank, worker)))
@@ -544,7 +543,6 @@ class ShardStream(IterableDataset):
             for k in keys:
                 out = self._decode(self._cache[k], epoch) if self._cache_raw else self._cache[k]
                 if out is not None:
-                    self._adjusted.update(out[0].get("__adjusted__", ()))
                     yield (k, *out)
             return
         skips: list[str] | None = [] if cached else None
@@ -557,7 +555,6 @@ class ShardStream(IterableDataset):
                 continue
             if self.cache:
                 self._cache[sample["__key__"]] = sample if self._cache_raw else out
-            self._adjusted.update(out[0].get("__adjusted__", ()))
             yield (sample["__key__"], *out)
         if cached:
             self._cache_skips, self._cache_complete = skips, True
@@ -566,6 +563,7 @@ class ShardStream(IterableDataset):
         """(key, {modality: tensor}, presence, metadata, window, {modality: cache window}) of each usable
         sample (the cache window: :meth:`_cache_window`)."""
         for key, decoded, present in self._decoded_samples(epoch):
+            self._adjusted.update(decoded.get("__adjusted__", ()))  # each epoch that reads it, cached or not
             ctx = SampleContext(key, epoch, self.seed, self.train)
             try:
                 inputs = self.decoder.transform(decoded, present, self.train, ctx)
